@@ -1,0 +1,92 @@
+"""The command line: each command parses its options and calls the Python API, nothing more."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import ProtegeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Distil a teacher into a small student, evaluate it, export it to ONNX.")
+DEBUG = {"on": False}
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks.")) -> None:
+    DEBUG["on"] = debug
+
+
+@app.command("distill")
+def distill_cmd(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: runs/<recipe name>)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a field, e.g. --set train.epochs=3 (repeatable)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a folder that already holds a run."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle weights (can run code)."),
+) -> None:
+    """Train or load the teacher, distil the student, export ONNX, evaluate, write report.json."""
+    from . import api
+
+    overrides = list(set_) + (["teacher.allow_pickle=true", "student.allow_pickle=true"] if allow_pickle else [])
+    api.distill_file(recipe, out, overrides, resume=resume, overwrite=overwrite)
+
+
+@app.command("evaluate")
+def evaluate_cmd(run: Path = typer.Argument(..., help="Run folder.")) -> None:
+    """Accuracy, macro-F1, teacher agreement, params, bytes and latency for teacher, student and ONNX."""
+    from . import api
+
+    api.evaluate(run)
+
+
+@app.command("export")
+def export_cmd(run: Path = typer.Argument(..., help="Run folder."),
+               format: str = typer.Option("onnx", "--format", help="Export format (onnx).")) -> None:
+    """Export the student and check the file against PyTorch."""
+    from . import api
+
+    if format != "onnx":
+        raise ProtegeError(f"--format '{format}' is not supported; allowed: onnx")
+    api.export_onnx(run)
+
+
+@app.command("demo")
+def demo_cmd(out: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder."),
+             overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier demo run.")) -> None:
+    """Bundled data end to end: teacher -> student -> ONNX -> report (a few minutes on 2 cores)."""
+    from . import api
+    from .demo import demo_recipe
+
+    api.distill(demo_recipe(), out, overwrite=overwrite)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except ProtegeError as e:
+        if DEBUG["on"]:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: the last finished epoch is saved; continue with the same command plus --resume", file=sys.stderr)
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""In-memory splits: every dataset here fits in memory as tensors."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Split:
+    x: torch.Tensor  # (N, *input_shape) float32
+    y: torch.Tensor  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class DataSplits:
+    train: Split
+    val: Split
+    test: Split
+    num_classes: int
+    input_shape: tuple[int, ...]  # one example, without the batch dimension
+    class_names: list[str] = field(default_factory=list)
+    is_image: bool = False
+    description: str = ""
+
+    def fingerprint(self) -> str:
+        """A short hash of the training inputs and labels (for caches)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        h.update(self.train.x.numpy().tobytes())
+        h.update(self.train.y.numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+def augment_images(x: torch.Tensor, pad: int = 2, flip: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random crop after zero padding, and random horizontal flip, per example. x: (B, C, H, W)."""
+    b, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h)[None, :])  # (B, H)
+    cols = (dx[:, None] + torch.arange(w)[None, :])  # (B, W)
+    idx_b = torch.arange(b)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[idx_b, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    if flip:
+        mask = torch.rand(b, generator=generator) < 0.5
+        out = torch.where(mask[:, None, None, None], out.flip(-1), out)
+    return out.contiguous()

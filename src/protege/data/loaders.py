@@ -1,0 +1,103 @@
+"""Readers for the data sources a recipe names, each returning seeded train/val/test splits."""
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+
+from ..errors import DataError
+from ..recipe import DataConfig
+from .base import DataSplits, Split
+from .tabular import read_csv_table
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
+FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
+
+
+def _split(x: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> tuple:
+    """Stratified seeded split; returns (x_keep, x_held, y_keep, y_held)."""
+    return train_test_split(x, y, test_size=fraction, random_state=seed, stratify=y)
+
+
+def _limit(x: np.ndarray, y: np.ndarray, limit: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    if limit is None or limit >= len(y):
+        return x, y
+    keep = np.random.default_rng(seed).permutation(len(y))[:limit]
+    return x[keep], y[keep]
+
+
+def _splits(x_train, y_train, x_val, y_val, x_test, y_test, **kw) -> DataSplits:
+    def t(x, y):
+        return Split(torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32), torch.as_tensor(y, dtype=torch.int64))
+
+    return DataSplits(train=t(x_train, y_train), val=t(x_val, y_val), test=t(x_test, y_test), **kw)
+
+
+def load_digits_data(cfg: DataConfig, seed: int) -> DataSplits:
+    """scikit-learn's 1,797 8x8 digits as (1, 8, 8) images in [0, 1], standardised."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images.astype(np.float32) / 16.0)[:, None]  # (N, 1, 8, 8)
+    x = (x - 0.3) / 0.4
+    x_rest, x_test, y_rest, y_test = _split(x, d.target, cfg.test_fraction, seed)
+    x_train, x_val, y_train, y_val = _split(x_rest, y_rest, cfg.val_fraction, seed)
+    x_train, y_train = _limit(x_train, y_train, cfg.limit, seed)
+    return _splits(x_train, y_train, x_val, y_val, x_test, y_test, num_classes=10, input_shape=(1, 8, 8),
+                   class_names=[str(i) for i in range(10)], is_image=True, description="sklearn digits 8x8")
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def load_fashion_mnist(cfg: DataConfig, seed: int) -> DataSplits:
+    """Fashion-MNIST (Xiao et al. 2017): 60k train (val carved out, seeded) + the official 10k test."""
+    folder = Path(cfg.path) if cfg.path else FASHION_DIR
+    names = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise DataError(f"Fashion-MNIST file {folder / missing[0]} not found; install it with "
+                        f"`sudo apt-get install dataset-fashion-mnist` or set data.path to the folder holding the idx.gz files")
+    try:
+        xs, ys, xt, yt = (_read_idx(folder / n) for n in names)
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"Fashion-MNIST files in {folder} are unreadable ({e}); reinstall dataset-fashion-mnist") from None
+
+    def norm(a: np.ndarray) -> np.ndarray:
+        return ((a.astype(np.float32) / 255.0 - FASHION_MEAN) / FASHION_STD)[:, None]
+
+    x_train, x_val, y_train, y_val = _split(norm(xs), ys.astype(np.int64), cfg.val_fraction, seed)
+    x_train, y_train = _limit(x_train, y_train, cfg.limit, seed)
+    return _splits(x_train, y_train, x_val, y_val, norm(xt), yt.astype(np.int64), num_classes=10,
+                   input_shape=(1, 28, 28), class_names=FASHION_CLASSES, is_image=True, description="Fashion-MNIST 28x28")
+
+
+def load_csv(cfg: DataConfig, seed: int) -> DataSplits:
+    """A CSV table; scaling and one-hot encoding are fitted on the training split only."""
+    if not cfg.path:
+        raise DataError("data.source is 'csv' but data.path is empty; set data.path to the .csv file")
+    if not cfg.target:
+        raise DataError("data.source is 'csv' but data.target is empty; set data.target to the label column")
+    table = read_csv_table(Path(cfg.path), cfg.target)
+    idx = np.arange(len(table.labels))
+    rest, test = _split(idx, table.labels, cfg.test_fraction, seed)[:2]
+    train, val = _split(rest, table.labels[rest], cfg.val_fraction, seed)[:2]
+    train = _limit(train, train, cfg.limit, seed)[0]
+    enc = table.fit_encoder(train, cfg.numeric, cfg.categorical)
+    y = table.labels
+    return _splits(enc(train), y[train], enc(val), y[val], enc(test), y[test], num_classes=len(table.classes),
+                   input_shape=(enc.width,), class_names=table.classes, description=f"CSV {cfg.path}")
+
+
+def load_data(cfg: DataConfig, seed: int) -> DataSplits:
+    loader = {"digits": load_digits_data, "fashion_mnist": load_fashion_mnist, "csv": load_csv}[cfg.source]
+    return loader(cfg, seed)

@@ -1,0 +1,19 @@
+"""The bundled demo: digits, a CNN teacher, a student with under a tenth of its parameters."""
+from __future__ import annotations
+
+from .recipe import Recipe, parse_recipe
+
+DEMO = {
+    "name": "demo-digits",
+    "seed": 0,
+    "data": {"source": "digits"},
+    "teacher": {"model": "cnn", "kwargs": {"channels": [32, 64, 128], "depth": 2},
+                "train": {"epochs": 30, "batch_size": 64, "lr": 3e-3}},
+    "student": {"model": "cnn", "kwargs": {"channels": [8, 16, 32], "depth": 1}},
+    "distill": {"response": "kl", "temperature": 4.0, "alpha": 0.3},
+    "train": {"epochs": 40, "batch_size": 64, "lr": 1e-2},
+}
+
+
+def demo_recipe() -> Recipe:
+    return parse_recipe(dict(DEMO), "<demo>")

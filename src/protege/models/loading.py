@@ -1,0 +1,153 @@
+"""Build a model from a spec: zoo name, user ``file.py:factory``, or an ONNX file run by ONNX Runtime."""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import ModelError
+from ..recipe import ModelSpec
+from .zoo import ZOO
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
+
+
+class OnnxModule(nn.Module):
+    """An ONNX file used as a (frozen) teacher: logits only, run by ONNX Runtime on CPU.
+
+    This is how a Keras, TensorFlow or scikit-learn model comes in: export it to ONNX first.
+    """
+
+    def __init__(self, path: str | Path, threads: int = 0):
+        super().__init__()
+        import onnx
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelError(f"ONNX file '{self.path}' not found; check teacher.model")
+        try:
+            proto = onnx.load(str(self.path))
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnx / ORT raise many exception types for a bad file
+            raise ModelError(f"'{self.path}' is not a valid ONNX model ({str(e).splitlines()[0][:120]}); re-export it") from None
+        self.input_name = self.session.get_inputs()[0].name
+        self.n_params = int(sum(np.prod(t.dims) for t in proto.graph.initializer))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (out,) = self.session.run(None, {self.input_name: x.detach().cpu().numpy().astype(np.float32)})[:1]
+        return torch.from_numpy(np.ascontiguousarray(out))
+
+
+def _load_user_factory(ref: str):
+    file, _, name = ref.rpartition(":")
+    path = Path(file)
+    if not path.is_file():
+        raise ModelError(f"model file '{file}' not found; give `path/to/file.py:factory` relative to where you run protege")
+    mod_name = f"protege_user_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise ModelError(f"importing '{file}' failed: {type(e).__name__}: {e}") from None
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        found = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_") and getattr(v, "__module__", "") == mod_name]
+        raise ModelError(f"'{file}' has no callable '{name}'; callables there: {', '.join(found) or 'none'}")
+    return factory
+
+
+def _call_factory(factory, kwargs: dict[str, Any], in_shape: Sequence[int], num_classes: int, label: str) -> nn.Module:
+    kwargs = dict(kwargs)
+    params = inspect.signature(factory).parameters
+    for key, value in (("in_shape", tuple(in_shape)), ("num_classes", num_classes)):
+        if key in params and key not in kwargs:
+            kwargs[key] = value
+    try:
+        model = factory(**kwargs)
+    except TypeError as e:
+        raise ModelError(f"{label}: bad kwargs {sorted(kwargs)} ({e}); fix the model's `kwargs` in the recipe") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"{label} returned {type(model).__name__}, not a torch.nn.Module; make the factory return the model")
+    return model
+
+
+def build_model(spec: ModelSpec, in_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """Instantiate the model a spec names and load its weights, if any."""
+    ref = spec.model
+    if ref.endswith(".onnx"):
+        return OnnxModule(ref)
+    if ":" in ref:
+        model = _call_factory(_load_user_factory(ref), spec.kwargs, in_shape, num_classes, f"factory '{ref}'")
+    elif ref in ZOO:
+        model = _call_factory(ZOO[ref], spec.kwargs, in_shape, num_classes, f"zoo model '{ref}'")
+    else:
+        raise ModelError(f"unknown model '{ref}'; use a zoo name ({', '.join(ZOO)}), `file.py:factory`, or a .onnx file")
+    if spec.weights:
+        load_weights(model, spec.weights, allow_pickle=spec.allow_pickle)
+    return model
+
+
+def read_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"weights file '{path}' not found; check the `weights` path")
+    if path.suffix != ".safetensors":
+        if path.suffix not in PICKLE_SUFFIXES:
+            raise ModelError(f"'{path}': unknown weights format '{path.suffix}'; use a .safetensors file")
+        if not allow_pickle:
+            raise ModelError(f"'{path}' is a pickle file, and unpickling can run arbitrary code; convert it to "
+                             f".safetensors, or set `allow_pickle: true` (--allow-pickle) if you trust it")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        return state.get("state_dict", state) if isinstance(state, dict) else state.state_dict()
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelError(f"'{path}' is not a readable safetensors file ({e}); re-save the weights") from None
+
+
+def load_weights(model: nn.Module, path: str | Path, allow_pickle: bool = False) -> None:
+    state = read_state_dict(path, allow_pickle)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise ModelError(f"weights '{path}' do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}; "
+                         f"check the model name and kwargs")
+    bad = [k for k in own if tuple(own[k].shape) != tuple(state[k].shape)]
+    if bad:
+        k = bad[0]
+        raise ModelError(f"weights '{path}': '{k}' has shape {tuple(state[k].shape)}, the model expects {tuple(own[k].shape)}; check kwargs")
+    model.load_state_dict(state)
+
+
+def save_weights(model: nn.Module, path: str | Path) -> None:
+    """Atomic safetensors save (write to a temporary file, then rename)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp))
+    os.replace(tmp, path)
+
+
+def num_params(model: nn.Module) -> int:
+    if isinstance(model, OnnxModule):
+        return model.n_params
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_bytes(path: str | Path) -> int:
+    return Path(path).stat().st_size

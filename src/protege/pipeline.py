@@ -1,0 +1,204 @@
+"""The stages, in the one direction data flows: data -> teacher -> student -> export -> evaluate."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from .data import DataSplits, load_data
+from .errors import DataError
+from .export.onnx import export_model_onnx, onnx_parity, ort_logits, ort_session
+from .evaluate.metrics import classification_metrics
+from .evaluate.profile import ort_latency, torch_latency
+from .evaluate.report import print_report, write_report
+from .knowledge import Teacher, predict_logits
+from .knowledge.teacher import load_or_build_cache
+from .models import OnnxModule, build_model, load_weights, num_params, save_weights
+from .recipe import Recipe
+from .run import Run, file_digest
+from .train import Distiller, fit, label_loss
+
+Log = Callable[[str], None]
+
+
+def _check_classes(model: nn.Module, data: DataSplits, who: str) -> None:
+    with torch.no_grad():
+        out = model.eval()(data.val.x[:2])
+    if out.ndim != 2 or out.shape[-1] != data.num_classes:
+        raise DataError(f"{who} outputs shape {tuple(out.shape[1:])} per example but the data has {data.num_classes} classes; "
+                        f"set the {who}'s num_classes (kwargs) or fix data.target")
+
+
+def build_teacher(run: Run, data: DataSplits, acc: Accelerator, resume: bool, log: Log) -> nn.Module:
+    """Load the teacher (ONNX, weights, or a finished earlier stage), or train it from the recipe."""
+    r = run.recipe
+    torch.manual_seed(r.seed)
+    model = build_model(r.teacher, data.input_shape, data.num_classes)
+    _check_classes(model, data, "teacher")
+    if isinstance(model, OnnxModule) or r.teacher.weights:
+        return model
+    if resume and run.teacher_weights.is_file():
+        load_weights(model, run.teacher_weights)
+        log(f"teacher: reusing {run.teacher_weights}")
+        return model
+    log(f"teacher: training {r.teacher.model} ({num_params(model):,} params) for {r.teacher.train.epochs} epochs")
+    fit(model, label_loss(r.teacher.train.label_smoothing), data.train, data.val, r.teacher.train, seed=r.seed,
+        ckpt_dir=run.path / "teacher" / "checkpoints", metrics_path=run.metrics_path, stage="teacher",
+        accelerator=acc, augment=r.data.augment, resume=resume)
+    if acc.is_main_process:
+        save_weights(model, run.teacher_weights)
+    acc.wait_for_everyone()
+    return model
+
+
+def teacher_file(run: Run) -> Path:
+    t = run.recipe.teacher
+    return Path(t.model) if t.model.endswith(".onnx") else Path(t.weights) if t.weights else run.teacher_weights
+
+
+def train_student(run: Run, data: DataSplits, teacher: nn.Module, acc: Accelerator, resume: bool, log: Log) -> nn.Module:
+    r = run.recipe
+    torch.manual_seed(r.seed)  # same initial student weights for scratch and KD runs of one seed
+    student = build_model(r.student, data.input_shape, data.num_classes)
+    _check_classes(student, data, "student")
+    cache = None
+    if r.distill.cache_teacher and not r.data.augment:
+        fingerprint = f"{file_digest(teacher_file(run))}-{data.fingerprint()}"
+        cache = load_or_build_cache(run.path / "teacher_logits.safetensors", fingerprint, teacher, data.train.x, log)
+        log("teacher logits: cached once for the training set (inputs do not change between epochs)")
+    elif r.data.augment:
+        log("teacher logits: live teacher passes (augmentation changes the inputs every epoch)")
+    distiller = Distiller(Teacher(teacher, cache), r.distill, r.train.label_smoothing)
+    log(f"student: {r.student.model} ({num_params(student):,} params), {r.distill.response} T={r.distill.temperature} alpha={r.distill.alpha}")
+    fit(student, distiller, data.train, data.val, r.train, seed=r.seed, ckpt_dir=run.path / "student" / "checkpoints",
+        metrics_path=run.metrics_path, stage="student", accelerator=acc, augment=r.data.augment, resume=resume)
+    if acc.is_main_process:
+        save_weights(student, run.student_weights)
+    acc.wait_for_everyone()
+    return student
+
+
+def distill(recipe: Recipe, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+            export: bool = True, evaluate_: bool = True, log: Log = print) -> Run:
+    """Run a recipe end to end into the folder ``out``; returns the Run (with its report)."""
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    run = Run.create(out, recipe, overwrite=overwrite, resume=resume)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        run.write_recipe()
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
+        log = lambda *_: None  # noqa: E731
+    data = load_data(recipe.data, recipe.seed)
+    log(f"data: {data.description}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, {data.num_classes} classes")
+    teacher = build_teacher(run, data, acc, resume, log)
+    train_student(run, data, teacher, acc, resume, log)
+    if acc.is_main_process:
+        if export:
+            export_onnx(run, data=data, log=log)
+        if evaluate_:
+            run.report = evaluate(run, data=data, teacher=teacher)
+    acc.wait_for_everyone()
+    return run
+
+
+def _load_models(run: Run, data: DataSplits) -> tuple[nn.Module, nn.Module]:
+    if not run.student_weights.is_file():
+        raise DataError(f"{run.path} has no finished student ({run.student_weights} missing); finish it with `protege distill ... --resume`")
+    r = run.recipe
+    teacher = build_model(r.teacher, data.input_shape, data.num_classes)
+    if not isinstance(teacher, OnnxModule) and not r.teacher.weights:
+        load_weights(teacher, run.teacher_weights)
+    student = build_model(r.student.model_copy(update={"weights": None}), data.input_shape, data.num_classes)
+    load_weights(student, run.student_weights)
+    return teacher.eval(), student.eval()
+
+
+def export_onnx(run: Run | str | Path, *, data: Optional[DataSplits] = None, log: Log = print) -> Path:
+    """Export the run's student to ``student.onnx`` and check it against PyTorch on held-out inputs."""
+    run = run if isinstance(run, Run) else Run.load(run)
+    data = data or load_data(run.recipe.data, run.recipe.seed)
+    _, student = _load_models(run, data)
+    export_model_onnx(student, data.test.x[:2], run.onnx_path, run.recipe.export.opset)
+    diff = onnx_parity(student, run.onnx_path, data.test.x[:512], run.recipe.export.tolerance)
+    log(f"export: {run.onnx_path} ({run.onnx_path.stat().st_size / 1024:.1f} kB), max |ONNX - PyTorch| = {diff:.2e} on {min(512, len(data.test))} test inputs")
+    return run.onnx_path
+
+
+def _latency(run: Run, fn, shape) -> dict[str, float]:
+    e = run.recipe.eval
+    b1 = fn(1, e.repeats_b1)
+    b32 = fn(32, e.repeats_b32)
+    return {"latency_ms_b1": b1["p50"], "latency_ms_b1_p95": b1["p95"], "latency_ms_b32": b32["p50"], "latency_ms_b32_p95": b32["p95"]}
+
+
+def _torch_entry(run: Run, model: nn.Module, data: DataSplits, weights: Path, teacher_logits) -> dict:
+    e, shape = run.recipe.eval, data.input_shape
+    if isinstance(model, OnnxModule):
+        return _onnx_entry(run, model.path, data, teacher_logits)
+    logits = predict_logits(model, data.test.x)
+    lat = _latency(run, lambda b, n: torch_latency(model, shape, b, e.threads, e.warmup, n), shape)
+    return {"runtime": "pytorch", **classification_metrics(logits, data.test.y, teacher_logits),
+            "params": num_params(model), "bytes": weights.stat().st_size, **lat}
+
+
+def _onnx_entry(run: Run, path: Path, data: DataSplits, teacher_logits) -> dict:
+    import onnx
+
+    e, shape = run.recipe.eval, data.input_shape
+    logits = ort_logits(ort_session(path, e.threads), data.test.x)
+    params = int(sum(int(torch.tensor(t.dims).prod()) for t in onnx.load(str(path)).graph.initializer))
+    lat = _latency(run, lambda b, n: ort_latency(path, shape, b, e.threads, e.warmup, n), shape)
+    return {"runtime": "onnxruntime", **classification_metrics(logits, data.test.y, teacher_logits),
+            "params": params, "bytes": path.stat().st_size, **lat}
+
+
+def evaluate(run: Run | str | Path, *, data: Optional[DataSplits] = None, teacher: Optional[nn.Module] = None,
+             show: bool = True) -> dict:
+    """Measure teacher, student and the student's ONNX file on the test split; write report.json."""
+    import platform
+
+    import onnxruntime
+
+    run = run if isinstance(run, Run) else Run.load(run)
+    data = data or load_data(run.recipe.data, run.recipe.seed)
+    teacher_model, student = _load_models(run, data)
+    t_logits = predict_logits(teacher_model, data.test.x)
+    report: dict = {"name": run.recipe.name, "data": data.description, "test_examples": len(data.test),
+                    "teacher": _torch_entry(run, teacher_model, data, teacher_file(run), None)}
+    report["student"] = _torch_entry(run, student, data, run.student_weights, t_logits)
+    if run.onnx_path.is_file():
+        report["student_onnx"] = _onnx_entry(run, run.onnx_path, data, t_logits)
+        report["onnx_max_abs_diff"] = onnx_parity(student, run.onnx_path, data.test.x[:512], run.recipe.export.tolerance)
+    deployed = report.get("student_onnx", report["student"])
+    t = report["teacher"]
+    report.update({
+        "compression_ratio": t["params"] / report["student"]["params"],
+        "bytes_ratio": t["bytes"] / deployed["bytes"],
+        "speedup_b1": t["latency_ms_b1"] / deployed["latency_ms_b1"],
+        "speedup_b32": t["latency_ms_b32"] / deployed["latency_ms_b32"],
+        "speedup_b1_pytorch": t["latency_ms_b1"] / report["student"]["latency_ms_b1"],
+        "notes": "compression_ratio = teacher params / student params; bytes_ratio and speedup_* compare the deployed "
+                 "student (ONNX if exported) with the teacher as loaded (PyTorch); latency = p50 ms",
+        "environment": {"cpu": _cpu_model(), "threads": run.recipe.eval.threads, "torch": torch.__version__,
+                        "onnxruntime": onnxruntime.__version__, "python": platform.python_version()},
+    })
+    write_report(run.report_path, report)
+    if show:
+        print_report(report)
+    return report
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()

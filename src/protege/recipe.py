@@ -1,0 +1,182 @@
+"""The recipe schema: typed, validated, with errors that name the file, field and allowed values."""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import RecipeError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where the examples come from and how they are split."""
+
+    source: Literal["digits", "fashion_mnist", "csv"] = "digits"
+    path: Optional[str] = None  # csv file, or a folder holding the Fashion-MNIST idx.gz files
+    target: Optional[str] = None  # csv: the label column
+    categorical: Optional[list[str]] = None  # csv: columns to one-hot encode (default: inferred)
+    numeric: Optional[list[str]] = None  # csv: columns that must be numbers (default: inferred)
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)  # ignored for fashion_mnist (own test set)
+    limit: Optional[int] = Field(None, ge=10)  # use at most this many training examples (quick runs)
+    augment: bool = False  # images: random crop (pad 2) and horizontal flip; disables the teacher cache
+
+
+class TrainConfig(_Strict):
+    """How one model is optimised."""
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class ModelSpec(_Strict):
+    """A model: zoo name, ``file.py:factory``, or an ``.onnx`` file; optional weights."""
+
+    model: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    weights: Optional[str] = None  # .safetensors (or a pickle file with allow_pickle)
+    allow_pickle: bool = False
+
+
+class TeacherConfig(ModelSpec):
+    """The teacher: loaded from weights / ONNX, or trained with ``train``."""
+
+    train: Optional[TrainConfig] = None
+
+
+class StudentConfig(ModelSpec):
+    pass
+
+
+class DistillConfig(_Strict):
+    """Response-based distillation: loss = alpha * CE(hard labels) + (1 - alpha) * response term."""
+
+    response: Literal["kl", "mse_prob", "mse_logits", "dkd"] = "kl"
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1)
+    dkd_alpha: float = Field(1.0, ge=0)  # DKD target-class weight (Zhao et al. 2022)
+    dkd_beta: float = Field(8.0, ge=0)  # DKD non-target-class weight
+    cache_teacher: bool = True  # compute teacher logits once when inputs do not change between epochs
+
+
+class EvalConfig(_Strict):
+    threads: int = Field(2, ge=1)
+    warmup: int = Field(5, ge=0)
+    repeats_b1: int = Field(50, ge=1)
+    repeats_b32: int = Field(10, ge=1)
+
+
+class ExportConfig(_Strict):
+    format: Literal["onnx"] = "onnx"
+    tolerance: float = Field(1e-4, gt=0)
+    opset: int = Field(18, ge=13)
+
+
+class Recipe(_Strict):
+    """A whole run: data -> teacher -> student -> evaluate -> export."""
+
+    name: str = "run"
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig
+    student: StudentConfig
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @model_validator(mode="after")
+    def _teacher_has_a_source(self) -> "Recipe":
+        t = self.teacher
+        if t.weights is None and t.train is None and not t.model.endswith(".onnx"):
+            raise ValueError("teacher needs `weights`, an .onnx `model`, or a `train` section to train it")
+        return self
+
+
+def _describe(err: dict[str, Any], model: type[BaseModel]) -> str:
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    kind, value = err["type"], err.get("input")
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(model, err["loc"][:-1])
+        near = difflib.get_close_matches(str(err["loc"][-1]), allowed, n=1)
+        hint = f"did you mean '{near[0]}'? " if near else ""
+        return f"unknown field '{loc}'; {hint}allowed: {', '.join(allowed)}"
+    if kind == "literal_error":
+        return f"field '{loc}' is {value!r}; allowed values: {err['ctx']['expected']}"
+    if kind == "value_error":
+        return f"{loc}: {err['msg'].removeprefix('Value error, ')}"
+    if kind == "missing":
+        return f"field '{loc}' is required"
+    return f"field '{loc}' is {value!r}: {err['msg'][0].lower() + err['msg'][1:]}"
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        inner = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not inner:
+            return []
+        model = inner[0]
+    return sorted(model.model_fields)
+
+
+def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
+    """Validate a mapping into a Recipe; raise RecipeError naming the source, field and fix."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe must be a YAML mapping (key: value), got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+        raise RecipeError(f"{source}: {_describe(first, Recipe)}{more}") from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides; the value is parsed as YAML (numbers, booleans, lists)."""
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"--set '{item}': expected KEY=VALUE, e.g. --set train.epochs=3")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"--set '{item}': '{part}' is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_recipe(path: str | Path, overrides: Optional[list[str]] = None) -> Recipe:
+    """Read a YAML recipe (safe loader only), apply overrides and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file '{path}' not found; give the path to a .yaml recipe (see recipes/)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"{path}: malformed YAML{where}; fix the syntax (indentation, colons, quotes)") from None
+    if isinstance(data, dict):
+        data = apply_overrides(data, overrides or [])
+    return parse_recipe(data, str(path))
+
+
+def dump_recipe(recipe: Recipe, path: Path) -> None:
+    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,90 @@
+"""The run folder: where every stage writes, and how a later command finds what an earlier one made."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import RunError
+from .recipe import Recipe, dump_recipe, parse_recipe
+
+
+@dataclass
+class Run:
+    """A run folder and its resolved recipe. Layout:
+
+    recipe.yaml, metrics.jsonl, teacher/model.safetensors, teacher_logits.safetensors,
+    student/model.safetensors, student/checkpoints/{last,best}.safetensors, student.onnx, report.json
+    """
+
+    path: Path
+    recipe: Recipe
+    report: Optional[dict[str, Any]] = field(default=None)
+
+    @property
+    def teacher_weights(self) -> Path:
+        return self.path / "teacher" / "model.safetensors"
+
+    @property
+    def student_weights(self) -> Path:
+        return self.path / "student" / "model.safetensors"
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.path / "student.onnx"
+
+    @property
+    def report_path(self) -> Path:
+        return self.path / "report.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Run":
+        import yaml
+
+        path = Path(path)
+        rec = path / "recipe.yaml"
+        if not rec.is_file():
+            raise RunError(f"'{path}' is not a run folder (no recipe.yaml); run `protege distill RECIPE --out {path}` first")
+        recipe = parse_recipe(yaml.safe_load(rec.read_text()), str(rec))
+        report = json.loads((path / "report.json").read_text()) if (path / "report.json").is_file() else None
+        return cls(path, recipe, report)
+
+    @classmethod
+    def create(cls, path: str | Path, recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> "Run":
+        """Open ``path`` for a new run (refusing to clobber a run) or for resuming one."""
+        path = Path(path)
+        rec = path / "recipe.yaml"
+        if resume:
+            if not rec.is_file():
+                raise RunError(f"cannot resume: '{path}' holds no run (no recipe.yaml); drop --resume to start it")
+            saved = cls.load(path).recipe
+            if saved.model_dump() != recipe.model_dump():
+                raise RunError(f"cannot resume: the recipe differs from {rec}; resume with the same recipe and --set values, or use a new --out")
+            return cls(path, saved)
+        if path.exists() and not path.is_dir():
+            raise RunError(f"output path '{path}' is a file; choose a folder for --out")
+        if rec.is_file() and not overwrite:
+            raise RunError(f"'{path}' already holds a run; pass --resume to continue it, --overwrite to replace it, or choose another --out")
+        if path.is_dir() and any(path.iterdir()) and not rec.is_file() and not overwrite:
+            raise RunError(f"'{path}' is not empty and is not a run; choose an empty or new folder for --out (or --overwrite)")
+        return cls(path, recipe)
+
+    def write_recipe(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "teacher").mkdir(exist_ok=True)
+        (self.path / "student").mkdir(exist_ok=True)
+        dump_recipe(self.recipe, self.path / "recipe.yaml")
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]

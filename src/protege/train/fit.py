@@ -1,0 +1,122 @@
+"""The fit loop: seeded shuffling, AdamW/SGD with a cosine schedule, per-epoch validation,
+atomic checkpoints, exact resume, metrics.jsonl and a progress bar. Runs on Hugging Face
+Accelerate, so the same code runs in one process here and in several processes / machines.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from ..data import Split
+from ..data.base import augment_images
+from ..knowledge import predict_logits
+from ..models import load_weights, save_weights
+from ..recipe import TrainConfig
+from .checkpoint import load_checkpoint, save_checkpoint
+
+LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+
+
+@dataclass
+class FitResult:
+    best_epoch: int  # 1-based epoch whose validation accuracy was highest (weights restored from it)
+    best_val_accuracy: float
+    epochs_run: int
+    history: list[dict] = field(default_factory=list)
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    if cfg.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+
+
+def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[torch.Tensor]:
+    """This process's batches of example indices for one epoch: same permutation on every process."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    per_rank = math.ceil(n / world)
+    perm = torch.cat([perm, perm[: per_rank * world - n]])[rank::world]
+    return list(perm.split(batch_size))
+
+
+def _accuracy(model: torch.nn.Module, split: Split, device: torch.device) -> float:
+    logits = predict_logits(model, split.x, device=device)
+    return float((logits.argmax(-1) == split.y).float().mean())
+
+
+def _append_metrics(path: Path, stage: str, start_epoch: int, row: dict | None = None) -> None:
+    """Drop lines of ``stage`` from epochs a resume will redo, then append ``row``."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    keep = [ln for ln in lines if not (json.loads(ln).get("stage") == stage and json.loads(ln)["epoch"] > start_epoch)]
+    if row is not None:
+        keep.append(json.dumps(row))
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def fit(model: torch.nn.Module, loss_fn: LossFn, train: Split, val: Split, cfg: TrainConfig, *, seed: int,
+        ckpt_dir: Path, metrics_path: Path, stage: str, accelerator: Accelerator, augment: bool = False,
+        resume: bool = False) -> FitResult:
+    """Train ``model`` in place; on return it holds the validation-selected weights."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    last, best = ckpt_dir / "last.safetensors", ckpt_dir / "best.safetensors"
+    world, rank = accelerator.num_processes, accelerator.process_index
+    steps_per_epoch = math.ceil(math.ceil(len(train) / world) / cfg.batch_size)
+    opt = _optimizer(model, cfg)
+    sched = _scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
+    loop = {"epoch": 0, "best_val": -1.0, "best_epoch": 0, "history": []}
+    if resume and last.is_file():
+        loop = load_checkpoint(last, model, opt, sched)
+    elif accelerator.is_main_process:
+        _append_metrics(metrics_path, stage, 0)
+    wrapped, opt = accelerator.prepare(model, opt)
+    device = accelerator.device
+    for epoch in range(loop["epoch"], cfg.epochs):
+        t0 = time.perf_counter()
+        wrapped.train()
+        sums: dict[str, float] = {}
+        batches = _epoch_batches(len(train), cfg.batch_size, seed, epoch, rank, world)
+        bar = tqdm(batches, desc=f"{stage} {epoch + 1}/{cfg.epochs}", leave=False, disable=None if accelerator.is_main_process else True)
+        for idx in bar:
+            x, y = train.x[idx], train.y[idx]
+            if augment:
+                x = augment_images(x)
+            losses = loss_fn(wrapped, x.to(device), y.to(device), idx)
+            opt.zero_grad(set_to_none=True)
+            accelerator.backward(losses["loss"])
+            opt.step()
+            sched.step()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            bar.set_postfix(loss=f"{float(losses['loss']):.4f}")
+        val_acc = _accuracy(accelerator.unwrap_model(wrapped), val, device)
+        row = {"stage": stage, "epoch": epoch + 1, **{k: v / len(batches) for k, v in sums.items()},
+               "val_accuracy": val_acc, "lr": sched.get_last_lr()[0], "epoch_time_s": time.perf_counter() - t0}
+        loop["epoch"] = epoch + 1
+        loop["history"].append(row)
+        if val_acc > loop["best_val"]:
+            loop["best_val"], loop["best_epoch"] = val_acc, epoch + 1
+            if accelerator.is_main_process:
+                save_weights(accelerator.unwrap_model(wrapped), best)
+        if accelerator.is_main_process:
+            save_checkpoint(last, accelerator.unwrap_model(wrapped), opt.optimizer if hasattr(opt, "optimizer") else opt, sched, loop)
+            _append_metrics(metrics_path, stage, epoch, row)
+            tqdm.write(f"{stage} epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  val_acc {val_acc:.4f}  ({row['epoch_time_s']:.1f}s)")
+        accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(wrapped)
+    if best.is_file():
+        load_weights(model, best)
+    return FitResult(loop["best_epoch"], loop["best_val"], loop["epoch"], loop["history"])
