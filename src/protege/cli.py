@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+import click
 import typer
 
 from .errors import ProtegeError
@@ -64,28 +65,25 @@ def demo_cmd(out: Path = typer.Option(Path("runs/demo"), "--out", help="Run fold
     api.distill(demo_recipe(), out, overwrite=overwrite)
 
 
+INTERRUPTED = "interrupted: the last finished epoch is saved; continue with the same command plus --resume"
+
+
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # typer turns Ctrl-C into a return value of 130
     except ProtegeError as e:
         if DEBUG["on"]:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: the last finished epoch is saved; continue with the same command plus --resume", file=sys.stderr)
-        sys.exit(130)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(130)
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(2)
-        raise
+        rc = 130
+    except click.ClickException as e:  # usage errors: bad option, missing argument
+        e.show()
+        sys.exit(2)
+    if rc == 130:
+        print(INTERRUPTED, file=sys.stderr)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

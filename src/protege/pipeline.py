@@ -47,7 +47,7 @@ def build_teacher(run: Run, data: DataSplits, acc: Accelerator, resume: bool, lo
     log(f"teacher: training {r.teacher.model} ({num_params(model):,} params) for {r.teacher.train.epochs} epochs")
     fit(model, label_loss(r.teacher.train.label_smoothing), data.train, data.val, r.teacher.train, seed=r.seed,
         ckpt_dir=run.path / "teacher" / "checkpoints", metrics_path=run.metrics_path, stage="teacher",
-        accelerator=acc, augment=r.data.augment, resume=resume)
+        accelerator=acc, augment=r.teacher.train.augment, resume=resume)
     if acc.is_main_process:
         save_weights(model, run.teacher_weights)
     acc.wait_for_everyone()
@@ -64,17 +64,21 @@ def train_student(run: Run, data: DataSplits, teacher: nn.Module, acc: Accelerat
     torch.manual_seed(r.seed)  # same initial student weights for scratch and KD runs of one seed
     student = build_model(r.student, data.input_shape, data.num_classes)
     _check_classes(student, data, "student")
-    cache = None
-    if r.distill.cache_teacher and not r.data.augment:
-        fingerprint = f"{file_digest(teacher_file(run))}-{data.fingerprint()}"
-        cache = load_or_build_cache(run.path / "teacher_logits.safetensors", fingerprint, teacher, data.train.x, log)
-        log("teacher logits: cached once for the training set (inputs do not change between epochs)")
-    elif r.data.augment:
-        log("teacher logits: live teacher passes (augmentation changes the inputs every epoch)")
-    distiller = Distiller(Teacher(teacher, cache), r.distill, r.train.label_smoothing)
-    log(f"student: {r.student.model} ({num_params(student):,} params), {r.distill.response} T={r.distill.temperature} alpha={r.distill.alpha}")
-    fit(student, distiller, data.train, data.val, r.train, seed=r.seed, ckpt_dir=run.path / "student" / "checkpoints",
-        metrics_path=run.metrics_path, stage="student", accelerator=acc, augment=r.data.augment, resume=resume)
+    if r.distill.alpha == 1.0:  # labels only: the teacher is not consulted at all
+        loss_fn = label_loss(r.train.label_smoothing)
+        log(f"student: {r.student.model} ({num_params(student):,} params), labels only (distill.alpha = 1)")
+    else:
+        cache = None
+        if r.distill.cache_teacher and not r.train.augment:
+            fingerprint = f"{file_digest(teacher_file(run))}-{data.fingerprint()}"
+            cache = load_or_build_cache(run.path / "teacher_logits.safetensors", fingerprint, teacher, data.train.x, log)
+            log("teacher logits: cached once for the training set (inputs do not change between epochs)")
+        elif r.train.augment:
+            log("teacher logits: live teacher passes (augmentation changes the inputs every epoch)")
+        loss_fn = Distiller(Teacher(teacher, cache), r.distill, r.train.label_smoothing)
+        log(f"student: {r.student.model} ({num_params(student):,} params), {r.distill.response} T={r.distill.temperature} alpha={r.distill.alpha}")
+    fit(student, loss_fn, data.train, data.val, r.train, seed=r.seed, ckpt_dir=run.path / "student" / "checkpoints",
+        metrics_path=run.metrics_path, stage="student", accelerator=acc, augment=r.train.augment, resume=resume)
     if acc.is_main_process:
         save_weights(student, run.student_weights)
     acc.wait_for_everyone()

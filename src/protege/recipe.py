@@ -26,7 +26,6 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.1, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)  # ignored for fashion_mnist (own test set)
     limit: Optional[int] = Field(None, ge=10)  # use at most this many training examples (quick runs)
-    augment: bool = False  # images: random crop (pad 2) and horizontal flip; disables the teacher cache
 
 
 class TrainConfig(_Strict):
@@ -40,6 +39,7 @@ class TrainConfig(_Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     schedule: Literal["cosine", "constant"] = "cosine"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    augment: bool = False  # images: random crop (pad 2) + horizontal flip; for a student it means live teacher passes
 
 
 class ModelSpec(_Strict):

@@ -101,10 +101,11 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, train: Split, val: Split, cfg: 
             sched.step()
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
-            bar.set_postfix(loss=f"{float(losses['loss']):.4f}")
+            bar.set_postfix(loss=f"{float(losses['loss'].detach()):.4f}")
         val_acc = _accuracy(accelerator.unwrap_model(wrapped), val, device)
         row = {"stage": stage, "epoch": epoch + 1, **{k: v / len(batches) for k, v in sums.items()},
-               "val_accuracy": val_acc, "lr": sched.get_last_lr()[0], "epoch_time_s": time.perf_counter() - t0}
+               "val_accuracy": val_acc, "lr": sched.get_last_lr()[0], "epoch_time_s": time.perf_counter() - t0,
+               "processes": world}
         loop["epoch"] = epoch + 1
         loop["history"].append(row)
         if val_acc > loop["best_val"]:

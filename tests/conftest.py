@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PROTEGE = str(Path(sys.executable).with_name("protege"))
+
+TINY = {
+    "name": "tiny",
+    "seed": 0,
+    "data": {"source": "digits"},
+    "teacher": {"model": "mlp", "kwargs": {"hidden": [64]}, "train": {"epochs": 3, "batch_size": 64}},
+    "student": {"model": "mlp", "kwargs": {"hidden": [16]}},
+    "distill": {"temperature": 2.0, "alpha": 0.5},
+    "train": {"epochs": 3, "batch_size": 64, "lr": 0.01},
+    "eval": {"warmup": 1, "repeats_b1": 3, "repeats_b32": 2},
+}
+
+
+@pytest.fixture
+def tiny() -> dict:
+    """A recipe (as a dict) that runs end to end in a few seconds."""
+    return copy.deepcopy(TINY)
+
+
+@pytest.fixture
+def write_recipe(tmp_path):
+    def write(data: dict, name: str = "recipe.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    return write

@@ -1,0 +1,89 @@
+"""A run killed mid-way and resumed ends with bit-identical weights to an uninterrupted run (CPU)."""
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from .conftest import HERE, PROTEGE, TINY
+
+
+def _recipe(tmp: Path) -> Path:
+    r = json.loads(json.dumps(TINY))
+    r["teacher"]["train"]["epochs"] = 2
+    r["student"] = {"model": f"{HERE / 'slow_mlp.py'}:build", "kwargs": {"hidden": [32]}}
+    r["train"] = {"epochs": 8, "batch_size": 64, "lr": 0.01}
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(r))
+    return path
+
+
+def _student_epochs(run: Path) -> int:
+    try:
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    except (OSError, ValueError):
+        return 0
+    return max([r["epoch"] for r in rows if r["stage"] == "student"], default=0)
+
+
+def _start(recipe: Path, out: Path, *extra: str) -> subprocess.Popen:
+    # A shell's background job inherits SIGINT ignored; restore the default so Ctrl-C reaches Python.
+    return subprocess.Popen([PROTEGE, "distill", str(recipe), "--out", str(out), *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    ckpt = load_file(str(run / "student" / "checkpoints" / "last.safetensors"))
+    return {k: v for k, v in ckpt.items() if k.startswith("model.")}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    recipe = _recipe(tmp)
+    proc = _start(recipe, tmp / "run", "--set", "eval.repeats_b1=1")
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()
+    return recipe, tmp / "run"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_killed_run_resumes_bit_identically(tmp_path, reference, sig):
+    recipe, ref_run = reference
+    out = tmp_path / "run"
+    proc = _start(recipe, out, "--set", "eval.repeats_b1=1")
+    deadline = time.time() + 300
+    while _student_epochs(out) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "run finished before it could be interrupted"
+    proc.send_signal(sig)
+    code = proc.wait(timeout=60)
+    stopped_at = _student_epochs(out)
+    assert 3 <= stopped_at < 8
+    if sig == signal.SIGINT:
+        err = proc.stderr.read()
+        assert code == 130 and "--resume" in err and "Traceback" not in err
+    assert not (out / "report.json").exists()
+
+    again = _start(recipe, out, "--set", "eval.repeats_b1=1", "--resume")
+    assert again.wait(timeout=600) == 0, again.stderr.read()
+    a, b = _weights(out), _weights(ref_run)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    fin_a, fin_b = load_file(str(out / "student/model.safetensors")), load_file(str(ref_run / "student/model.safetensors"))
+    assert all(torch.equal(fin_a[k], fin_b[k]) for k in fin_a)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if r["stage"] == "student"] == list(range(1, 9))
+
+
+def test_resume_refuses_a_different_recipe(tmp_path, reference):
+    recipe, ref_run = reference
+    proc = subprocess.run([PROTEGE, "distill", str(recipe), "--out", str(ref_run), "--resume", "--set", "train.lr=0.5"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "recipe differs" in proc.stderr
