@@ -32,12 +32,20 @@ def _check_classes(model: nn.Module, data: DataSplits, who: str) -> None:
                         f"set the {who}'s num_classes (kwargs) or fix data.target")
 
 
-def build_teacher(run: Run, data: DataSplits, acc: Accelerator, resume: bool, log: Log) -> nn.Module:
-    """Load the teacher (ONNX, weights, or a finished earlier stage), or train it from the recipe."""
+def build_models(recipe: Recipe, data: DataSplits) -> tuple[nn.Module, nn.Module]:
+    """Instantiate teacher and student and check them against the data, before anything is written."""
+    torch.manual_seed(recipe.seed)
+    teacher = build_model(recipe.teacher, data.input_shape, data.num_classes)
+    _check_classes(teacher, data, "teacher")
+    torch.manual_seed(recipe.seed)  # same initial student weights for scratch and KD runs of one seed
+    student = build_model(recipe.student, data.input_shape, data.num_classes)
+    _check_classes(student, data, "student")
+    return teacher, student
+
+
+def prepare_teacher(run: Run, model: nn.Module, data: DataSplits, acc: Accelerator, resume: bool, log: Log) -> nn.Module:
+    """Use the teacher as loaded (ONNX, weights), reuse a finished earlier stage, or train it from the recipe."""
     r = run.recipe
-    torch.manual_seed(r.seed)
-    model = build_model(r.teacher, data.input_shape, data.num_classes)
-    _check_classes(model, data, "teacher")
     if isinstance(model, OnnxModule) or r.teacher.weights:
         return model
     if resume and run.teacher_weights.is_file():
@@ -59,11 +67,9 @@ def teacher_file(run: Run) -> Path:
     return Path(t.model) if t.model.endswith(".onnx") else Path(t.weights) if t.weights else run.teacher_weights
 
 
-def train_student(run: Run, data: DataSplits, teacher: nn.Module, acc: Accelerator, resume: bool, log: Log) -> nn.Module:
+def train_student(run: Run, data: DataSplits, teacher: nn.Module, student: nn.Module, acc: Accelerator, resume: bool,
+                  log: Log) -> nn.Module:
     r = run.recipe
-    torch.manual_seed(r.seed)  # same initial student weights for scratch and KD runs of one seed
-    student = build_model(r.student, data.input_shape, data.num_classes)
-    _check_classes(student, data, "student")
     if r.distill.alpha == 1.0:  # labels only: the teacher is not consulted at all
         loss_fn = label_loss(r.train.label_smoothing)
         log(f"student: {r.student.model} ({num_params(student):,} params), labels only (distill.alpha = 1)")
@@ -90,16 +96,17 @@ def distill(recipe: Recipe, out: str | Path, *, resume: bool = False, overwrite:
     """Run a recipe end to end into the folder ``out``; returns the Run (with its report)."""
     acc = Accelerator(cpu=not torch.cuda.is_available())
     run = Run.create(out, recipe, overwrite=overwrite, resume=resume)
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        run.write_recipe()
-    acc.wait_for_everyone()
     if not acc.is_main_process:
         log = lambda *_: None  # noqa: E731
     data = load_data(recipe.data, recipe.seed)
     log(f"data: {data.description}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, {data.num_classes} classes")
-    teacher = build_teacher(run, data, acc, resume, log)
-    train_student(run, data, teacher, acc, resume, log)
+    teacher, student = build_models(recipe, data)
+    acc.wait_for_everyone()  # every process has checked the folder before the first write
+    if acc.is_main_process:
+        run.write_recipe()
+    acc.wait_for_everyone()
+    teacher = prepare_teacher(run, teacher, data, acc, resume, log)
+    train_student(run, data, teacher, student, acc, resume, log)
     if acc.is_main_process:
         if export:
             export_onnx(run, data=data, log=log)

@@ -1,0 +1,212 @@
+"""Bad input: a one-line error naming the problem and the fix, exit code 2, no traceback, nothing lost."""
+from __future__ import annotations
+
+import pickle
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from protege.cli import main
+
+from .conftest import HERE
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    old = sys.argv
+    sys.argv = ["protege", *map(str, args)]
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = old
+    return code, capsys.readouterr().err
+
+
+def assert_clean_error(code: int, err: str, *words: str) -> None:
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for w in words:
+        assert w in err, (w, err)
+
+
+@pytest.fixture
+def distill(tmp_path, tiny, write_recipe, capsys):
+    """Write a recipe (after ``edit``) and run `protege distill` on it into tmp/out."""
+
+    def go(edit=None, *extra: str, raw: str | None = None):
+        if raw is not None:
+            path = tmp_path / "r.yaml"
+            path.write_text(raw)
+        else:
+            if edit:
+                edit(tiny)
+            path = write_recipe(tiny)
+        return run_cli(["distill", path, "--out", tmp_path / "out", *extra], capsys)
+
+    return go
+
+
+def test_missing_recipe(tmp_path, capsys):
+    assert_clean_error(*run_cli(["distill", tmp_path / "nope.yaml"], capsys), "nope.yaml", "not found")
+
+
+def test_malformed_yaml(distill):
+    assert_clean_error(*distill(raw="teacher: {model: mlp\n  train: [\n"), "malformed YAML", "line")
+
+
+def test_unknown_field(distill):
+    assert_clean_error(*distill(lambda r: r["train"].update(epoch=3)), "train.epoch", "did you mean 'epochs'")
+
+
+def test_wrong_type(distill):
+    assert_clean_error(*distill(lambda r: r["train"].update(epochs="many")), "train.epochs", "'many'", "integer")
+
+
+def test_epochs_below_one(distill):
+    assert_clean_error(*distill(lambda r: r["train"].update(epochs=0)), "train.epochs", "greater than or equal to 1")
+
+
+def test_temperature_not_positive(distill):
+    assert_clean_error(*distill(lambda r: r["distill"].update(temperature=0)), "distill.temperature", "greater than 0")
+
+
+def test_alpha_outside_unit_interval(distill):
+    assert_clean_error(*distill(lambda r: r["distill"].update(alpha=1.5)), "distill.alpha", "less than or equal to 1")
+
+
+def test_unknown_response_lists_allowed(distill):
+    assert_clean_error(*distill(lambda r: r["distill"].update(response="kld")), "distill.response", "'kl'", "'dkd'")
+
+
+def test_bad_set_override(distill):
+    assert_clean_error(*distill(None, "--set", "train.epochs"), "KEY=VALUE")
+
+
+def _csv(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "t.csv"
+    p.write_text(text)
+    return p
+
+
+def test_csv_without_target_column(distill, tmp_path):
+    p = _csv(tmp_path, "a,b,y\n1,2,0\n3,4,1\n")
+    code, err = distill(lambda r: r.update(data={"source": "csv", "path": str(p), "target": "label"}))
+    assert_clean_error(code, err, "'label' not found", "a, b, y")
+
+
+def test_text_in_numeric_column(distill, tmp_path):
+    rows = "".join(f"{i},{'x' if i == 7 else i},{i % 2}\n" for i in range(40))
+    p = _csv(tmp_path, "a,b,y\n" + rows)
+    code, err = distill(lambda r: r.update(data={"source": "csv", "path": str(p), "target": "y", "numeric": ["a", "b"]}))
+    assert_clean_error(code, err, "column 'b'", "'x'", "data.categorical")
+
+
+def test_teacher_classes_disagree_with_data(distill):
+    assert_clean_error(*distill(lambda r: r["teacher"]["kwargs"].update(num_classes=3)), "teacher", "3", "10 classes")
+
+
+def test_user_module_file_not_found(distill):
+    assert_clean_error(*distill(lambda r: r["student"].update(model="nowhere/model.py:build")), "nowhere/model.py", "not found")
+
+
+def test_user_factory_not_found(distill):
+    ref = f"{HERE / 'slow_mlp.py'}:buidl"
+    assert_clean_error(*distill(lambda r: r["student"].update(model=ref)), "no callable 'buidl'", "build")
+
+
+def test_factory_returns_non_module(distill):
+    ref = f"{HERE / 'slow_mlp.py'}:not_a_module"
+    assert_clean_error(*distill(lambda r: r["student"].update(model=ref, kwargs={})), "not a torch.nn.Module")
+
+
+def test_unknown_zoo_model(distill):
+    assert_clean_error(*distill(lambda r: r["student"].update(model="resnet99")), "unknown model 'resnet99'", "resnet20")
+
+
+class _Evil:
+    marker: Path = Path()
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickle_refused_without_flag_and_never_unpickled(distill, tmp_path):
+    marker = tmp_path / "pwned"
+    _Evil.marker = marker
+    weights = tmp_path / "teacher.pt"
+    weights.write_bytes(pickle.dumps({"x": _Evil()}))
+    code, err = distill(lambda r: r["teacher"].update(weights=str(weights)))
+    assert_clean_error(code, err, "pickle", "--allow-pickle", ".safetensors")
+    assert not marker.exists()
+
+
+def test_pickle_allowed_with_flag(tmp_path, tiny, write_recipe, capsys):
+    from protege.models.zoo import MLP
+
+    torch.manual_seed(0)
+    weights = tmp_path / "teacher.pt"
+    torch.save(MLP((1, 8, 8), 10, hidden=[64]).state_dict(), weights)
+    tiny["teacher"].update(weights=str(weights))
+    tiny["teacher"].pop("train")
+    tiny["train"]["epochs"] = 1
+    code, err = run_cli(["distill", write_recipe(tiny), "--out", tmp_path / "out", "--allow-pickle"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "out" / "report.json").is_file()
+
+
+def test_corrupt_safetensors(distill, tmp_path):
+    bad = tmp_path / "w.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    assert_clean_error(*distill(lambda r: r["teacher"].update(weights=str(bad))), "not a readable safetensors")
+
+
+def test_corrupt_onnx(distill, tmp_path):
+    bad = tmp_path / "t.onnx"
+    bad.write_bytes(b"this is not protobuf")
+    code, err = distill(lambda r: r.update(teacher={"model": str(bad)}))
+    assert_clean_error(code, err, "not a valid ONNX model")
+
+
+def test_existing_run_is_refused_and_kept(distill, tmp_path):
+    tiny_run = distill(lambda r: (r["train"].update(epochs=1), r["teacher"]["train"].update(epochs=1)))
+    assert tiny_run[0] == 0
+    out = tmp_path / "out"
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    (out / "my_notes.txt").write_text("mine")
+    code, err = distill()
+    assert_clean_error(code, err, "already holds a run", "--resume", "--overwrite")
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "my_notes.txt"}
+    assert after == before
+    assert (out / "my_notes.txt").read_text() == "mine"
+
+
+def test_non_run_folder_is_refused(distill, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "data.csv").write_text("keep me")
+    assert_clean_error(*distill(), "not empty")
+    assert (tmp_path / "out" / "data.csv").read_text() == "keep me"
+
+
+def test_fashion_mnist_missing_files(distill, tmp_path):
+    code, err = distill(lambda r: r.update(data={"source": "fashion_mnist", "path": str(tmp_path / "none")}))
+    assert_clean_error(code, err, "apt-get install dataset-fashion-mnist", "data.path")
+
+
+def test_evaluate_folder_without_run(tmp_path, capsys):
+    assert_clean_error(*run_cli(["evaluate", tmp_path], capsys), "not a run folder", "protege distill")
+
+
+def test_export_run_without_student(tmp_path, tiny, capsys):
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(tiny))
+    assert_clean_error(*run_cli(["export", tmp_path], capsys), "no finished student", "--resume")
+
+
+def test_unknown_export_format(tmp_path, capsys):
+    assert_clean_error(*run_cli(["export", tmp_path, "--format", "tflite"], capsys), "tflite", "onnx")
