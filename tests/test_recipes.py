@@ -1,0 +1,38 @@
+"""Every shipped recipe loads, and runs end to end on tiny data; the demo meets its promises."""
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import protege
+from protege.data.loaders import FASHION_DIR
+
+from .conftest import PROTEGE, ROOT
+
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+TINY_SETS = ["data.limit=300", "teacher.train.epochs=1", "train.epochs=1", "eval.repeats_b1=2", "eval.repeats_b32=1", "eval.warmup=1"]
+
+
+def test_there_are_shipped_recipes():
+    assert {"digits.yaml", "fashion_mnist.yaml"} <= {p.name for p in RECIPES}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_shipped_recipe_runs_tiny(path, tmp_path):
+    recipe = protege.load_recipe(path, TINY_SETS)
+    if recipe.data.source == "fashion_mnist" and not FASHION_DIR.is_dir():
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    run = protege.distill(recipe, tmp_path / path.stem)
+    assert run.report["student_onnx"]["accuracy"] == pytest.approx(run.report["student"]["accuracy"])
+    assert run.report["student"]["params"] < run.report["teacher"]["params"]
+
+
+def test_demo(tmp_path):
+    proc = subprocess.run([PROTEGE, "demo", "--out", str(tmp_path / "demo")], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert report["student"]["params"] * 10 <= report["teacher"]["params"]
+    assert (tmp_path / "demo" / "student.onnx").is_file() and report["onnx_max_abs_diff"] <= 1e-4
+    assert report["student_onnx"]["accuracy"] > 0.9  # digits: a working student, not chance (10%)
+    assert "student_onnx" in proc.stdout and "compression" in proc.stdout
