@@ -105,3 +105,21 @@ def test_teacher_cache_is_rebuilt_when_teacher_changes(tmp_path, tiny, capsys):
     tiny["teacher"]["train"]["epochs"] = 1  # a different teacher, same folder
     protege.distill(parse_recipe(tiny), tmp_path / "r", overwrite=True, export=False, evaluate_=False)
     assert "fingerprint differs" in capsys.readouterr().out
+
+
+def test_export_over_tolerance_fails_and_keeps_the_good_file(finished_run, capsys):
+    from protege.errors import ExportError
+
+    good = finished_run.onnx_path.read_bytes()
+    strict = protege.Run(finished_run.path, finished_run.recipe.model_copy(
+        update={"export": finished_run.recipe.export.model_copy(update={"tolerance": 1e-15})}))
+    with pytest.raises(ExportError, match="differs from PyTorch"):
+        protege.export_onnx(strict)
+    assert finished_run.onnx_path.read_bytes() == good
+    assert (finished_run.path / "student.rejected.onnx").is_file()
+
+
+def test_configs_beside_weights(finished_run):
+    cfg = json.loads((finished_run.path / "student" / "config.json").read_text())
+    assert cfg["model"] == "mlp" and cfg["num_classes"] == 10 and cfg["in_shape"] == [1, 8, 8]
+    assert json.loads((finished_run.path / "teacher" / "config.json").read_text())["params"] > cfg["params"]

@@ -9,7 +9,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from .data import DataSplits, load_data
-from .errors import DataError
+from .errors import DataError, ExportError
 from .export.onnx import export_model_onnx, onnx_parity, ort_logits, ort_session
 from .evaluate.metrics import classification_metrics
 from .evaluate.profile import ort_latency, torch_latency
@@ -58,6 +58,7 @@ def prepare_teacher(run: Run, model: nn.Module, data: DataSplits, acc: Accelerat
         accelerator=acc, augment=r.teacher.train.augment, resume=resume)
     if acc.is_main_process:
         save_weights(model, run.teacher_weights)
+        _write_config(run.path / "teacher" / "config.json", r.teacher, data, model)
     acc.wait_for_everyone()
     return model
 
@@ -87,8 +88,18 @@ def train_student(run: Run, data: DataSplits, teacher: nn.Module, student: nn.Mo
         metrics_path=run.metrics_path, stage="student", accelerator=acc, augment=r.train.augment, resume=resume)
     if acc.is_main_process:
         save_weights(student, run.student_weights)
+        _write_config(run.path / "student" / "config.json", r.student, data, student)
     acc.wait_for_everyone()
     return student
+
+
+def _write_config(path: Path, spec, data: DataSplits, model: nn.Module) -> None:
+    """What rebuilds the weights beside it: model reference, kwargs, input shape, classes."""
+    import json
+
+    cfg = {"model": spec.model, "kwargs": spec.kwargs, "in_shape": list(data.input_shape), "num_classes": data.num_classes,
+           "class_names": data.class_names, "params": num_params(model)}
+    path.write_text(json.dumps(cfg, indent=2))
 
 
 def distill(recipe: Recipe, out: str | Path, *, resume: bool = False, overwrite: bool = False,
@@ -133,8 +144,14 @@ def export_onnx(run: Run | str | Path, *, data: Optional[DataSplits] = None, log
     run = run if isinstance(run, Run) else Run.load(run)
     data = data or load_data(run.recipe.data, run.recipe.seed)
     _, student = _load_models(run, data)
-    export_model_onnx(student, data.test.x[:2], run.onnx_path, run.recipe.export.opset)
-    diff = onnx_parity(student, run.onnx_path, data.test.x[:512], run.recipe.export.tolerance)
+    candidate = run.path / "student.candidate.onnx"
+    export_model_onnx(student, data.test.x[:2], candidate, run.recipe.export.opset)
+    try:
+        diff = onnx_parity(student, candidate, data.test.x[:512], run.recipe.export.tolerance)
+    except ExportError:
+        candidate.replace(run.path / "student.rejected.onnx")  # kept for inspection; student.onnx untouched
+        raise
+    candidate.replace(run.onnx_path)
     log(f"export: {run.onnx_path} ({run.onnx_path.stat().st_size / 1024:.1f} kB), max |ONNX - PyTorch| = {diff:.2e} on {min(512, len(data.test))} test inputs")
     return run.onnx_path
 
