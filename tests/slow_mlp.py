@@ -13,8 +13,8 @@ class SlowMLP(MLP):
         return super().forward(x)
 
 
-def build(in_shape, num_classes, hidden=(32,)):
-    return SlowMLP(in_shape, num_classes, hidden)
+def build(in_shape, num_classes, hidden=(32,), dropout=0.0):
+    return SlowMLP(in_shape, num_classes, hidden, dropout)
 
 
 def not_a_module(in_shape, num_classes):

@@ -210,3 +210,34 @@ def test_export_run_without_student(tmp_path, tiny, capsys):
 
 def test_unknown_export_format(tmp_path, capsys):
     assert_clean_error(*run_cli(["export", tmp_path, "--format", "tflite"], capsys), "tflite", "onnx")
+
+
+def test_model_kwargs_rejected_by_the_factory(distill):
+    assert_clean_error(*distill(lambda r: r["teacher"].update(model="resnet", kwargs={"depth": 10})), "6n+2", "kwargs")
+
+
+def test_model_that_does_not_fit_the_data(distill, tmp_path):
+    p = _csv(tmp_path, "a,b,y\n" + "".join(f"{i},{i * 2},{i % 2}\n" for i in range(40)))
+    code, err = distill(lambda r: (r.update(data={"source": "csv", "path": str(p), "target": "y"}),
+                                   r["teacher"].update(model="cnn", kwargs={})))
+    assert_clean_error(code, err, "teacher cannot run on this data")
+
+
+def test_split_too_small_for_the_classes(distill):
+    assert_clean_error(*distill(lambda r: r["data"].update(val_fraction=0.001)), "cannot hold all 10 classes")
+
+
+def test_set_value_not_yaml(distill):
+    assert_clean_error(*distill(None, "--set", "name=[a"), "not valid YAML")
+
+
+def test_csv_not_utf8(distill, tmp_path):
+    p = tmp_path / "latin.csv"
+    p.write_bytes("a,y\n\xe9t\xe9,0\n".encode("latin-1"))
+    assert_clean_error(*distill(lambda r: r.update(data={"source": "csv", "path": str(p), "target": "y"})), "not UTF-8")
+
+
+def test_corrupt_pickle_with_flag(distill, tmp_path):
+    bad = tmp_path / "w.pt"
+    bad.write_bytes(b"\x80\x04garbage")
+    assert_clean_error(*distill(lambda r: r["teacher"].update(weights=str(bad)), "--allow-pickle"), "could not be unpickled")

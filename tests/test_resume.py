@@ -14,21 +14,23 @@ from .conftest import HERE, PROTEGE, TINY
 
 
 def _recipe(tmp: Path) -> Path:
+    """Dropout in both models and augmentation for the student: the random state must resume too."""
     r = json.loads(json.dumps(TINY))
-    r["teacher"]["train"]["epochs"] = 2
-    r["student"] = {"model": f"{HERE / 'slow_mlp.py'}:build", "kwargs": {"hidden": [32]}}
-    r["train"] = {"epochs": 8, "batch_size": 64, "lr": 0.01}
+    slow = f"{HERE / 'slow_mlp.py'}:build"
+    r["teacher"] = {"model": slow, "kwargs": {"hidden": [64], "dropout": 0.2}, "train": {"epochs": 4, "batch_size": 64}}
+    r["student"] = {"model": slow, "kwargs": {"hidden": [32], "dropout": 0.1}}
+    r["train"] = {"epochs": 8, "batch_size": 64, "lr": 0.01, "augment": True}
     path = tmp / "recipe.yaml"
     path.write_text(yaml.safe_dump(r))
     return path
 
 
-def _student_epochs(run: Path) -> int:
+def _epochs(run: Path, stage: str = "student") -> int:
     try:
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     except (OSError, ValueError):
         return 0
-    return max([r["epoch"] for r in rows if r["stage"] == "student"], default=0)
+    return max([r["epoch"] for r in rows if r["stage"] == stage], default=0)
 
 
 def _start(recipe: Path, out: Path, *extra: str) -> subprocess.Popen:
@@ -52,19 +54,19 @@ def reference(tmp_path_factory):
     return recipe, tmp / "run"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
-def test_killed_run_resumes_bit_identically(tmp_path, reference, sig):
+@pytest.mark.parametrize("sig,stage,at", [(signal.SIGKILL, "student", 3), (signal.SIGINT, "student", 3),
+                                          (signal.SIGKILL, "teacher", 2)], ids=["kill-9", "ctrl-c", "kill-9-in-teacher"])
+def test_killed_run_resumes_bit_identically(tmp_path, reference, sig, stage, at):
     recipe, ref_run = reference
     out = tmp_path / "run"
     proc = _start(recipe, out, "--set", "eval.repeats_b1=1")
     deadline = time.time() + 300
-    while _student_epochs(out) < 3 and proc.poll() is None and time.time() < deadline:
+    while _epochs(out, stage) < at and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, "run finished before it could be interrupted"
     proc.send_signal(sig)
     code = proc.wait(timeout=60)
-    stopped_at = _student_epochs(out)
-    assert 3 <= stopped_at < 8
+    assert at <= _epochs(out, stage) < (8 if stage == "student" else 4)
     if sig == signal.SIGINT:
         err = proc.stderr.read()
         assert code == 130 and "--resume" in err and "Traceback" not in err
@@ -76,8 +78,9 @@ def test_killed_run_resumes_bit_identically(tmp_path, reference, sig):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    fin_a, fin_b = load_file(str(out / "student/model.safetensors")), load_file(str(ref_run / "student/model.safetensors"))
-    assert all(torch.equal(fin_a[k], fin_b[k]) for k in fin_a)
+    for name in ("student/model.safetensors", "teacher/model.safetensors"):
+        fin_a, fin_b = load_file(str(out / name)), load_file(str(ref_run / name))
+        assert all(torch.equal(fin_a[k], fin_b[k]) for k in fin_a), name
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows if r["stage"] == "student"] == list(range(1, 9))
 

@@ -19,14 +19,18 @@ from .knowledge.teacher import load_or_build_cache
 from .models import OnnxModule, build_model, load_weights, num_params, save_weights
 from .recipe import Recipe
 from .run import Run, file_digest
-from .train import Distiller, fit, label_loss
+from .train import Distiller, FitResult, fit, label_loss
 
 Log = Callable[[str], None]
 
 
 def _check_classes(model: nn.Module, data: DataSplits, who: str) -> None:
-    with torch.no_grad():
-        out = model.eval()(data.val.x[:2])
+    try:
+        with torch.no_grad():
+            out = model.eval()(data.val.x[:2])
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise DataError(f"the {who} cannot run on this data (input shape {tuple(data.input_shape)}): "
+                        f"{str(e).splitlines()[0][:160]}; choose a {who} model that fits the data") from None
     if out.ndim != 2 or out.shape[-1] != data.num_classes:
         raise DataError(f"{who} outputs shape {tuple(out.shape[1:])} per example but the data has {data.num_classes} classes; "
                         f"set the {who}'s num_classes (kwargs) or fix data.target")
@@ -53,12 +57,12 @@ def prepare_teacher(run: Run, model: nn.Module, data: DataSplits, acc: Accelerat
         log(f"teacher: reusing {run.teacher_weights}")
         return model
     log(f"teacher: training {r.teacher.model} ({num_params(model):,} params) for {r.teacher.train.epochs} epochs")
-    fit(model, label_loss(r.teacher.train.label_smoothing), data.train, data.val, r.teacher.train, seed=r.seed,
+    result = fit(model, label_loss(r.teacher.train.label_smoothing), data.train, data.val, r.teacher.train, seed=r.seed,
         ckpt_dir=run.path / "teacher" / "checkpoints", metrics_path=run.metrics_path, stage="teacher",
         accelerator=acc, augment=r.teacher.train.augment, resume=resume)
     if acc.is_main_process:
         save_weights(model, run.teacher_weights)
-        _write_config(run.path / "teacher" / "config.json", r.teacher, data, model)
+        _write_config(run.path / "teacher" / "config.json", r.teacher, data, model, result)
     acc.wait_for_everyone()
     return model
 
@@ -78,27 +82,33 @@ def train_student(run: Run, data: DataSplits, teacher: nn.Module, student: nn.Mo
         cache = None
         if r.distill.cache_teacher and not r.train.augment:
             fingerprint = f"{file_digest(teacher_file(run))}-{data.fingerprint()}"
-            cache = load_or_build_cache(run.path / "teacher_logits.safetensors", fingerprint, teacher, data.train.x, log)
+            path = run.path / "teacher_logits.safetensors"
+            if acc.is_main_process:  # one process writes the cache, the others then read it
+                cache = load_or_build_cache(path, fingerprint, teacher, data.train.x, log)
+            acc.wait_for_everyone()
+            if not acc.is_main_process:
+                cache = load_or_build_cache(path, fingerprint, teacher, data.train.x, log)
             log("teacher logits: cached once for the training set (inputs do not change between epochs)")
         elif r.train.augment:
             log("teacher logits: live teacher passes (augmentation changes the inputs every epoch)")
         loss_fn = Distiller(Teacher(teacher, cache), r.distill, r.train.label_smoothing)
         log(f"student: {r.student.model} ({num_params(student):,} params), {r.distill.response} T={r.distill.temperature} alpha={r.distill.alpha}")
-    fit(student, loss_fn, data.train, data.val, r.train, seed=r.seed, ckpt_dir=run.path / "student" / "checkpoints",
+    result = fit(student, loss_fn, data.train, data.val, r.train, seed=r.seed, ckpt_dir=run.path / "student" / "checkpoints",
         metrics_path=run.metrics_path, stage="student", accelerator=acc, augment=r.train.augment, resume=resume)
     if acc.is_main_process:
         save_weights(student, run.student_weights)
-        _write_config(run.path / "student" / "config.json", r.student, data, student)
+        _write_config(run.path / "student" / "config.json", r.student, data, student, result)
     acc.wait_for_everyone()
     return student
 
 
-def _write_config(path: Path, spec, data: DataSplits, model: nn.Module) -> None:
-    """What rebuilds the weights beside it: model reference, kwargs, input shape, classes."""
+def _write_config(path: Path, spec, data: DataSplits, model: nn.Module, result: FitResult) -> None:
+    """What rebuilds the weights beside it (model reference, kwargs, input shape, classes) and which epoch they are."""
     import json
 
     cfg = {"model": spec.model, "kwargs": spec.kwargs, "in_shape": list(data.input_shape), "num_classes": data.num_classes,
-           "class_names": data.class_names, "params": num_params(model)}
+           "class_names": data.class_names, "params": num_params(model), "epochs_run": result.epochs_run,
+           "best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy}
     path.write_text(json.dumps(cfg, indent=2))
 
 
@@ -114,16 +124,18 @@ def distill(recipe: Recipe, out: str | Path, *, resume: bool = False, overwrite:
     teacher, student = build_models(recipe, data)
     acc.wait_for_everyone()  # every process has checked the folder before the first write
     if acc.is_main_process:
+        if not resume:
+            run.clear_artifacts()
         run.write_recipe()
     acc.wait_for_everyone()
     teacher = prepare_teacher(run, teacher, data, acc, resume, log)
     train_student(run, data, teacher, student, acc, resume, log)
-    if acc.is_main_process:
-        if export:
-            export_onnx(run, data=data, log=log)
-        if evaluate_:
-            run.report = evaluate(run, data=data, teacher=teacher)
-    acc.wait_for_everyone()
+    if not acc.is_main_process:  # export and evaluation are the main process's alone; no barrier after
+        return run
+    if export:
+        export_onnx(run, data=data, log=log)
+    if evaluate_:
+        run.report = evaluate(run, data=data)
     return run
 
 
@@ -184,8 +196,7 @@ def _onnx_entry(run: Run, path: Path, data: DataSplits, teacher_logits) -> dict:
             "params": params, "bytes": path.stat().st_size, **lat}
 
 
-def evaluate(run: Run | str | Path, *, data: Optional[DataSplits] = None, teacher: Optional[nn.Module] = None,
-             show: bool = True) -> dict:
+def evaluate(run: Run | str | Path, *, data: Optional[DataSplits] = None, show: bool = True) -> dict:
     """Measure teacher, student and the student's ONNX file on the test split; write report.json."""
     import platform
 

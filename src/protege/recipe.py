@@ -158,7 +158,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise RecipeError(f"--set '{item}': '{part}' is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise RecipeError(f"--set '{item}': the value is not valid YAML; quote it, e.g. --set '{key}=\"{raw}\"'") from None
     return data
 
 

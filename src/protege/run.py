@@ -75,6 +75,17 @@ class Run:
             raise RunError(f"'{path}' is not empty and is not a run; choose an empty or new folder for --out (or --overwrite)")
         return cls(path, recipe)
 
+    ARTIFACTS = ("teacher/model.safetensors", "teacher/config.json", "teacher/checkpoints/last.safetensors",
+                 "teacher/checkpoints/best.safetensors", "student/model.safetensors", "student/config.json",
+                 "student/checkpoints/last.safetensors", "student/checkpoints/best.safetensors", "teacher_logits.safetensors",
+                 "student.onnx", "student.rejected.onnx", "report.json", "metrics.jsonl")
+
+    def clear_artifacts(self) -> None:
+        """--overwrite: remove what an earlier run of protege wrote here (only those known files), so
+        nothing of it can be mistaken for this run's work; other files in the folder are left alone."""
+        for rel in self.ARTIFACTS:
+            (self.path / rel).unlink(missing_ok=True)
+
     def write_recipe(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "teacher").mkdir(exist_ok=True)

@@ -20,6 +20,13 @@ FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
 
 def _split(x: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> tuple:
     """Stratified seeded split; returns (x_keep, x_held, y_keep, y_held)."""
+    classes, counts = np.unique(y, return_counts=True)
+    if counts.min() < 2:
+        raise DataError(f"class {classes[counts.argmin()]!r} has a single example, too few to split; "
+                        f"remove it or merge it into another class")
+    if round(fraction * len(y)) < len(classes) or round((1 - fraction) * len(y)) < len(classes):
+        raise DataError(f"a split of fraction {fraction} of {len(y)} examples cannot hold all {len(classes)} classes; "
+                        f"raise data.val_fraction / data.test_fraction or add data")
     return train_test_split(x, y, test_size=fraction, random_state=seed, stratify=y)
 
 

@@ -63,7 +63,8 @@ class Table:
         for j in num_idx:
             col = self._numeric_column(j, train)
             mean = float(np.nanmean(col)) if np.isfinite(col).any() else 0.0
-            std = float(np.nanstd(col)) or 1.0
+            std = float(np.nanstd(col)) if np.isfinite(col).any() else 1.0
+            std = std if np.isfinite(std) and std > 0 else 1.0
             stats.append((j, mean, std))
         vocab = [(j, sorted({self.cells[r][j] for r in train})) for j in cat_idx]
         width = len(stats) + sum(len(v) for _, v in vocab)
@@ -89,8 +90,13 @@ class Table:
 def read_csv_table(path: Path, target: str) -> Table:
     if not path.is_file():
         raise DataError(f"CSV file '{path}' not found; set data.path to an existing .csv file")
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8 CSV") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: malformed CSV ({e}); fix the quoting") from None
     if len(rows) < 2:
         raise DataError(f"{path}: needs a header row and at least one data row")
     header, body = [h.strip() for h in rows[0]], [r for r in rows[1:] if any(c.strip() for c in r)]

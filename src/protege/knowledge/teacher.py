@@ -13,9 +13,15 @@ from torch import nn
 from .output import ModelOutput
 
 
+def model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 @torch.no_grad()
-def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Logits of ``model`` (in eval mode, restored afterwards) for all of ``x``, on CPU."""
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512, device: torch.device | str | None = None) -> torch.Tensor:
+    """Logits of ``model`` (in eval mode, restored afterwards) for all of ``x``, returned on CPU."""
+    device = device or model_device(model)
     was_training = model.training
     model.eval()
     outs = [model(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
@@ -42,7 +48,7 @@ class Teacher:
             return ModelOutput(self.cache[idx.cpu()].to(x.device))
         self.model.eval()
         with torch.no_grad():
-            return ModelOutput(self.model(x).float())
+            return ModelOutput(self.model(x.to(model_device(self.model))).float().to(x.device))
 
 
 def load_or_build_cache(path: Path, fingerprint: str, model: nn.Module, x: torch.Tensor, log=print) -> torch.Tensor:

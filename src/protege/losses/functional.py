@@ -37,10 +37,17 @@ def mse_logits(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return (student - teacher).pow(2).mean()
 
 
-def _binary_kl(p_t: torch.Tensor, p_s: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """KL between Bernoulli(p_t) and Bernoulli(p_s), elementwise."""
-    p_t, p_s = p_t.clamp(eps, 1 - eps), p_s.clamp(eps, 1 - eps)
-    return p_t * (p_t.log() - p_s.log()) + (1 - p_t) * ((1 - p_t).log() - (1 - p_s).log())
+def _binary_kl(log_p_t: torch.Tensor, log_q_t: torch.Tensor, log_p_s: torch.Tensor, log_q_s: torch.Tensor) -> torch.Tensor:
+    """KL(Bernoulli(p_t) || Bernoulli(p_s)) from log p and log(1 - p) of each side; elementwise."""
+    return log_p_t.exp() * (log_p_t - log_p_s) + log_q_t.exp() * (log_q_t - log_q_s)
+
+
+def _log_target_split(z: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) and log(1 - p(target)) from logits z (B, C), stable when p(target) rounds to 1."""
+    lse = torch.logsumexp(z, dim=-1)
+    log_p = z[mask] - lse
+    log_rest = torch.logsumexp(z.masked_fill(mask, float("-inf")), dim=-1) - lse
+    return log_p, log_rest
 
 
 def dkd(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, alpha: float = 1.0,
@@ -52,9 +59,7 @@ def dkd(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, alph
     """
     t = temperature
     mask = F.one_hot(target, student.shape[-1]).bool()  # (B, C)
-    p_s_target = F.softmax(student / t, dim=-1)[mask]  # (B,)
-    p_t_target = F.softmax(teacher / t, dim=-1)[mask]
-    tckd = _binary_kl(p_t_target, p_s_target).mean()
+    tckd = _binary_kl(*_log_target_split(teacher / t, mask), *_log_target_split(student / t, mask)).mean()
     neg_inf = torch.finfo(student.dtype).min
     log_q_s = F.log_softmax((student / t).masked_fill(mask, neg_inf), dim=-1)
     log_q_t = F.log_softmax((teacher / t).masked_fill(mask, neg_inf), dim=-1)

@@ -78,8 +78,9 @@ def _call_factory(factory, kwargs: dict[str, Any], in_shape: Sequence[int], num_
             kwargs[key] = value
     try:
         model = factory(**kwargs)
-    except TypeError as e:
-        raise ModelError(f"{label}: bad kwargs {sorted(kwargs)} ({e}); fix the model's `kwargs` in the recipe") from None
+    except Exception as e:  # a factory may reject its arguments with any exception type
+        raise ModelError(f"{label}: cannot build with kwargs {sorted(kwargs)} ({type(e).__name__}: {e}); "
+                         f"fix the model's `kwargs` in the recipe") from None
     if not isinstance(model, nn.Module):
         raise ModelError(f"{label} returned {type(model).__name__}, not a torch.nn.Module; make the factory return the model")
     return model
@@ -111,8 +112,14 @@ def read_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, t
         if not allow_pickle:
             raise ModelError(f"'{path}' is a pickle file, and unpickling can run arbitrary code; convert it to "
                              f".safetensors, or set `allow_pickle: true` (--allow-pickle) if you trust it")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        return state.get("state_dict", state) if isinstance(state, dict) else state.state_dict()
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise ModelError(f"'{path}' could not be unpickled ({type(e).__name__}); re-save the weights as .safetensors") from None
+        state = state.get("state_dict", state) if isinstance(state, dict) else getattr(state, "state_dict", lambda: None)()
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ModelError(f"'{path}' holds no state dict of tensors; save `model.state_dict()` as .safetensors")
+        return state
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -64,7 +66,9 @@ def _append_metrics(path: Path, stage: str, start_epoch: int, row: dict | None =
     keep = [ln for ln in lines if not (json.loads(ln).get("stage") == stage and json.loads(ln)["epoch"] > start_epoch)]
     if row is not None:
         keep.append(json.dumps(row))
-    path.write_text("".join(ln + "\n" for ln in keep))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
 
 
 def fit(model: torch.nn.Module, loss_fn: LossFn, train: Split, val: Split, cfg: TrainConfig, *, seed: int,
@@ -80,8 +84,12 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, train: Split, val: Split, cfg: 
     loop = {"epoch": 0, "best_val": -1.0, "best_epoch": 0, "history": []}
     if resume and last.is_file():
         loop = load_checkpoint(last, model, opt, sched)
-    elif accelerator.is_main_process:
-        _append_metrics(metrics_path, stage, 0)
+    else:
+        # A stage's randomness (dropout, augmentation) must not depend on what ran before it in this
+        # process, or a run resumed at a stage boundary would differ from an uninterrupted one.
+        torch.manual_seed(seed * 1_000_003 + zlib.crc32(stage.encode()))
+        if accelerator.is_main_process:
+            _append_metrics(metrics_path, stage, 0)
     wrapped, opt = accelerator.prepare(model, opt)
     device = accelerator.device
     for epoch in range(loop["epoch"], cfg.epochs):
@@ -112,9 +120,9 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, train: Split, val: Split, cfg: 
             loop["best_val"], loop["best_epoch"] = val_acc, epoch + 1
             if accelerator.is_main_process:
                 save_weights(accelerator.unwrap_model(wrapped), best)
-        if accelerator.is_main_process:
-            save_checkpoint(last, accelerator.unwrap_model(wrapped), opt.optimizer if hasattr(opt, "optimizer") else opt, sched, loop)
+        if accelerator.is_main_process:  # metrics first: a resume drops rows of epochs it redoes
             _append_metrics(metrics_path, stage, epoch, row)
+            save_checkpoint(last, accelerator.unwrap_model(wrapped), opt.optimizer if hasattr(opt, "optimizer") else opt, sched, loop)
             tqdm.write(f"{stage} epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  val_acc {val_acc:.4f}  ({row['epoch_time_s']:.1f}s)")
         accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(wrapped)
