@@ -241,3 +241,9 @@ def test_corrupt_pickle_with_flag(distill, tmp_path):
     bad = tmp_path / "w.pt"
     bad.write_bytes(b"\x80\x04garbage")
     assert_clean_error(*distill(lambda r: r["teacher"].update(weights=str(bad)), "--allow-pickle"), "could not be unpickled")
+
+
+def test_augment_on_a_table(distill, tmp_path):
+    p = _csv(tmp_path, "a,b,y\n" + "".join(f"{i},{i * 2},{i % 2}\n" for i in range(40)))
+    code, err = distill(lambda r: (r.update(data={"source": "csv", "path": str(p), "target": "y"}), r["train"].update(augment=True)))
+    assert_clean_error(code, err, "augment is for images", "train.augment")

@@ -38,6 +38,9 @@ def _check_classes(model: nn.Module, data: DataSplits, who: str) -> None:
 
 def build_models(recipe: Recipe, data: DataSplits) -> tuple[nn.Module, nn.Module]:
     """Instantiate teacher and student and check them against the data, before anything is written."""
+    wants_augment = recipe.train.augment or (recipe.teacher.train is not None and recipe.teacher.train.augment)
+    if wants_augment and not data.is_image:
+        raise DataError(f"augment is for images, but {data.description} is a table; set train.augment / teacher.train.augment to false")
     torch.manual_seed(recipe.seed)
     teacher = build_model(recipe.teacher, data.input_shape, data.num_classes)
     _check_classes(teacher, data, "teacher")

@@ -1,5 +1,5 @@
 """Models: the zoo, user modules (``file.py:factory``), safetensors weights and ONNX files."""
-from .loading import OnnxModule, build_model, load_weights, model_bytes, num_params, save_weights
+from .loading import OnnxModule, build_model, load_weights, num_params, save_weights
 from .zoo import ZOO, count_params
 
-__all__ = ["ZOO", "OnnxModule", "build_model", "count_params", "load_weights", "model_bytes", "num_params", "save_weights"]
+__all__ = ["ZOO", "OnnxModule", "build_model", "count_params", "load_weights", "num_params", "save_weights"]

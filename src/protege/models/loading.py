@@ -154,7 +154,3 @@ def num_params(model: nn.Module) -> int:
     if isinstance(model, OnnxModule):
         return model.n_params
     return sum(p.numel() for p in model.parameters())
-
-
-def model_bytes(path: str | Path) -> int:
-    return Path(path).stat().st_size
