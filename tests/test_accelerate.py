@@ -28,6 +28,6 @@ def test_two_processes_train_into_one_run_folder(tmp_path):
     student = [r for r in rows if r["stage"] == "student"]
     assert [r["epoch"] for r in student] == [1, 2, 3]  # written once, by the main process
     assert all(r["processes"] == 2 for r in rows)
-    assert student[-1]["loss"] < student[0]["loss"] * 1.5 and all(r["loss"] == r["loss"] for r in student)
+    assert student[-1]["loss"] < student[0]["loss"]  # the two processes' shared updates reduce the loss
     report = json.loads((out / "report.json").read_text())
     assert report["student"]["accuracy"] > 0.2  # trained: well above the 10% of chance on 10 classes

@@ -171,7 +171,7 @@ def export_onnx(run: Run | str | Path, *, data: Optional[DataSplits] = None, log
     return run.onnx_path
 
 
-def _latency(run: Run, fn, shape) -> dict[str, float]:
+def _latency(run: Run, fn) -> dict[str, float]:
     e = run.recipe.eval
     b1 = fn(1, e.repeats_b1)
     b32 = fn(32, e.repeats_b32)
@@ -183,7 +183,7 @@ def _torch_entry(run: Run, model: nn.Module, data: DataSplits, weights: Path, te
     if isinstance(model, OnnxModule):
         return _onnx_entry(run, model.path, data, teacher_logits)
     logits = predict_logits(model, data.test.x)
-    lat = _latency(run, lambda b, n: torch_latency(model, shape, b, e.threads, e.warmup, n), shape)
+    lat = _latency(run, lambda b, n: torch_latency(model, shape, b, e.threads, e.warmup, n))
     return {"runtime": "pytorch", **classification_metrics(logits, data.test.y, teacher_logits),
             "params": num_params(model), "bytes": weights.stat().st_size, **lat}
 
@@ -194,7 +194,7 @@ def _onnx_entry(run: Run, path: Path, data: DataSplits, teacher_logits) -> dict:
     e, shape = run.recipe.eval, data.input_shape
     logits = ort_logits(ort_session(path, e.threads), data.test.x)
     params = int(sum(int(torch.tensor(t.dims).prod()) for t in onnx.load(str(path)).graph.initializer))
-    lat = _latency(run, lambda b, n: ort_latency(path, shape, b, e.threads, e.warmup, n), shape)
+    lat = _latency(run, lambda b, n: ort_latency(path, shape, b, e.threads, e.warmup, n))
     return {"runtime": "onnxruntime", **classification_metrics(logits, data.test.y, teacher_logits),
             "params": params, "bytes": path.stat().st_size, **lat}
 
