@@ -4,8 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from .pipeline import distill, evaluate, export_onnx
-from .recipe import load_recipe
+from .compress import prune_, quantize_onnx
+from .errors import RecipeError
+from .pipeline import compress, distill, evaluate, export_onnx
+from .recipe import PruneConfig, QuantizeConfig, _describe, load_recipe
 from .run import Run
 
 
@@ -15,4 +17,27 @@ def distill_file(recipe: str | Path, out: Optional[str | Path] = None, overrides
     return distill(r, out or Path("runs") / r.name, **kw)
 
 
-__all__ = ["distill", "distill_file", "evaluate", "export_onnx"]
+def _config(cls, source: str, **fields):
+    from pydantic import ValidationError
+
+    try:
+        return cls(**fields)
+    except ValidationError as e:
+        raise RecipeError(f"{source}: {_describe(e.errors()[0], cls)}") from None
+
+
+def compress_cli(run: str | Path, *, prune: Optional[float], structured: bool, target_params: Optional[int], scope: str,
+                 keep: list[str], steps: int, finetune_epochs: int, quantize: Optional[str], calibration: str,
+                 calibration_data: Optional[Path], allow_fallback: bool) -> Run:
+    """`protege compress`: turn the options into typed configs (errors name the option) and run ``compress``."""
+    p = q = None
+    if prune is not None or target_params is not None:
+        p = _config(PruneConfig, "--prune", method="structured" if structured else "unstructured", ratio=prune,
+                    target_params=target_params, scope=scope, keep=list(keep), steps=steps, finetune_epochs=finetune_epochs)
+    if quantize is not None:
+        q = _config(QuantizeConfig, "--quantize", mode=quantize, calibration=calibration, allow_fallback=allow_fallback,
+                    calibration_data=str(calibration_data) if calibration_data else None)
+    return compress(run, prune=p, quantize=q)
+
+
+__all__ = ["compress", "distill", "distill_file", "evaluate", "export_onnx", "prune_", "quantize_onnx"]

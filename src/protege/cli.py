@@ -55,6 +55,29 @@ def export_cmd(run: Path = typer.Argument(..., help="Run folder."),
     api.export_onnx(run)
 
 
+@app.command("compress")
+def compress_cmd(
+    run: Path = typer.Argument(..., help="Run folder with a finished student."),
+    prune: Optional[float] = typer.Option(None, "--prune", help="Fraction to remove, in (0, 1): channels (structured) or weights."),
+    structured: bool = typer.Option(True, "--structured/--unstructured", help="Remove whole channels/neurons (default) or mask weights."),
+    target_params: Optional[int] = typer.Option(None, "--target-params", help="Structured: prune to at most this many parameters."),
+    scope: str = typer.Option("layer", "--scope", help="layer (same ratio per layer) or global."),
+    keep: List[str] = typer.Option([], "--keep", help="Module path to leave unpruned (repeatable)."),
+    steps: int = typer.Option(1, "--steps", help="Iterative pruning: rounds of prune + distil."),
+    finetune_epochs: int = typer.Option(0, "--finetune-epochs", help="Distillation epochs after each pruning step."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="auto | int8 | static | dynamic | qat (int8 in ONNX Runtime)."),
+    calibration: str = typer.Option("minmax", "--calibration", help="Static calibration: minmax | entropy | percentile."),
+    calibration_data: Optional[Path] = typer.Option(None, "--calibration-data", help=".npy array of inputs to calibrate on."),
+    allow_fallback: bool = typer.Option(False, "--allow-fallback", help="Leave ops ONNX Runtime cannot quantize in float."),
+) -> None:
+    """Prune and/or int8-quantize a run's student, recover by distillation, evaluate every stage, write report.html."""
+    from . import api
+
+    api.compress_cli(run, prune=prune, structured=structured, target_params=target_params, scope=scope, keep=keep,
+                     steps=steps, finetune_epochs=finetune_epochs, quantize=quantize, calibration=calibration,
+                     calibration_data=calibration_data, allow_fallback=allow_fallback)
+
+
 @app.command("demo")
 def demo_cmd(out: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder."),
              overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier demo run.")) -> None:

@@ -27,3 +27,7 @@ class RunError(ProtegeError):
 
 class ExportError(ProtegeError):
     """An export that failed or did not match PyTorch within tolerance."""
+
+
+class CompressError(ProtegeError):
+    """Pruning or quantization that cannot be done as asked."""

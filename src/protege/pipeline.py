@@ -9,15 +9,17 @@ from accelerate import Accelerator
 from torch import nn
 
 from .data import DataSplits, load_data
-from .errors import DataError, ExportError
+from .errors import DataError, ExportError, RecipeError, RunError
 from .export.onnx import export_model_onnx, onnx_parity, ort_logits, ort_session
 from .evaluate.metrics import classification_metrics
 from .evaluate.profile import ort_latency, torch_latency
 from .evaluate.report import print_report, write_report
 from .knowledge import Teacher, predict_logits
 from .knowledge.teacher import load_or_build_cache
+from .compress.stages import precheck, prune_stage, quantize_stage
 from .models import OnnxModule, build_model, load_weights, num_params, save_weights
-from .recipe import Recipe
+from .models.loading import resize_to
+from .recipe import PruneConfig, QuantizeConfig, Recipe
 from .run import Run, file_digest
 from .train import Distiller, FitResult, fit, label_loss
 
@@ -65,7 +67,7 @@ def prepare_teacher(run: Run, model: nn.Module, data: DataSplits, acc: Accelerat
         accelerator=acc, augment=r.teacher.train.augment, resume=resume)
     if acc.is_main_process:
         save_weights(model, run.teacher_weights)
-        _write_config(run.path / "teacher" / "config.json", r.teacher, data, model, result)
+        write_config(run.path / "teacher" / "config.json", r.teacher, data, model, result)
     acc.wait_for_everyone()
     return model
 
@@ -75,43 +77,51 @@ def teacher_file(run: Run) -> Path:
     return Path(t.model) if t.model.endswith(".onnx") else Path(t.weights) if t.weights else run.teacher_weights
 
 
+def student_loss(run: Run, data: DataSplits, teacher: nn.Module, acc: Accelerator, log: Log):
+    """The student's training loss from the recipe: labels only (alpha = 1) or the Distiller with the teacher."""
+    r = run.recipe
+    if r.distill.alpha == 1.0:  # labels only: the teacher is not consulted at all
+        return label_loss(r.train.label_smoothing)
+    cache = None
+    if r.distill.cache_teacher and not r.train.augment:
+        fingerprint = f"{file_digest(teacher_file(run))}-{data.fingerprint()}"
+        path = run.path / "teacher_logits.safetensors"
+        if acc.is_main_process:  # one process writes the cache, the others then read it
+            cache = load_or_build_cache(path, fingerprint, teacher, data.train.x, log)
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            cache = load_or_build_cache(path, fingerprint, teacher, data.train.x, log)
+        log("teacher logits: cached once for the training set (inputs do not change between epochs)")
+    elif r.train.augment:
+        log("teacher logits: live teacher passes (augmentation changes the inputs every epoch)")
+    return Distiller(Teacher(teacher, cache), r.distill, r.train.label_smoothing)
+
+
 def train_student(run: Run, data: DataSplits, teacher: nn.Module, student: nn.Module, acc: Accelerator, resume: bool,
                   log: Log) -> nn.Module:
     r = run.recipe
-    if r.distill.alpha == 1.0:  # labels only: the teacher is not consulted at all
-        loss_fn = label_loss(r.train.label_smoothing)
-        log(f"student: {r.student.model} ({num_params(student):,} params), labels only (distill.alpha = 1)")
-    else:
-        cache = None
-        if r.distill.cache_teacher and not r.train.augment:
-            fingerprint = f"{file_digest(teacher_file(run))}-{data.fingerprint()}"
-            path = run.path / "teacher_logits.safetensors"
-            if acc.is_main_process:  # one process writes the cache, the others then read it
-                cache = load_or_build_cache(path, fingerprint, teacher, data.train.x, log)
-            acc.wait_for_everyone()
-            if not acc.is_main_process:
-                cache = load_or_build_cache(path, fingerprint, teacher, data.train.x, log)
-            log("teacher logits: cached once for the training set (inputs do not change between epochs)")
-        elif r.train.augment:
-            log("teacher logits: live teacher passes (augmentation changes the inputs every epoch)")
-        loss_fn = Distiller(Teacher(teacher, cache), r.distill, r.train.label_smoothing)
-        log(f"student: {r.student.model} ({num_params(student):,} params), {r.distill.response} T={r.distill.temperature} alpha={r.distill.alpha}")
+    loss_fn = student_loss(run, data, teacher, acc, log)
+    how = "labels only (distill.alpha = 1)" if r.distill.alpha == 1.0 else \
+        f"{r.distill.response} T={r.distill.temperature} alpha={r.distill.alpha}"
+    log(f"student: {r.student.model} ({num_params(student):,} params), {how}")
     result = fit(student, loss_fn, data.train, data.val, r.train, seed=r.seed, ckpt_dir=run.path / "student" / "checkpoints",
         metrics_path=run.metrics_path, stage="student", accelerator=acc, augment=r.train.augment, resume=resume)
     if acc.is_main_process:
         save_weights(student, run.student_weights)
-        _write_config(run.path / "student" / "config.json", r.student, data, student, result)
+        write_config(run.path / "student" / "config.json", r.student, data, student, result)
     acc.wait_for_everyone()
     return student
 
 
-def _write_config(path: Path, spec, data: DataSplits, model: nn.Module, result: FitResult) -> None:
+def write_config(path: Path, spec, data: DataSplits, model: nn.Module, result: Optional[FitResult], **extra) -> None:
     """What rebuilds the weights beside it (model reference, kwargs, input shape, classes) and which epoch they are."""
     import json
 
     cfg = {"model": spec.model, "kwargs": spec.kwargs, "in_shape": list(data.input_shape), "num_classes": data.num_classes,
-           "class_names": data.class_names, "params": num_params(model), "epochs_run": result.epochs_run,
-           "best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy}
+           "class_names": data.class_names, "params": num_params(model)}
+    if result is not None:
+        cfg.update(epochs_run=result.epochs_run, best_epoch=result.best_epoch, best_val_accuracy=result.best_val_accuracy)
+    cfg.update(extra)
     path.write_text(json.dumps(cfg, indent=2))
 
 
@@ -125,6 +135,7 @@ def distill(recipe: Recipe, out: str | Path, *, resume: bool = False, overwrite:
     data = load_data(recipe.data, recipe.seed)
     log(f"data: {data.description}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, {data.num_classes} classes")
     teacher, student = build_models(recipe, data)
+    precheck(run, data, student)
     acc.wait_for_everyone()  # every process has checked the folder before the first write
     if acc.is_main_process:
         if not resume:
@@ -133,13 +144,61 @@ def distill(recipe: Recipe, out: str | Path, *, resume: bool = False, overwrite:
     acc.wait_for_everyone()
     teacher = prepare_teacher(run, teacher, data, acc, resume, log)
     train_student(run, data, teacher, student, acc, resume, log)
+    if recipe.prune and not (resume and run.pruned_weights.is_file()):
+        prune_stage(run, data, student, student_loss(run, data, teacher, acc, log), acc, log)
     if not acc.is_main_process:  # export and evaluation are the main process's alone; no barrier after
         return run
-    if export:
+    if export or recipe.quantize:
         export_onnx(run, data=data, log=log)
+    if recipe.quantize:
+        quantize_stage(run, data, log, qat=_qat_fn(run, data, teacher, acc, log))
     if evaluate_:
         run.report = evaluate(run, data=data)
     return run
+
+
+def compress(run: Run | str | Path, *, prune: Optional[PruneConfig] = None, quantize: Optional[QuantizeConfig] = None,
+             log: Log = print) -> Run:
+    """Prune and/or quantize a finished run's student; the settings are added to the run's recipe.yaml.
+
+    With neither given, the run's own recipe sections are used. Files of an earlier compress pass are
+    replaced; the teacher and student are never touched.
+    """
+    run = run if isinstance(run, Run) else Run.load(run)
+    if not run.student_weights.is_file():
+        raise RunError(f"{run.path} has no finished student ({run.student_weights} missing); finish it with "
+                       f"`protege distill RECIPE --out {run.path} --resume` before compressing")
+    if prune is None and quantize is None:
+        prune, quantize = run.recipe.prune, run.recipe.quantize
+        if prune is None and quantize is None:
+            raise RecipeError(f"nothing to do: give --prune and/or --quantize, or add prune:/quantize: sections to {run.path / 'recipe.yaml'}")
+    run.recipe = run.recipe.model_copy(update={"prune": prune, "quantize": quantize})
+    acc = Accelerator(cpu=True)
+    data = load_data(run.recipe.data, run.recipe.seed)
+    teacher, student = _load_models(run, data)
+    precheck(run, data, student)  # bad settings fail here, before an earlier pass or the recipe is touched
+    run.clear_compressed()
+    run.write_recipe()
+    if prune:
+        prune_stage(run, data, student, student_loss(run, data, teacher, acc, log), acc, log)
+    export_onnx(run, data=data, log=log)
+    if quantize:
+        quantize_stage(run, data, log, qat=_qat_fn(run, data, teacher, acc, log))
+    run.report = evaluate(run, data=data)
+    return run
+
+
+def _qat_fn(run: Run, data: DataSplits, teacher: nn.Module, acc: Accelerator, log: Log):
+    """Quantization-aware training of the final student (pruned, if it was) with the recipe's Distiller."""
+    def go(dst: Path) -> dict:
+        from .compress.qat import qat_to_onnx
+
+        r, q = run.recipe, run.recipe.quantize
+        model = _load_pruned(run, data) or _load_models(run, data)[1]
+        return qat_to_onnx(model, student_loss(run, data, teacher, acc, log), data.train, data.val, dst, epochs=q.qat_epochs,
+                           lr=q.qat_lr or r.train.lr / 10, batch_size=r.train.batch_size, seed=r.seed, log=log)
+
+    return go
 
 
 def _load_models(run: Run, data: DataSplits) -> tuple[nn.Module, nn.Module]:
@@ -154,21 +213,37 @@ def _load_models(run: Run, data: DataSplits) -> tuple[nn.Module, nn.Module]:
     return teacher.eval(), student.eval()
 
 
+def _export_checked(model: nn.Module, run: Run, data: DataSplits, dst: Path, log: Log) -> Path:
+    """Export to a candidate file, check it against PyTorch, then move it into place (a failed one is kept aside)."""
+    candidate = dst.with_suffix(".candidate.onnx")
+    export_model_onnx(model, data.test.x[:2], candidate, run.recipe.export.opset)
+    try:
+        diff = onnx_parity(model, candidate, data.test.x[:512], run.recipe.export.tolerance)
+    except ExportError:
+        candidate.replace(dst.with_suffix(".rejected.onnx"))  # kept for inspection; the deployed file untouched
+        raise
+    candidate.replace(dst)
+    log(f"export: {dst} ({dst.stat().st_size / 1024:.1f} kB), max |ONNX - PyTorch| = {diff:.2e} on {min(512, len(data.test))} test inputs")
+    return dst
+
+
 def export_onnx(run: Run | str | Path, *, data: Optional[DataSplits] = None, log: Log = print) -> Path:
-    """Export the run's student to ``student.onnx`` and check it against PyTorch on held-out inputs."""
+    """Export the run's student (and its pruned version, if any) to ONNX, each checked against PyTorch."""
     run = run if isinstance(run, Run) else Run.load(run)
     data = data or load_data(run.recipe.data, run.recipe.seed)
     _, student = _load_models(run, data)
-    candidate = run.path / "student.candidate.onnx"
-    export_model_onnx(student, data.test.x[:2], candidate, run.recipe.export.opset)
-    try:
-        diff = onnx_parity(student, candidate, data.test.x[:512], run.recipe.export.tolerance)
-    except ExportError:
-        candidate.replace(run.path / "student.rejected.onnx")  # kept for inspection; student.onnx untouched
-        raise
-    candidate.replace(run.onnx_path)
-    log(f"export: {run.onnx_path} ({run.onnx_path.stat().st_size / 1024:.1f} kB), max |ONNX - PyTorch| = {diff:.2e} on {min(512, len(data.test))} test inputs")
+    _export_checked(student, run, data, run.onnx_path, log)
+    pruned = _load_pruned(run, data)
+    if pruned is not None:
+        _export_checked(pruned, run, data, run.pruned_onnx, log)
     return run.onnx_path
+
+
+def _load_pruned(run: Run, data: DataSplits) -> Optional[nn.Module]:
+    if not run.pruned_weights.is_file():
+        return None
+    model = build_model(run.recipe.student.model_copy(update={"weights": None}), data.input_shape, data.num_classes)
+    return resize_to(model, run.pruned_weights).eval()
 
 
 def _latency(run: Run, fn) -> dict[str, float]:
@@ -200,38 +275,72 @@ def _onnx_entry(run: Run, path: Path, data: DataSplits, teacher_logits) -> dict:
 
 
 def evaluate(run: Run | str | Path, *, data: Optional[DataSplits] = None, show: bool = True) -> dict:
-    """Measure teacher, student and the student's ONNX file on the test split; write report.json."""
+    """Measure every stage the run has (teacher, student, its ONNX file, pruned, int8) on the test split;
+    write report.json and report.html."""
+    import json
     import platform
 
     import onnxruntime
+
+    from .evaluate.html import write_html
 
     run = run if isinstance(run, Run) else Run.load(run)
     data = data or load_data(run.recipe.data, run.recipe.seed)
     teacher_model, student = _load_models(run, data)
     t_logits = predict_logits(teacher_model, data.test.x)
-    report: dict = {"name": run.recipe.name, "data": data.description, "test_examples": len(data.test),
-                    "teacher": _torch_entry(run, teacher_model, data, teacher_file(run), None)}
-    report["student"] = _torch_entry(run, student, data, run.student_weights, t_logits)
+    stages = [{"name": "teacher", "file": _rel(run, teacher_file(run)), **_torch_entry(run, teacher_model, data, teacher_file(run), None)},
+              {"name": "student", "file": _rel(run, run.student_weights), **_torch_entry(run, student, data, run.student_weights, t_logits)}]
+    report: dict = {"name": run.recipe.name, "data": data.description, "test_examples": len(data.test)}
     if run.onnx_path.is_file():
-        report["student_onnx"] = _onnx_entry(run, run.onnx_path, data, t_logits)
+        stages.append({"name": "student_onnx", "file": run.onnx_path.name, **_onnx_entry(run, run.onnx_path, data, t_logits)})
         report["onnx_max_abs_diff"] = onnx_parity(student, run.onnx_path, data.test.x[:512], run.recipe.export.tolerance)
-    deployed = report.get("student_onnx", report["student"])
-    t = report["teacher"]
+    final_torch = student
+    pruned = _load_pruned(run, data)
+    if pruned is not None:
+        final_torch = pruned
+        info = json.loads((run.path / "pruned" / "config.json").read_text())
+        report["pruning"] = info
+        note = next((st.get("note") for st in info["steps"] if st.get("note")), "")
+        stages.append({"name": "pruned", "file": _rel(run, run.pruned_weights), "note": note,
+                       **_torch_entry(run, pruned, data, run.pruned_weights, t_logits)})
+        if run.pruned_onnx.is_file():
+            stages.append({"name": "pruned_onnx", "file": run.pruned_onnx.name, "note": note,
+                           **_onnx_entry(run, run.pruned_onnx, data, t_logits)})
+    choice_file = run.quant_dir / "choice.json"
+    if choice_file.is_file():
+        choice = json.loads(choice_file.read_text())
+        report["quantization"] = {**choice, "candidates": [{"name": k, **v} for k, v in choice["candidates"].items()]}
+        if run.int8_path.is_file():
+            stages.append({"name": f"int8 ({choice['chosen']})", "file": run.int8_path.name,
+                           **_onnx_entry(run, run.int8_path, data, t_logits)})
+    by_name = {st["name"]: st for st in stages}
+    report.update({k: by_name[k] for k in ("teacher", "student", "student_onnx") if k in by_name})
+    deployed, t = stages[-1], stages[0]
     report.update({
-        "compression_ratio": t["params"] / report["student"]["params"],
+        "stages": stages,
+        "deployed": deployed["name"],
+        "compression_ratio": t["params"] / num_params(final_torch),
         "bytes_ratio": t["bytes"] / deployed["bytes"],
         "speedup_b1": t["latency_ms_b1"] / deployed["latency_ms_b1"],
         "speedup_b32": t["latency_ms_b32"] / deployed["latency_ms_b32"],
         "speedup_b1_pytorch": t["latency_ms_b1"] / report["student"]["latency_ms_b1"],
-        "notes": "compression_ratio = teacher params / student params; bytes_ratio and speedup_* compare the deployed "
-                 "student (ONNX if exported) with the teacher as loaded (PyTorch); latency = p50 ms",
+        "notes": "compression_ratio = teacher params / final student params (pruned if pruned); bytes_ratio and speedup_* "
+                 "compare the deployed file (the last stage) with the teacher as loaded; latency = p50 ms, accuracy on the test split",
         "environment": {"cpu": _cpu_model(), "threads": run.recipe.eval.threads, "torch": torch.__version__,
                         "onnxruntime": onnxruntime.__version__, "python": platform.python_version()},
     })
     write_report(run.report_path, report)
+    write_html(run.path / "report.html", report)
     if show:
         print_report(report)
     return report
+
+
+def _rel(run: Run, path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(run.path.resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _cpu_model() -> str:

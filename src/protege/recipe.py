@@ -85,8 +85,44 @@ class ExportConfig(_Strict):
     opset: int = Field(18, ge=13)
 
 
+class PruneConfig(_Strict):
+    """Pruning of the distilled student, then recovery by distillation from the same teacher."""
+
+    method: Literal["structured", "unstructured"] = "structured"  # structured removes channels/neurons for real
+    ratio: Optional[float] = Field(None, gt=0, lt=1)  # fraction of channels (structured) or weights (unstructured) removed
+    target_params: Optional[int] = Field(None, ge=1)  # structured only: prune until at most this many parameters
+    scope: Literal["layer", "global"] = "layer"  # the same ratio in every layer, or one threshold across layers
+    keep: list[str] = Field(default_factory=list)  # module paths left unpruned (the output layer always is)
+    steps: int = Field(1, ge=1)  # iterative: prune a share in each of `steps` rounds, distilling after each
+    finetune_epochs: int = Field(0, ge=0)  # recovery epochs per step (0: no recovery)
+    finetune_lr: Optional[float] = Field(None, gt=0)  # default: train.lr / 5
+
+    @model_validator(mode="after")
+    def _one_amount(self) -> "PruneConfig":
+        if (self.ratio is None) == (self.target_params is None):
+            raise ValueError("give exactly one of `ratio` (fraction removed, between 0 and 1) or `target_params`")
+        if self.target_params is not None and self.method != "structured":
+            raise ValueError("`target_params` needs method: structured (unstructured pruning keeps every parameter)")
+        return self
+
+
+class QuantizeConfig(_Strict):
+    """int8 in ONNX Runtime: static (QDQ, calibrated), dynamic, quantization-aware training, or auto (measured)."""
+
+    mode: Literal["auto", "int8", "static", "dynamic", "qat"] = "auto"  # int8: the faster of static/dynamic; auto: fp32 too
+    calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
+    calibration_size: int = Field(512, ge=1)  # training examples used to calibrate static int8
+    calibration_data: Optional[str] = None  # a .npy file of inputs to calibrate on instead
+    per_channel: bool = True
+    tolerance: float = Field(0.005, ge=0, le=1)  # auto: largest validation-accuracy drop accepted (0.005 = 0.5 point)
+    latency_batch: Literal[1, 32] = 1  # auto: the batch size whose latency decides
+    allow_fallback: bool = False  # leave ops ONNX Runtime cannot quantize in fp32 instead of failing
+    qat_epochs: int = Field(3, ge=1)
+    qat_lr: Optional[float] = Field(None, gt=0)  # default: train.lr / 10
+
+
 class Recipe(_Strict):
-    """A whole run: data -> teacher -> student -> evaluate -> export."""
+    """A whole run: data -> teacher -> student -> [prune -> quantize] -> export -> evaluate."""
 
     name: str = "run"
     seed: int = 0
@@ -97,6 +133,8 @@ class Recipe(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    prune: Optional[PruneConfig] = None
+    quantize: Optional[QuantizeConfig] = None
 
     @model_validator(mode="after")
     def _teacher_has_a_source(self) -> "Recipe":

@@ -11,12 +11,19 @@ from .errors import RunError
 from .recipe import Recipe, dump_recipe, parse_recipe
 
 
+COMPRESS_ARTIFACTS = ("pruned/model.safetensors", "pruned/config.json", "pruned/checkpoints/last.safetensors",
+                      "pruned/checkpoints/best.safetensors", "pruned.onnx", "pruned.rejected.onnx", "quantized/static.onnx",
+                      "quantized/dynamic.onnx", "quantized/qat.onnx", "quantized/choice.json", "student.int8.onnx")
+
+
 @dataclass
 class Run:
     """A run folder and its resolved recipe. Layout:
 
     recipe.yaml, metrics.jsonl, teacher/model.safetensors, teacher_logits.safetensors,
-    student/model.safetensors, student/checkpoints/{last,best}.safetensors, student.onnx, report.json
+    student/model.safetensors, student/checkpoints/{last,best}.safetensors, student.onnx,
+    pruned/model.safetensors, pruned.onnx, quantized/{static,dynamic,qat}.onnx, quantized/choice.json,
+    student.int8.onnx (the chosen int8 file), report.json, report.html
     """
 
     path: Path
@@ -34,6 +41,22 @@ class Run:
     @property
     def onnx_path(self) -> Path:
         return self.path / "student.onnx"
+
+    @property
+    def pruned_weights(self) -> Path:
+        return self.path / "pruned" / "model.safetensors"
+
+    @property
+    def pruned_onnx(self) -> Path:
+        return self.path / "pruned.onnx"
+
+    @property
+    def int8_path(self) -> Path:
+        return self.path / "student.int8.onnx"
+
+    @property
+    def quant_dir(self) -> Path:
+        return self.path / "quantized"
 
     @property
     def report_path(self) -> Path:
@@ -78,7 +101,13 @@ class Run:
     ARTIFACTS = ("teacher/model.safetensors", "teacher/config.json", "teacher/checkpoints/last.safetensors",
                  "teacher/checkpoints/best.safetensors", "student/model.safetensors", "student/config.json",
                  "student/checkpoints/last.safetensors", "student/checkpoints/best.safetensors", "teacher_logits.safetensors",
-                 "student.onnx", "student.rejected.onnx", "report.json", "metrics.jsonl")
+                 "student.onnx", "student.rejected.onnx", "report.json", "metrics.jsonl", "report.html",
+                 *COMPRESS_ARTIFACTS)
+
+    def clear_compressed(self) -> None:
+        """A new compress pass: drop what an earlier one wrote, so no stale file is mistaken for this one's."""
+        for rel in COMPRESS_ARTIFACTS:
+            (self.path / rel).unlink(missing_ok=True)
 
     def clear_artifacts(self) -> None:
         """--overwrite: remove what an earlier run of protege wrote here (only those known files), so

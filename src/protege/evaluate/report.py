@@ -34,15 +34,13 @@ def format_table(report: dict[str, Any]) -> Table:
             ("params", "int"), ("size", "kb"), ("p50 b1 ms", "f"), ("p50 b32 ms", "f")]
     for c, _ in cols:
         table.add_column(c, justify="left" if c in ("model", "runtime") else "right")
-    for key in ("teacher", "student", "student_onnx"):
-        e = report.get(key)
-        if not e:
-            continue
+    for e in report.get("stages") or [dict(report[k], name=k) for k in ("teacher", "student", "student_onnx") if report.get(k)]:
+        key = e["name"]
         vals = [e.get("accuracy"), e.get("macro_f1"), e.get("agreement"), e.get("params"), e.get("bytes"),
                 e.get("latency_ms_b1"), e.get("latency_ms_b32")]
         table.add_row(key, e.get("runtime", ""), *(_fmt(v, k) for v, (_, k) in zip(vals, cols[2:])))
     table.caption = (f"compression {report.get('compression_ratio', 0):.1f}x params, {report.get('bytes_ratio', 0):.1f}x bytes; "
-                     f"speedup b1 {report.get('speedup_b1', 0):.1f}x (student ONNX vs teacher PyTorch); "
+                     f"speedup b1 {report.get('speedup_b1', 0):.1f}x ({report.get('deployed', 'student ONNX')} vs teacher); "
                      f"ONNX max |diff| {report.get('onnx_max_abs_diff', float('nan')):.2e}")
     return table
 

@@ -141,6 +141,38 @@ def load_weights(model: nn.Module, path: str | Path, allow_pickle: bool = False)
     model.load_state_dict(state)
 
 
+def resize_to(model: nn.Module, path: str | Path) -> nn.Module:
+    """Shrink a freshly built model's layers to the shapes in a structured-pruned state dict, then load it.
+
+    Pruned weights are saved as a plain state dict; the model they came from is rebuilt from its recipe
+    and each Conv / Linear / BatchNorm / LayerNorm takes the sizes its saved tensors have.
+    """
+    state = read_state_dict(path)
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        for pname, p in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            saved = state.get(prefix + pname)
+            if saved is not None and p is not None and saved.shape != p.shape:
+                new = torch.empty_like(saved, dtype=p.dtype)
+                if isinstance(p, nn.Parameter):
+                    setattr(module, pname, nn.Parameter(new, requires_grad=p.requires_grad))
+                else:
+                    module.register_buffer(pname, new)
+        w = state.get(prefix + "weight")
+        if w is None:
+            continue
+        if isinstance(module, nn.modules.conv._ConvNd):
+            module.out_channels, module.in_channels = w.shape[0], w.shape[1] * module.groups
+        elif isinstance(module, nn.Linear):
+            module.out_features, module.in_features = w.shape
+        elif isinstance(module, nn.modules.batchnorm._NormBase):
+            module.num_features = w.shape[0]
+        elif isinstance(module, nn.LayerNorm):
+            module.normalized_shape = tuple(w.shape)
+    load_weights(model, path)
+    return model
+
+
 def save_weights(model: nn.Module, path: str | Path) -> None:
     """Atomic safetensors save (write to a temporary file, then rename)."""
     path = Path(path)

@@ -1,0 +1,201 @@
+"""Quantization-aware training with the teacher (fake-quant + distillation), exported as int8 ONNX.
+
+The maintained PyTorch route is PT2E in torchao (``torch.ao.quantization``'s eager QAT is deprecated and
+``torch.ao.quantization.quantize_pt2e`` is gone from torch 2.13): capture the student with
+``torch.export``, insert fake-quant with the x86 quantizer (uint8 activations, per-channel symmetric
+int8 weights: what ONNX Runtime's int8 kernels expect), train with the Distiller, convert, and export
+QuantizeLinear/DequantizeLinear pairs that ONNX Runtime fuses into QLinearConv / QGemm.
+(Jacob et al. 2018 for the fake-quant scheme; BatchNorm is folded into the conv weights while training.)
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data import Split
+from ..errors import CompressError
+from ..export.onnx import ort_logits, ort_session
+
+Log = Callable[[str], None]
+
+
+@contextlib.contextmanager
+def _quiet():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        old = logging.root.manager.disable
+        logging.disable(logging.WARNING)
+        try:
+            yield
+        finally:
+            logging.disable(old)
+
+
+def _pt2e():
+    try:
+        with _quiet():
+            from torchao.quantization import pt2e
+            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
+            from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+                X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+    except ImportError as e:
+        raise CompressError(f"quantize.mode qat needs torchao's PT2E ({e}); reinstall protege (`make install`)") from None
+    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config(is_qat=True))
+    return pt2e, prepare_qat_pt2e, convert_pt2e, quantizer
+
+
+def _freeze_batchnorm(gm: torch.fx.GraphModule) -> None:
+    """Stop BatchNorm statistics from moving (the graph's batch_norm ``training`` argument -> False)."""
+    for node in gm.graph.nodes:
+        if node.target == torch.ops.aten.batch_norm.default:
+            args = list(node.args)
+            args[5] = False
+            node.args = tuple(args)
+    gm.recompile()
+
+
+def _convert_with_trained_scales(prepared: torch.fx.GraphModule, convert_pt2e) -> torch.fx.GraphModule:
+    """Convert using the scales the fused fake-quant kernels trained with.
+
+    torchao 0.18's convert recomputes weight scales with a slightly different symmetric formula than the
+    fused kernel used in training, which moves some weights by one int8 step; reading the kernel's own
+    buffers makes the exported model the one that was trained (an upstream flag for this is pending).
+    """
+    for mod in prepared.modules():
+        if type(mod).__name__ == "FusedMovingAvgObsFakeQuantize":
+            mod.calculate_qparams = lambda m=mod: (m.scale.detach().clone(), m.zero_point.detach().clone())
+    with _quiet():
+        return convert_pt2e(prepared)
+
+
+def _batches(n: int, batch_size: int, seed: int) -> list[torch.Tensor]:
+    return list(torch.randperm(n, generator=torch.Generator().manual_seed(seed)).split(batch_size))
+
+
+def qat_to_onnx(student: nn.Module, loss_fn, train: Split, val: Split, out: Path, *, epochs: int, lr: float,
+                batch_size: int, seed: int, log: Log = print) -> dict:
+    """Fine-tune a copy of ``student`` with fake-quant and ``loss_fn`` (the Distiller); write int8 ONNX to ``out``.
+
+    The last epoch runs with frozen observers and BatchNorm statistics at a tenth of the learning rate, so
+    the exported scales are the ones the weights adapted to. Returns measurements of the export.
+    """
+    pt2e, prepare_qat_pt2e, convert_pt2e, quantizer = _pt2e()
+    torch.manual_seed(seed)
+    model = copy.deepcopy(student).train()
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    try:
+        with _quiet():
+            graph = torch.export.export(model, (train.x[:4],), dynamic_shapes={"x": {0: batch}}).module()
+            prepared = prepare_qat_pt2e(graph, quantizer)
+    except Exception as e:
+        raise CompressError(f"QAT could not capture the student with torch.export ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:160]}); use quantize.mode: static") from None
+    opt = torch.optim.AdamW(prepared.parameters(), lr=lr, weight_decay=0.0)
+    pt2e.move_exported_model_to_train(prepared)
+    for epoch in range(epochs):
+        final = epochs > 1 and epoch == epochs - 1  # one epoch alone must still calibrate the observers
+        if final:
+            prepared.apply(pt2e.disable_observer)
+            _freeze_batchnorm(prepared)
+            for group in opt.param_groups:
+                group["lr"] = lr / 10
+        total, idxs = 0.0, _batches(len(train), batch_size, seed * 7919 + epoch)
+        for idx in idxs:
+            losses = loss_fn(prepared, train.x[idx], train.y[idx], idx)
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            opt.step()
+            total += float(losses["loss"].detach())
+        log(f"qat epoch {epoch + 1}/{epochs}  loss {total / len(idxs):.4f}" + ("  (observers and BatchNorm frozen)" if final else ""))
+    pt2e.move_exported_model_to_eval(prepared)
+    prepared.apply(pt2e.disable_observer)  # evaluation must not move the activation ranges
+    converted = _convert_with_trained_scales(prepared, convert_pt2e)
+    pt2e.move_exported_model_to_eval(converted)
+    converted.training = False
+    tmp = out.with_suffix(".tmp.onnx")
+    try:
+        with _quiet():
+            prog = torch.onnx.export(converted, (val.x[:2],), dynamo=True, opset_version=21, input_names=["input"],
+                                     output_names=["logits"], dynamic_shapes={"x": {0: "batch"}}, verbose=False)
+            prog.save(str(tmp))
+        fuse_for_ort(tmp)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        raise CompressError(f"exporting the QAT model to ONNX failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    with torch.no_grad():
+        expected = torch.cat([converted(val.x[i:i + 256]) for i in range(0, len(val.x), 256)])
+    got = ort_logits(ort_session(tmp), val.x)
+    agree = float((expected.argmax(-1) == got.argmax(-1)).float().mean())
+    if not math.isfinite(float(got.abs().max())) or agree < 0.98:
+        tmp.replace(out.with_suffix(".rejected.onnx"))
+        raise CompressError(f"the QAT ONNX file agrees with the PyTorch int8 model on only {agree:.1%} of validation "
+                            f"examples; kept as {out.with_suffix('.rejected.onnx').name} for inspection")
+    os.replace(tmp, out)
+    return {"val_agreement_torch_int8": agree, "max_abs_diff_torch_int8": float((expected - got).abs().max())}
+
+
+def fuse_for_ort(path: Path) -> None:
+    """Make every compute op of the exported QDQ graph int8 in ONNX Runtime, and drop debug metadata.
+
+    - ReduceMean over H, W (from global average pooling) -> GlobalAveragePool, which ORT runs in int8;
+    - a Gemm whose inputs are dequantized but whose bias is float gets an int32 bias (scale = input
+      scale x weight scale) behind a DequantizeLinear, so ORT's QDQ selector turns it into QGemm.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in g.node if n.op_type == "Constant" and n.attribute}
+
+    def value(name: str):
+        return numpy_helper.to_array(inits[name]) if name in inits else consts.get(name)
+
+    producer = {o: n for n in g.node for o in n.output}
+    nodes = []
+    for n in g.node:
+        del n.metadata_props[:]
+        n.doc_string = ""
+        if n.op_type == "ReduceMean" and len(n.input) > 1:
+            axes = value(n.input[1])
+            keep = next((a.i for a in n.attribute if a.name == "keepdims"), 1)
+            if axes is not None and keep == 1 and sorted(int(a) % 4 for a in np.ravel(axes)) == [2, 3]:
+                nodes.append(helper.make_node("GlobalAveragePool", [n.input[0]], list(n.output), name=n.name + "_gap"))
+                continue
+        if n.op_type == "Gemm" and len(n.input) == 3 and n.input[2] in inits:
+            a, b = producer.get(n.input[0]), producer.get(n.input[1])
+            if a is not None and b is not None and a.op_type == b.op_type == "DequantizeLinear":
+                sa, sb = value(a.input[1]), value(b.input[1])
+                if sa is not None and sb is not None and np.ndim(sa) == 0:
+                    scale = (np.float64(sa) * np.asarray(sb, np.float64)).astype(np.float32)
+                    bias = numpy_helper.to_array(inits[n.input[2]]).astype(np.float64)
+                    q = np.round(bias / scale).astype(np.int32)
+                    base = n.name or n.output[0]
+                    g.initializer.extend([numpy_helper.from_array(q, base + "_bias_int32"),
+                                          numpy_helper.from_array(np.broadcast_to(scale, q.shape).copy(), base + "_bias_scale"),
+                                          numpy_helper.from_array(np.zeros_like(q), base + "_bias_zero")])
+                    nodes.append(helper.make_node("DequantizeLinear", [base + "_bias_int32", base + "_bias_scale", base + "_bias_zero"],
+                                                  [base + "_bias_dq"], axis=0, name=base + "_bias_dq"))
+                    n.input[2] = base + "_bias_dq"
+        nodes.append(n)
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.value_info[:]
+    used = {i for n in g.node for i in n.input}
+    keep = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
