@@ -27,6 +27,7 @@ test-slow: install
 
 bench: install
 	$(BIN)/python benchmarks/fashion_mnist.py
+	$(BIN)/python benchmarks/compress.py
 
 clean:
 	rm -rf $(VENV) runs

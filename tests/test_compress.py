@@ -29,11 +29,11 @@ def _convs(model: nn.Module) -> list[int]:
 def test_structured_pruning_removes_channels_for_real(build):
     torch.manual_seed(0)
     model = build().eval()
-    before = sum(p.numel() for p in model.parameters())
+    before, channels = sum(p.numel() for p in model.parameters()), _convs(model)
     res = prune_(model, PruneConfig(ratio=0.5), X28)
     after = sum(p.numel() for p in model.parameters())
     assert res.params_after == after < 0.4 * before  # conv weights scale with in x out channels
-    assert all(c in (8, 16, 32) for c in _convs(model))  # every conv kept exactly half its channels
+    assert _convs(model) == [c // 2 for c in channels]  # every conv kept exactly half its channels
     assert model.head.out_features == 10  # the output layer is never pruned
     assert model(X28).shape == (2, 10)  # residual additions stay consistent (dependency graph)
 
@@ -45,6 +45,28 @@ def test_pruned_weights_reload_into_a_fresh_model(tmp_path):
     save_weights(model, tmp_path / "p.safetensors")
     fresh = resize_to(ResNet((1, 28, 28), 10, 8).eval(), tmp_path / "p.safetensors")
     assert torch.equal(model(X28), fresh(X28))
+
+
+def test_depthwise_pruned_model_reloads(tmp_path):
+    from protege.compress.prune import conv_groups
+
+    def build():
+        return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=16),
+                             nn.ReLU(), nn.Conv2d(16, 32, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+
+    torch.manual_seed(0)
+    model = build()
+    prune_(model, PruneConfig(ratio=0.5), X28)
+    assert model[3].groups == model[3].out_channels == 8  # the depthwise conv shrank with its input
+    save_weights(model, tmp_path / "dw.safetensors")
+    fresh = resize_to(build(), tmp_path / "dw.safetensors", conv_groups(model))
+    assert torch.equal(model(X28), fresh(X28))
+
+
+def test_parameter_target_with_small_layers_is_found_without_emptying_them():
+    model = CNN((1, 8, 8), 10, (8, 16, 32)).eval()
+    res = prune_(model, PruneConfig(target_params=3_000), torch.randn(2, 1, 8, 8))
+    assert res.params_after <= 3_000 and min(_convs(model)) >= 1
 
 
 def test_parameter_target_is_met_from_below():
@@ -245,3 +267,34 @@ def test_qat_with_the_teacher_exports_an_int8_file_ort_runs(compressed, tmp_path
     ops = _optimized_ops(run.int8_path, tmp_path)
     assert "QLinearConv" in ops and "Conv" not in ops  # every convolution runs in int8
     assert run.report["stages"][-1]["accuracy"] > 0.5  # ten classes: far above chance after one QAT epoch
+
+
+def test_a_failed_compress_puts_the_earlier_pass_back(compressed, tmp_path, monkeypatch):
+    import shutil
+
+    import protege.pipeline as pl
+
+    run_dir = tmp_path / "fail"
+    shutil.copytree(compressed.path, run_dir)
+    before = {str(p.relative_to(run_dir)): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+    def boom(*a, **k):
+        raise CompressError("simulated failure in the int8 stage")
+
+    monkeypatch.setattr(pl, "quantize_stage", boom)
+    with pytest.raises(CompressError, match="simulated"):
+        compress(run_dir, prune=PruneConfig(ratio=0.3), quantize=QuantizeConfig(mode="dynamic"), log=lambda *_: None)
+    after = {str(p.relative_to(run_dir)): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert {k: v for k, v in after.items() if "checkpoints" not in k} == {k: v for k, v in before.items() if "checkpoints" not in k}
+
+
+def test_quantizing_alone_keeps_the_earlier_pruning(compressed, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "q"
+    shutil.copytree(compressed.path, run_dir)
+    pruned = (run_dir / "pruned" / "model.safetensors").read_bytes()
+    run = compress(run_dir, quantize=QuantizeConfig(mode="dynamic"), log=lambda *_: None)
+    assert (run_dir / "pruned" / "model.safetensors").read_bytes() == pruned
+    assert [s["name"] for s in run.report["stages"]][-3:] == ["pruned", "pruned_onnx", "int8 (dynamic)"]
+    assert run.report["quantization"]["source"] == "pruned.onnx"

@@ -36,3 +36,7 @@ def test_demo(tmp_path):
     assert (tmp_path / "demo" / "student.onnx").is_file() and report["onnx_max_abs_diff"] <= 1e-4
     assert report["student_onnx"]["accuracy"] > 0.9  # digits: a working student, not chance (10%)
     assert "student_onnx" in proc.stdout and "compression" in proc.stdout
+    int8 = report["stages"][-1]
+    assert int8["name"] == "int8 (static)" and (tmp_path / "demo" / "student.int8.onnx").is_file()
+    assert int8["accuracy"] > 0.9 and int8["bytes"] < report["student_onnx"]["bytes"]
+    assert "plot-latency" in (tmp_path / "demo" / "report.html").read_text()

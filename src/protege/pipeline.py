@@ -1,6 +1,7 @@
 """The stages, in the one direction data flows: data -> teacher -> student -> export -> evaluate."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -115,7 +116,6 @@ def train_student(run: Run, data: DataSplits, teacher: nn.Module, student: nn.Mo
 
 def write_config(path: Path, spec, data: DataSplits, model: nn.Module, result: Optional[FitResult], **extra) -> None:
     """What rebuilds the weights beside it (model reference, kwargs, input shape, classes) and which epoch they are."""
-    import json
 
     cfg = {"model": spec.model, "kwargs": spec.kwargs, "in_shape": list(data.input_shape), "num_classes": data.num_classes,
            "class_names": data.class_names, "params": num_params(model)}
@@ -159,10 +159,11 @@ def distill(recipe: Recipe, out: str | Path, *, resume: bool = False, overwrite:
 
 def compress(run: Run | str | Path, *, prune: Optional[PruneConfig] = None, quantize: Optional[QuantizeConfig] = None,
              log: Log = print) -> Run:
-    """Prune and/or quantize a finished run's student; the settings are added to the run's recipe.yaml.
+    """Prune and/or quantize a finished run's student; the settings are recorded in the run's recipe.yaml.
 
-    With neither given, the run's own recipe sections are used. Files of an earlier compress pass are
-    replaced; the teacher and student are never touched.
+    With neither given, the run's own recipe sections are used. Quantizing alone keeps an earlier pruning
+    (its files and recipe section); a new pruning replaces the earlier pass. If a stage fails, the earlier
+    pass, recipe.yaml and the reports are put back as they were. The teacher and student are never touched.
     """
     run = run if isinstance(run, Run) else Run.load(run)
     if not run.student_weights.is_file():
@@ -172,19 +173,26 @@ def compress(run: Run | str | Path, *, prune: Optional[PruneConfig] = None, quan
         prune, quantize = run.recipe.prune, run.recipe.quantize
         if prune is None and quantize is None:
             raise RecipeError(f"nothing to do: give --prune and/or --quantize, or add prune:/quantize: sections to {run.path / 'recipe.yaml'}")
+        keep_pruned = False
+    else:
+        keep_pruned = prune is None and run.recipe.prune is not None and run.pruned_weights.is_file()
+        if keep_pruned:
+            prune = run.recipe.prune
+            log(f"compress: keeping the earlier pruning ({run.pruned_weights}); quantizing the pruned student")
     run.recipe = run.recipe.model_copy(update={"prune": prune, "quantize": quantize})
-    acc = Accelerator(cpu=True)
+    acc = Accelerator(cpu=not torch.cuda.is_available())
     data = load_data(run.recipe.data, run.recipe.seed)
     teacher, student = _load_models(run, data)
-    precheck(run, data, student)  # bad settings fail here, before an earlier pass or the recipe is touched
-    run.clear_compressed()
-    run.write_recipe()
-    if prune:
-        prune_stage(run, data, student, student_loss(run, data, teacher, acc, log), acc, log)
-    export_onnx(run, data=data, log=log)
-    if quantize:
-        quantize_stage(run, data, log, qat=_qat_fn(run, data, teacher, acc, log))
-    run.report = evaluate(run, data=data)
+    precheck(run, data, student)  # bad settings fail here, before anything is touched
+    with run.restored_on_failure():
+        run.clear_compressed(keep_pruned=keep_pruned)
+        run.write_recipe()
+        if prune and not keep_pruned:
+            prune_stage(run, data, student, student_loss(run, data, teacher, acc, log), acc, log)
+        export_onnx(run, data=data, log=log)
+        if quantize:
+            quantize_stage(run, data, log, qat=_qat_fn(run, data, teacher, acc, log))
+        run.report = evaluate(run, data=data)
     return run
 
 
@@ -194,7 +202,8 @@ def _qat_fn(run: Run, data: DataSplits, teacher: nn.Module, acc: Accelerator, lo
         from .compress.qat import qat_to_onnx
 
         r, q = run.recipe, run.recipe.quantize
-        model = _load_pruned(run, data) or _load_models(run, data)[1]
+        model = _load_pruned(run, data)
+        model = _load_models(run, data)[1] if model is None else model
         return qat_to_onnx(model, student_loss(run, data, teacher, acc, log), data.train, data.val, dst, epochs=q.qat_epochs,
                            lr=q.qat_lr or r.train.lr / 10, batch_size=r.train.batch_size, seed=r.seed, log=log)
 
@@ -243,7 +252,8 @@ def _load_pruned(run: Run, data: DataSplits) -> Optional[nn.Module]:
     if not run.pruned_weights.is_file():
         return None
     model = build_model(run.recipe.student.model_copy(update={"weights": None}), data.input_shape, data.num_classes)
-    return resize_to(model, run.pruned_weights).eval()
+    groups = json.loads((run.path / "pruned" / "config.json").read_text()).get("conv_groups")
+    return resize_to(model, run.pruned_weights, groups).eval()
 
 
 def _latency(run: Run, fn) -> dict[str, float]:
@@ -277,7 +287,6 @@ def _onnx_entry(run: Run, path: Path, data: DataSplits, teacher_logits) -> dict:
 def evaluate(run: Run | str | Path, *, data: Optional[DataSplits] = None, show: bool = True) -> dict:
     """Measure every stage the run has (teacher, student, its ONNX file, pruned, int8) on the test split;
     write report.json and report.html."""
-    import json
     import platform
 
     import onnxruntime

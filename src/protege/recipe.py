@@ -103,6 +103,8 @@ class PruneConfig(_Strict):
             raise ValueError("give exactly one of `ratio` (fraction removed, between 0 and 1) or `target_params`")
         if self.target_params is not None and self.method != "structured":
             raise ValueError("`target_params` needs method: structured (unstructured pruning keeps every parameter)")
+        if self.target_params is not None and self.steps > 1:
+            raise ValueError("`target_params` is reached in one step; use `ratio` for iterative pruning (steps > 1)")
         return self
 
 

@@ -1,11 +1,14 @@
 """The run folder: where every stage writes, and how a later command finds what an earlier one made."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from .errors import RunError
 from .recipe import Recipe, dump_recipe, parse_recipe
@@ -13,7 +16,8 @@ from .recipe import Recipe, dump_recipe, parse_recipe
 
 COMPRESS_ARTIFACTS = ("pruned/model.safetensors", "pruned/config.json", "pruned/checkpoints/last.safetensors",
                       "pruned/checkpoints/best.safetensors", "pruned.onnx", "pruned.rejected.onnx", "quantized/static.onnx",
-                      "quantized/dynamic.onnx", "quantized/qat.onnx", "quantized/choice.json", "student.int8.onnx")
+                      "quantized/dynamic.onnx", "quantized/qat.onnx", "quantized/qat.rejected.onnx", "quantized/choice.json",
+                      "student.int8.onnx")
 
 
 @dataclass
@@ -104,10 +108,32 @@ class Run:
                  "student.onnx", "student.rejected.onnx", "report.json", "metrics.jsonl", "report.html",
                  *COMPRESS_ARTIFACTS)
 
-    def clear_compressed(self) -> None:
+    def clear_compressed(self, keep_pruned: bool = False) -> None:
         """A new compress pass: drop what an earlier one wrote, so no stale file is mistaken for this one's."""
         for rel in COMPRESS_ARTIFACTS:
-            (self.path / rel).unlink(missing_ok=True)
+            if not (keep_pruned and rel.startswith("pruned")):
+                (self.path / rel).unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def restored_on_failure(self) -> Iterator[None]:
+        """Snapshot the compress outputs, recipe and reports; if the block fails, put them back exactly."""
+        names = [*COMPRESS_ARTIFACTS, "recipe.yaml", "report.json", "report.html", "student.onnx"]
+        with tempfile.TemporaryDirectory() as td:
+            saved = {}
+            for rel in names:
+                src = self.path / rel
+                if src.is_file():
+                    saved[rel] = Path(td) / rel.replace("/", "__")
+                    shutil.copy2(src, saved[rel])
+            try:
+                yield
+            except BaseException:
+                for rel in names:
+                    (self.path / rel).unlink(missing_ok=True)
+                for rel, copy in saved.items():
+                    (self.path / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(copy, self.path / rel)
+                raise
 
     def clear_artifacts(self) -> None:
         """--overwrite: remove what an earlier run of protege wrote here (only those known files), so

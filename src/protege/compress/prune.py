@@ -90,7 +90,12 @@ def structured_step(model: nn.Module, example: torch.Tensor, ratio: float, cfg: 
     pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
                                   pruning_ratio=ratio, global_pruning=cfg.scope == "global", max_pruning_ratio=MAX_GLOBAL,
                                   ignored_layers=ignored)
+    with torch.no_grad():
+        out_shape = model(example).shape
     pruner.step()
+    with torch.no_grad():
+        if model(example).shape != out_shape:
+            raise CompressError(f"pruning changed the model's output shape {tuple(out_shape)}; list the output layer in prune.keep")
 
 
 def _ratio_for_target(model: nn.Module, example: torch.Tensor, cfg: PruneConfig) -> float:
@@ -98,18 +103,23 @@ def _ratio_for_target(model: nn.Module, example: torch.Tensor, cfg: PruneConfig)
     target = int(cfg.target_params)
     if _count(model) <= target:
         raise CompressError(f"prune.target_params {target:,} is not below the model's {_count(model):,} parameters; lower it")
-    lo, hi = 0.0, MAX_GLOBAL
-    probe = copy.deepcopy(model)
-    structured_step(probe, example, hi, cfg)
-    if _count(probe) > target:
-        raise CompressError(f"prune.target_params {target:,} cannot be reached: removing {hi:.0%} of the prunable channels leaves "
-                         f"{_count(probe):,} parameters; raise target_params or shrink prune.keep")
-    for _ in range(20):
+    lo, hi, best = 0.0, MAX_GLOBAL, None
+    for _ in range(20):  # bisection; a ratio that would empty a small layer counts as too high
         mid = (lo + hi) / 2
         probe = copy.deepcopy(model)
-        structured_step(probe, example, mid, cfg)
-        lo, hi = (lo, mid) if _count(probe) <= target else (mid, hi)
-    return hi
+        try:
+            structured_step(probe, example, mid, cfg)
+        except CompressError:
+            hi = mid
+            continue
+        if _count(probe) <= target:
+            hi, best = mid, mid
+        else:
+            lo = mid
+    if best is None:
+        raise CompressError(f"prune.target_params {target:,} cannot be reached without emptying a layer; "
+                            f"raise target_params or shrink prune.keep")
+    return best
 
 
 def plan(model: nn.Module, example: torch.Tensor, cfg: PruneConfig) -> list[float]:
@@ -142,6 +152,11 @@ def make_permanent(model: nn.Module) -> None:
             tprune.remove(m, "weight")
 
 
+def conv_groups(model: nn.Module) -> dict[str, int]:
+    """Each conv's ``groups`` (structured pruning of a depthwise conv changes it); saved beside pruned weights."""
+    return {n: m.groups for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)}
+
+
 def zero_share(model: nn.Module) -> float:
     ws = [m.weight for m in model.modules() if isinstance(m, PRUNABLE)]
     total = sum(w.numel() for w in ws)
@@ -157,7 +172,17 @@ def prune_(model: nn.Module, cfg: PruneConfig, example: torch.Tensor, ratio: flo
     if ratio is None:
         ratios = plan(model, example, cfg)
         ratio = 1.0 - float(torch.tensor([1.0 - r for r in ratios]).prod())
+    example = example.to(next(model.parameters()).device)
     before_params, before_ch = _count(model), _out_channels(model)
+    was_training = model.training
+    model.eval()  # tracing must not move BatchNorm statistics
+    try:
+        return _prune_step(model, cfg, example, ratio, before_params, before_ch)
+    finally:
+        model.train(was_training)
+
+
+def _prune_step(model, cfg, example, ratio, before_params, before_ch) -> PruneResult:
     if cfg.method == "structured":
         structured_step(model, example, ratio, cfg)
         after = _out_channels(model)

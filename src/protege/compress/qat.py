@@ -25,7 +25,7 @@ from torch import nn
 
 from ..data import Split
 from ..errors import CompressError
-from ..export.onnx import ort_logits, ort_session
+from ..export.onnx import _first_arg, ort_logits, ort_session
 
 Log = Callable[[str], None]
 
@@ -92,11 +92,12 @@ def qat_to_onnx(student: nn.Module, loss_fn, train: Split, val: Split, out: Path
     """
     pt2e, prepare_qat_pt2e, convert_pt2e, quantizer = _pt2e()
     torch.manual_seed(seed)
-    model = copy.deepcopy(student).train()
+    model = copy.deepcopy(student).train().requires_grad_(True)  # a teacher-frozen copy must train
     batch = torch.export.Dim("batch", min=1, max=65536)
+    arg = _first_arg(model)
     try:
         with _quiet():
-            graph = torch.export.export(model, (train.x[:4],), dynamic_shapes={"x": {0: batch}}).module()
+            graph = torch.export.export(model, (train.x[:4],), dynamic_shapes={arg: {0: batch}}).module()
             prepared = prepare_qat_pt2e(graph, quantizer)
     except Exception as e:
         raise CompressError(f"QAT could not capture the student with torch.export ({type(e).__name__}: "
@@ -127,7 +128,7 @@ def qat_to_onnx(student: nn.Module, loss_fn, train: Split, val: Split, out: Path
     try:
         with _quiet():
             prog = torch.onnx.export(converted, (val.x[:2],), dynamo=True, opset_version=21, input_names=["input"],
-                                     output_names=["logits"], dynamic_shapes={"x": {0: "batch"}}, verbose=False)
+                                     output_names=["logits"], dynamic_shapes={arg: {0: "batch"}}, verbose=False)
             prog.save(str(tmp))
         fuse_for_ort(tmp)
     except Exception as e:

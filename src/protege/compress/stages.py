@@ -22,7 +22,7 @@ from ..export.onnx import ort_logits, ort_session
 from ..models import save_weights
 from ..run import Run
 from ..train import fit
-from .prune import make_permanent, plan, prune_
+from .prune import conv_groups, make_permanent, plan, prune_
 from .quantize import check_calibration, choose, load_calibration, quantize_dynamic, quantize_static
 
 Log = Callable[[str], None]
@@ -52,7 +52,7 @@ def prune_stage(run: Run, data: DataSplits, student: nn.Module, loss_fn, acc: Ac
     """Prune a copy of the student step by step, distilling after each step; save pruned/model.safetensors."""
     r = run.recipe
     cfg = r.prune
-    model = copy.deepcopy(student).eval()
+    model = copy.deepcopy(student).cpu().eval()
     example = data.train.x[:2]
     ratios = plan(model, example, cfg)
     ft = r.train.model_copy(update={"epochs": max(cfg.finetune_epochs, 1), "lr": cfg.finetune_lr or r.train.lr / 5})
@@ -69,13 +69,13 @@ def prune_stage(run: Run, data: DataSplits, student: nn.Module, loss_fn, acc: Ac
                                  "best_val_accuracy": result.best_val_accuracy}
         steps.append(entry)
     make_permanent(model)
-    model.eval()
-    if acc.is_main_process:
+    model = model.cpu().eval()
+    if acc.is_main_process:  # config first: the weights file is what marks the stage finished for --resume
         (run.path / "pruned").mkdir(exist_ok=True)
-        save_weights(model, run.pruned_weights)
         info = {"model": r.student.model, "kwargs": r.student.kwargs, "params": sum(p.numel() for p in model.parameters()),
-                "prune": cfg.model_dump(), "steps": steps}
+                "conv_groups": conv_groups(model), "prune": cfg.model_dump(), "steps": steps}
         _write_json(run.path / "pruned" / "config.json", info)
+        save_weights(model, run.pruned_weights)
     acc.wait_for_everyone()
     return model
 
@@ -95,15 +95,16 @@ def _calibration(run: Run, data: DataSplits, src) -> np.ndarray:
     return check_calibration(data.train.x[idx].numpy(), src, f"(training split, {len(idx)} examples)")
 
 
-def measure(path, data: DataSplits, threads: int, warmup: int, repeats: int, reference: Optional[torch.Tensor] = None) -> dict:
+def measure(path, data: DataSplits, threads: int, warmup: int, repeats: tuple[int, int],
+            reference: Optional[torch.Tensor] = None) -> dict:
     """Validation accuracy, agreement with the fp32 file's predictions, size and p50 latency of one ONNX file."""
     logits = ort_logits(ort_session(path, threads), data.val.x)
     pred = logits.argmax(-1)
     out = {"file": path.name, "bytes": path.stat().st_size, "val_accuracy": float((pred == data.val.y).float().mean())}
     if reference is not None:
         out["val_agreement_fp32"] = float((pred == reference).float().mean())
-    for b in (1, 32):
-        out[f"latency_ms_b{b}"] = ort_latency(path, data.input_shape, b, threads, warmup, repeats)["p50"]
+    for b, n in zip((1, 32), repeats):
+        out[f"latency_ms_b{b}"] = ort_latency(path, data.input_shape, b, threads, warmup, n)["p50"]
     return out
 
 
@@ -120,7 +121,8 @@ def quantize_stage(run: Run, data: DataSplits, log: Log, qat: Optional[Callable]
     run.quant_dir.mkdir(exist_ok=True)
     e = run.recipe.eval
     wanted = {"auto": ["static", "dynamic"], "int8": ["static", "dynamic"], "static": ["static"], "dynamic": ["dynamic"], "qat": ["qat"]}[cfg.mode]
-    fp32 = measure(src, data, e.threads, e.warmup, e.repeats_b32)
+    repeats = (e.repeats_b1, e.repeats_b32)
+    fp32 = measure(src, data, e.threads, e.warmup, repeats)
     reference = ort_logits(ort_session(src, e.threads), data.val.x).argmax(-1)
     candidates, failed = {"fp32": {**fp32, "file": src.name}}, {}
     for mode in wanted:
@@ -134,13 +136,14 @@ def quantize_stage(run: Run, data: DataSplits, log: Log, qat: Optional[Callable]
                 if qat is None:
                     raise CompressError("quantize.mode qat needs the teacher; run it through `protege compress` or the recipe")
                 extra = qat(dst)
-        except CompressError as err:
-            if cfg.mode not in ("auto", "int8"):
+            measured = measure(dst, data, e.threads, e.warmup, repeats, reference)
+        except Exception as err:  # ONNX Runtime raises its own types for a file it cannot run
+            if cfg.mode not in ("auto", "int8") or not isinstance(err, (CompressError, RuntimeError, ValueError)):
                 raise
             failed[mode] = str(err)
             log(f"quantize: {mode} int8 skipped: {err}")
             continue
-        candidates[mode] = measure(dst, data, e.threads, e.warmup, e.repeats_b32, reference)
+        candidates[mode] = measured
         if mode == "qat":
             candidates[mode].update(extra or {})
         c = candidates[mode]

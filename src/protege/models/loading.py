@@ -141,15 +141,18 @@ def load_weights(model: nn.Module, path: str | Path, allow_pickle: bool = False)
     model.load_state_dict(state)
 
 
-def resize_to(model: nn.Module, path: str | Path) -> nn.Module:
+def resize_to(model: nn.Module, path: str | Path, groups: dict[str, int] | None = None) -> nn.Module:
     """Shrink a freshly built model's layers to the shapes in a structured-pruned state dict, then load it.
 
     Pruned weights are saved as a plain state dict; the model they came from is rebuilt from its recipe
-    and each Conv / Linear / BatchNorm / LayerNorm takes the sizes its saved tensors have.
+    and each Conv / Linear / BatchNorm / LayerNorm takes the sizes its saved tensors have (``groups``: each
+    conv's group count as saved, since pruning a depthwise conv changes it).
     """
     state = read_state_dict(path)
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
+        if groups and name in groups and isinstance(module, nn.modules.conv._ConvNd):
+            module.groups = int(groups[name])
         for pname, p in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
             saved = state.get(prefix + pname)
             if saved is not None and p is not None and saved.shape != p.shape:
@@ -161,7 +164,9 @@ def resize_to(model: nn.Module, path: str | Path) -> nn.Module:
         w = state.get(prefix + "weight")
         if w is None:
             continue
-        if isinstance(module, nn.modules.conv._ConvNd):
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):  # weight: (in, out / groups, *kernel)
+            module.in_channels, module.out_channels = w.shape[0], w.shape[1] * module.groups
+        elif isinstance(module, nn.modules.conv._ConvNd):  # weight: (out, in / groups, *kernel)
             module.out_channels, module.in_channels = w.shape[0], w.shape[1] * module.groups
         elif isinstance(module, nn.Linear):
             module.out_features, module.in_features = w.shape
