@@ -35,8 +35,13 @@ def compress_cli(run_dir, capsys):
 
 
 def test_prune_ratio_outside_open_interval(compress_cli):
-    assert_clean_error(*compress_cli("--prune", "1.5"), "--prune", "ratio", "less than 1")
-    assert_clean_error(*compress_cli("--prune", "0"), "--prune", "ratio", "greater than 0")
+    assert_clean_error(*compress_cli("--prune", "1.5"), "pruning options", "ratio", "less than 1")
+    assert_clean_error(*compress_cli("--prune", "0"), "pruning options", "ratio", "greater than 0")
+
+
+def test_options_that_would_be_ignored(compress_cli, tmp_path):
+    assert_clean_error(*compress_cli("--keep", "body.1", "--quantize", "static"), "--keep", "need --prune")
+    assert_clean_error(*compress_cli("--prune", "0.5", "--allow-fallback"), "--allow-fallback", "need --quantize")
 
 
 def test_structured_pruning_that_empties_a_layer(compress_cli):

@@ -64,7 +64,7 @@ def compress_cmd(
     scope: str = typer.Option("layer", "--scope", help="layer (same ratio per layer) or global."),
     keep: List[str] = typer.Option([], "--keep", help="Module path to leave unpruned (repeatable)."),
     steps: int = typer.Option(1, "--steps", help="Iterative pruning: rounds of prune + distil."),
-    finetune_epochs: int = typer.Option(0, "--finetune-epochs", help="Distillation epochs after each pruning step."),
+    finetune_epochs: int = typer.Option(0, "--finetune-epochs", help="KD recovery epochs after each pruning step (default 0: no recovery)."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="auto | int8 | static | dynamic | qat (int8 in ONNX Runtime)."),
     calibration: str = typer.Option("minmax", "--calibration", help="Static calibration: minmax | entropy | percentile."),
     calibration_data: Optional[Path] = typer.Option(None, "--calibration-data", help=".npy array of inputs to calibrate on."),
