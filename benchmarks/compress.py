@@ -9,6 +9,13 @@ Every latency is the median (p50) of repeated ONNX Runtime runs after warm-up, w
 measured in this one process so ratios are side by side. Accuracy is on the official 10k test set;
 anything chosen (the auto quantization mode, the recovered epoch) is chosen on the validation split.
 Writes benchmarks/results/compress.{json,md}.
+
+ResNet-20 (--resnet-epochs N > 0): the saved teacher benchmarks/teachers/fashion_mnist_resnet20.safetensors is
+used when present. It was trained (20 epochs, crop + flip augmentation, the CNN teacher's optimiser) with
+    protege distill recipes/fashion_mnist.yaml --out benchmarks/runs/resnet20_teacher --set teacher.model=resnet20 \
+        --set 'teacher.kwargs={}' --set teacher.train.epochs=20 --set train.epochs=1
+and copied from benchmarks/runs/resnet20_teacher/teacher/model.safetensors; without the file, this script trains
+one for N epochs without augmentation.
 """
 from __future__ import annotations
 
