@@ -300,3 +300,17 @@ def test_quantizing_alone_keeps_the_earlier_pruning(compressed, tmp_path):
     assert (run_dir / "pruned" / "model.safetensors").read_bytes() == pruned
     assert [s["name"] for s in run.report["stages"]][-3:] == ["pruned", "pruned_onnx", "int8 (dynamic)"]
     assert run.report["quantization"]["source"] == "pruned.onnx"
+
+
+def test_qat_keeps_unstructured_zeros(compressed, tmp_path):
+    import shutil
+
+    from onnx import numpy_helper
+
+    run_dir = tmp_path / "sparse"
+    shutil.copytree(compressed.path, run_dir)
+    run = compress(run_dir, prune=PruneConfig(method="unstructured", ratio=0.5),
+                   quantize=QuantizeConfig(mode="qat", qat_epochs=1), log=lambda *_: None)
+    conv_w = [numpy_helper.to_array(t) for t in onnx.load(str(run.int8_path)).graph.initializer
+              if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+    assert conv_w and all(float((w == 0).mean()) >= 0.45 for w in conv_w[1:])  # inner convs: half their weights pruned

@@ -103,6 +103,9 @@ def qat_to_onnx(student: nn.Module, loss_fn, train: Split, val: Split, out: Path
         raise CompressError(f"QAT could not capture the student with torch.export ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:160]}); use quantize.mode: static") from None
     opt = torch.optim.AdamW(prepared.parameters(), lr=lr, weight_decay=0.0)
+    # weights pruned to zero (unstructured) stay zero: re-applied after every step
+    params = dict(prepared.named_parameters())
+    zeros = {n: (p == 0) for n, p in model.named_parameters() if n in params and p.dim() > 1 and bool((p == 0).any())}
     pt2e.move_exported_model_to_train(prepared)
     for epoch in range(epochs):
         final = epochs > 1 and epoch == epochs - 1  # one epoch alone must still calibrate the observers
@@ -117,6 +120,9 @@ def qat_to_onnx(student: nn.Module, loss_fn, train: Split, val: Split, out: Path
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
             opt.step()
+            with torch.no_grad():
+                for name, mask in zeros.items():
+                    params[name].masked_fill_(mask, 0.0)
             total += float(losses["loss"].detach())
         log(f"qat epoch {epoch + 1}/{epochs}  loss {total / len(idxs):.4f}" + ("  (observers and BatchNorm frozen)" if final else ""))
     pt2e.move_exported_model_to_eval(prepared)
