@@ -47,9 +47,10 @@ def input_shape(path: Path) -> tuple[str, tuple]:
     return inp.name, dims[1:]
 
 
-def check_calibration(calib: np.ndarray, path: Path, source: str) -> np.ndarray:
-    """Refuse an empty calibration set or one whose example shape does not match the model's input."""
-    _, shape = input_shape(path)
+def check_calibration(calib: np.ndarray, model: Path | tuple, source: str) -> np.ndarray:
+    """Refuse an empty calibration set or one whose example shape does not match the model's input
+    (``model``: an ONNX file, or the input shape without the batch dimension)."""
+    shape = tuple(model) if isinstance(model, tuple) else input_shape(model)[1]
     if calib.ndim == 0 or len(calib) == 0:
         raise CompressError(f"calibration set {source} is empty; give at least one example (quantize.calibration_size >= 1 "
                             f"or a non-empty quantize.calibration_data .npy)")

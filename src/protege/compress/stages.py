@@ -37,15 +37,7 @@ def precheck(run: Run, data: DataSplits, student: nn.Module) -> None:
             prune_(probe, r.prune, data.train.x[:2], ratio=ratio)
     if r.quantize and r.quantize.calibration_data and r.quantize.mode in ("auto", "int8", "static"):
         calib = load_calibration(r.quantize.calibration_data)
-        _check_shape(calib, data, f"'{r.quantize.calibration_data}'")
-
-
-def _check_shape(calib: np.ndarray, data: DataSplits, source: str) -> None:
-    if calib.ndim == 0 or len(calib) == 0:
-        raise CompressError(f"calibration set {source} is empty; give at least one example")
-    if tuple(calib.shape[1:]) != tuple(data.input_shape):
-        raise CompressError(f"calibration set {source} has examples of shape {tuple(calib.shape[1:])}, the model expects "
-                            f"{tuple(data.input_shape)}; save inputs as an array of shape (N, {', '.join(map(str, data.input_shape))})")
+        check_calibration(calib, tuple(data.input_shape), f"'{r.quantize.calibration_data}'")
 
 
 def prune_stage(run: Run, data: DataSplits, student: nn.Module, loss_fn, acc: Accelerator, log: Log) -> nn.Module:
