@@ -39,7 +39,7 @@ def test_report_has_required_fields(finished_run):
 def test_run_folder_layout(finished_run):
     p = finished_run.path
     for name in ("recipe.yaml", "metrics.jsonl", "teacher/model.safetensors", "student/model.safetensors",
-                 "student.onnx", "teacher_logits.safetensors", "student/checkpoints/last.safetensors"):
+                 "student.onnx", "teacher_cache/t0/meta.json", "student/checkpoints/last.safetensors"):
         assert (p / name).is_file(), name
     rows = [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows if r["stage"] == "teacher"] == [1, 2, 3]
@@ -87,8 +87,8 @@ def _count_teacher_forwards(monkeypatch) -> dict:
     counts = {"n": 0}
     init = Teacher.__init__
 
-    def counting_init(self, model, cache=None):
-        init(self, model, cache)
+    def counting_init(self, model, cache=None, paths=()):
+        init(self, model, cache, paths)
         model.register_forward_hook(lambda *_: counts.__setitem__("n", counts["n"] + 1))
 
     monkeypatch.setattr(Teacher, "__init__", counting_init)
@@ -99,7 +99,7 @@ def test_cached_teacher_is_never_run_inside_epochs(tmp_path, tiny, monkeypatch):
     counts = _count_teacher_forwards(monkeypatch)
     run = protege.distill(parse_recipe(tiny), tmp_path / "r", export=False, evaluate_=False)
     assert counts["n"] == 0
-    assert (run.path / "teacher_logits.safetensors").is_file()
+    assert (run.path / "teacher_cache" / "t0" / "meta.json").is_file()
 
 
 def test_augmentation_means_live_teacher(tmp_path, tiny, monkeypatch):
@@ -108,30 +108,46 @@ def test_augmentation_means_live_teacher(tmp_path, tiny, monkeypatch):
     run = protege.distill(parse_recipe(tiny), tmp_path / "r", export=False, evaluate_=False)
     batches = -(-len(protege.data.load_data(run.recipe.data, 0).train) // tiny["train"]["batch_size"])
     assert counts["n"] == batches * tiny["train"]["epochs"]
-    assert not (run.path / "teacher_logits.safetensors").exists()
+    assert not (run.path / "teacher_cache").exists()
 
 
 def test_cache_reused_only_with_matching_fingerprint(tmp_path):
-    from protege.knowledge.teacher import load_or_build_cache
+    from protege.knowledge import load_or_build_cache
     from protege.models.zoo import MLP
 
     model, x, calls, logs = MLP((4,), 3, hidden=[5]), torch.randn(20, 4), {"n": 0}, []
     model.register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
-    first = load_or_build_cache(tmp_path / "c.safetensors", "aaa", model, x, logs.append)
-    again = load_or_build_cache(tmp_path / "c.safetensors", "aaa", model, x, logs.append)
-    assert calls["n"] == 1 and torch.equal(first, again) and logs == []
-    load_or_build_cache(tmp_path / "c.safetensors", "bbb", model, x, logs.append)
-    assert calls["n"] == 2 and "fingerprint differs" in logs[0]
+    key = {"teacher": "aaa", "data": "d"}
+    first = load_or_build_cache(tmp_path / "c", key, model, x, log=logs.append)
+    again = load_or_build_cache(tmp_path / "c", key, model, x, log=logs.append)
+    idx = torch.tensor([3, 0, 7])
+    assert calls["n"] == 1 and torch.equal(first.get(idx).logits, again.get(idx).logits) and len(logs) == 1
+    assert torch.allclose(again.get(idx).logits, model(x[idx]))  # (one more forward)
+    load_or_build_cache(tmp_path / "c", {"teacher": "bbb", "data": "d"}, model, x, log=logs.append)
+    assert calls["n"] == 3 and "the teacher weights changed" in logs[1]
+    load_or_build_cache(tmp_path / "c", {"teacher": "bbb", "data": "d"}, model, x, ["body.1"], log=logs.append)
+    assert calls["n"] == 4 and "the hooked feature paths changed" in logs[3]
 
 
-def test_export_over_tolerance_fails_and_keeps_the_good_file(finished_run, capsys):
+def test_export_over_tolerance_fails_and_keeps_the_good_file(finished_run, monkeypatch):
+    import onnx
+    from onnx import numpy_helper
+
+    from protege import pipeline
     from protege.errors import ExportError
 
+    def export_then_perturb(model, x, path, opset=18):  # an exporter bug: one weight off by 1e-3
+        export(model, x, path, opset)
+        proto = onnx.load(str(path))
+        w = next(t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
+        w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) + 1e-3, w.name))
+        onnx.save(proto, str(path))
+
+    export = pipeline.export_model_onnx
+    monkeypatch.setattr(pipeline, "export_model_onnx", export_then_perturb)
     good = finished_run.onnx_path.read_bytes()
-    strict = protege.Run(finished_run.path, finished_run.recipe.model_copy(
-        update={"export": finished_run.recipe.export.model_copy(update={"tolerance": 1e-15})}))
     with pytest.raises(ExportError, match="differs from PyTorch"):
-        protege.export_onnx(strict)
+        protege.export_onnx(finished_run)
     assert finished_run.onnx_path.read_bytes() == good
     assert (finished_run.path / "student.rejected.onnx").is_file()
 

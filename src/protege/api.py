@@ -44,4 +44,22 @@ def compress_cli(run: str | Path, *, prune: Optional[float], structured: bool, t
     return compress(run, prune=p, quantize=q)
 
 
-__all__ = ["compress", "distill", "distill_file", "evaluate", "export_onnx", "prune_", "quantize_onnx"]
+def inspect(model: str, input_shape: Optional[str | list[int]] = None, *, classes: int = 10, which: str = "student") -> str:
+    """The module table of a zoo model, ``file.py:factory`` or a run's student/teacher (see models/inspect.py)."""
+    from .models.inspect import format_rows, inspect_model, load_for_inspect
+
+    shape = None
+    if isinstance(input_shape, str):
+        try:
+            shape = [int(v) for v in input_shape.replace("x", ",").split(",") if v.strip()]
+        except ValueError:
+            raise RecipeError(f"--input-shape '{input_shape}' must be integers separated by commas, e.g. 1,28,28") from None
+        if not shape or min(shape) < 1:
+            raise RecipeError(f"--input-shape '{input_shape}' must be positive integers separated by commas, e.g. 1,28,28")
+    elif input_shape is not None:
+        shape = list(input_shape)
+    m, in_shape = load_for_inspect(model, shape, classes, which)
+    return format_rows(inspect_model(m, in_shape))
+
+
+__all__ = ["compress", "distill", "distill_file", "evaluate", "export_onnx", "inspect", "prune_", "quantize_onnx"]

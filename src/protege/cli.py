@@ -78,6 +78,19 @@ def compress_cmd(
                      calibration_data=calibration_data, allow_fallback=allow_fallback)
 
 
+@app.command("inspect")
+def inspect_cmd(
+    model: str = typer.Argument(..., help="Zoo name (cnn, resnet20, ...), file.py:factory, or a run folder."),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Shape of one example, e.g. 1,28,28 (not needed for a run)."),
+    classes: int = typer.Option(10, "--classes", help="Number of output classes (zoo names and factories)."),
+    teacher: bool = typer.Option(False, "--teacher", help="For a run folder: inspect its teacher instead of its student."),
+) -> None:
+    """Print every module path with its output shape and parameters (one dry forward pass), to pick hook points."""
+    from . import api
+
+    print(api.inspect(model, input_shape, classes=classes, which="teacher" if teacher else "student"))
+
+
 @app.command("demo")
 def demo_cmd(out: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder."),
              overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier demo run.")) -> None:

@@ -1,6 +1,7 @@
 """The stages, in the one direction data flows: data -> teacher -> student -> export -> evaluate."""
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Callable, Optional
@@ -15,42 +16,59 @@ from .export.onnx import export_model_onnx, onnx_parity, ort_logits, ort_session
 from .evaluate.metrics import classification_metrics
 from .evaluate.profile import ort_latency, torch_latency
 from .evaluate.report import print_report, write_report
-from .knowledge import Teacher, predict_logits
-from .knowledge.teacher import load_or_build_cache
+from .knowledge import Teacher, load_or_build_cache, predict_logits
+from .knowledge.features import LOGITS, resolve as resolve_path
 from .compress.stages import precheck, prune_stage, quantize_stage
 from .models import OnnxModule, build_model, load_weights, num_params, save_weights
 from .models.loading import resize_to
 from .recipe import PruneConfig, QuantizeConfig, Recipe
 from .run import Run, file_digest
 from .train import Distiller, FitResult, fit, label_loss
+from .train.distiller import check_no_logit_kd_across_label_sets
 
 Log = Callable[[str], None]
 
 
-def _check_classes(model: nn.Module, data: DataSplits, who: str) -> None:
+def _check_classes(model: nn.Module, data: DataSplits, who: str, any_label_set: bool = False) -> int:
+    """Run two validation examples through ``model``; return its number of output classes."""
     try:
         with torch.no_grad():
             out = model.eval()(data.val.x[:2])
     except (RuntimeError, ValueError, TypeError) as e:
         raise DataError(f"the {who} cannot run on this data (input shape {tuple(data.input_shape)}): "
                         f"{str(e).splitlines()[0][:160]}; choose a {who} model that fits the data") from None
-    if out.ndim != 2 or out.shape[-1] != data.num_classes:
+    if out.ndim != 2 or (out.shape[-1] != data.num_classes and not any_label_set):
         raise DataError(f"{who} outputs shape {tuple(out.shape[1:])} per example but the data has {data.num_classes} classes; "
                         f"set the {who}'s num_classes (kwargs) or fix data.target")
+    return int(out.shape[-1])
 
 
-def build_models(recipe: Recipe, data: DataSplits) -> tuple[nn.Module, nn.Module]:
-    """Instantiate teacher and student and check them against the data, before anything is written."""
+def build_models(recipe: Recipe, data: DataSplits) -> tuple[list[nn.Module], nn.Module]:
+    """Instantiate the teachers and the student and check them against the data, before anything is written.
+
+    With ``teacher: {model: ema}`` the teacher list is empty: the student's running average is made when training starts.
+    """
     wants_augment = recipe.train.augment or (recipe.teacher.train is not None and recipe.teacher.train.augment)
     if wants_augment and not data.is_image:
         raise DataError(f"augment is for images, but {data.description} is a table; set train.augment / teacher.train.augment to false")
-    torch.manual_seed(recipe.seed)
-    teacher = build_model(recipe.teacher, data.input_shape, data.num_classes)
-    _check_classes(teacher, data, "teacher")
+    teachers, classes = [], []
+    for i, spec in enumerate([] if recipe.ema_teacher else recipe.teachers):
+        torch.manual_seed(recipe.seed)
+        teachers.append(build_model(spec, data.input_shape, data.num_classes))
+        classes.append(_check_classes(teachers[-1], data, "teacher" if i == 0 else f"more_teachers[{i - 1}]", True))
+    check_no_logit_kd_across_label_sets(recipe.distill, classes, data.num_classes)
     torch.manual_seed(recipe.seed)  # same initial student weights for scratch and KD runs of one seed
     student = build_model(recipe.student, data.input_shape, data.num_classes)
     _check_classes(student, data, "student")
-    return teacher, student
+    for i, term in enumerate(recipe.distill.features):  # unknown module paths fail here, with the nearest valid ones
+        resolve_path(student, term.student, f"distill.features[{i}].student: the student") if term.student != LOGITS else None
+        if term.teacher != LOGITS:
+            t = teachers[term.teacher_index] if teachers else student  # an ema teacher has the student's modules
+            if isinstance(t, OnnxModule):
+                raise RecipeError(f"distill.features[{i}].teacher: an ONNX teacher gives its output only; use teacher: logits "
+                                  f"(relation terms) or a PyTorch teacher for hooked features")
+            resolve_path(t, term.teacher, f"distill.features[{i}].teacher: the teacher")
+    return teachers, student
 
 
 def prepare_teacher(run: Run, model: nn.Module, data: DataSplits, acc: Accelerator, resume: bool, log: Log) -> nn.Module:
@@ -73,43 +91,103 @@ def prepare_teacher(run: Run, model: nn.Module, data: DataSplits, acc: Accelerat
     return model
 
 
-def teacher_file(run: Run) -> Path:
-    t = run.recipe.teacher
+def teacher_file(run: Run, index: int = 0) -> Path:
+    t = run.recipe.teachers[index]
     return Path(t.model) if t.model.endswith(".onnx") else Path(t.weights) if t.weights else run.teacher_weights
 
 
-def student_loss(run: Run, data: DataSplits, teacher: nn.Module, acc: Accelerator, log: Log):
-    """The student's training loss from the recipe: labels only (alpha = 1) or the Distiller with the teacher."""
+def _teacher(run: Run, data: DataSplits, model: nn.Module, index: int, paths: list[str], file: Path, acc: Accelerator,
+             log: Log) -> Teacher:
+    """A Teacher over ``model``: outputs cached once on disk when the inputs never change, else live passes."""
     r = run.recipe
-    if r.distill.alpha == 1.0:  # labels only: the teacher is not consulted at all
+    if not (r.distill.cache_teacher and not r.train.augment):
+        return Teacher(model, None, paths)
+    key = {"teacher": file_digest(file), "data": data.fingerprint()}
+    folder = run.path / "teacher_cache" / f"t{index}"
+    cache_paths = [p for p in paths if p != LOGITS]
+    if acc.is_main_process:  # one process writes the cache, the others then read it
+        cache = load_or_build_cache(folder, key, model, data.train.x, cache_paths, log)
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
+        cache = load_or_build_cache(folder, key, model, data.train.x, cache_paths, log)
+    return Teacher(model, cache, paths)
+
+
+def student_loss(run: Run, data: DataSplits, teachers: list[nn.Module], acc: Accelerator, log: Log, *,
+                 features: bool = True, student: Optional[nn.Module] = None, files: Optional[list[Path]] = None):
+    """The student's training loss from the recipe: labels only (alpha = 1, no feature terms) or the Distiller.
+
+    ``features=False`` keeps the response term only (pruning recovery and QAT change the student's shapes).
+    ``files`` names the weights each teacher came from (default: the recipe's), which keys its cache.
+    """
+    r = run.recipe
+    cfg = r.distill if features else r.distill.model_copy(update={"features": []})
+    if (cfg.alpha == 1.0 or cfg.response == "none") and not cfg.features:  # the teachers are not consulted at all
         return label_loss(r.train.label_smoothing)
-    cache = None
-    if r.distill.cache_teacher and not r.train.augment:
-        fingerprint = f"{file_digest(teacher_file(run))}-{data.fingerprint()}"
-        path = run.path / "teacher_logits.safetensors"
-        if acc.is_main_process:  # one process writes the cache, the others then read it
-            cache = load_or_build_cache(path, fingerprint, teacher, data.train.x, log)
-        acc.wait_for_everyone()
-        if not acc.is_main_process:
-            cache = load_or_build_cache(path, fingerprint, teacher, data.train.x, log)
-        log("teacher logits: cached once for the training set (inputs do not change between epochs)")
+    paths = [[f.teacher for f in cfg.features if f.teacher_index == i] for i in range(max(len(teachers), 1))]
+    if r.ema_teacher and not teachers:  # while training: the student's own running average
+        from .train.distiller import EmaTeacher
+
+        distiller = Distiller([], cfg, r.train.label_smoothing)
+        distiller.ema = EmaTeacher(student, r.distill.ema_decay or 0.999, paths[0])
+        distiller.teachers = [distiller.ema]
+        log(f"teacher: running average of the student's own weights (decay {distiller.ema.decay}), live")
+        return distiller
+    files = files or [teacher_file(run, i) for i in range(len(teachers))]
+    ts = [_teacher(run, data, m, i, paths[i], files[i], acc, log) for i, m in enumerate(teachers)]
+    if ts[0].cache is not None:
+        log("teacher outputs: cached once for the training set (inputs do not change between epochs)")
     elif r.train.augment:
-        log("teacher logits: live teacher passes (augmentation changes the inputs every epoch)")
-    return Distiller(Teacher(teacher, cache), r.distill, r.train.label_smoothing)
+        log("teacher outputs: live teacher passes (augmentation changes the inputs every epoch; nothing is cached)")
+    return Distiller(ts, cfg, r.train.label_smoothing, weights=[t.weight for t in r.teachers][:len(ts)])
 
 
-def train_student(run: Run, data: DataSplits, teacher: nn.Module, student: nn.Module, acc: Accelerator, resume: bool,
-                  log: Log) -> nn.Module:
+def _fit_student(run: Run, data: DataSplits, student: nn.Module, loss_fn, acc: Accelerator, resume: bool, stage: str,
+                 ckpt_dir: Path, seed: int) -> FitResult:
     r = run.recipe
-    loss_fn = student_loss(run, data, teacher, acc, log)
-    how = "labels only (distill.alpha = 1)" if r.distill.alpha == 1.0 else \
-        f"{r.distill.response} T={r.distill.temperature} alpha={r.distill.alpha}"
+    module = student
+    if isinstance(loss_fn, Distiller):
+        idx = torch.arange(min(r.train.batch_size, len(data.train)))
+        module = loss_fn.training_module(student, data.train.x[idx], idx)
+    return fit(module, loss_fn, data.train, data.val, r.train, seed=seed, ckpt_dir=ckpt_dir, metrics_path=run.metrics_path,
+               stage=stage, accelerator=acc, augment=r.train.augment, resume=resume)
+
+
+def train_student(run: Run, data: DataSplits, teachers: list[nn.Module], student: nn.Module, acc: Accelerator, resume: bool,
+                  log: Log) -> nn.Module:
+    """Distil the student; with ``distill.generations`` > 1, each further generation is taught by the previous one."""
+    r = run.recipe
+    if r.student.init and not (resume and (run.path / "student" / "checkpoints" / "last.safetensors").is_file()):
+        from .train.init import init_from_teacher_, recalibrate_bn_
+
+        rep = init_from_teacher_(student, teachers[0], r.student.init, r.student.init_every)
+        n_bn = recalibrate_bn_(student, data.train.x[torch.randperm(len(data.train), generator=torch.Generator().manual_seed(r.seed))])
+        log(f"student: initialised from the teacher ({rep.method}, {rep.layers_copied} layers copied"
+            f"{f', {n_bn} BatchNorm layers re-estimated on training inputs' if n_bn else ''})")
+    d = r.distill
+    how = "labels only (distill.alpha = 1)" if d.alpha == 1.0 and not d.features else \
+        f"{d.response} T={d.temperature} alpha={d.alpha}" + (f" + {len(d.features)} feature term(s)" if d.features else "")
     log(f"student: {r.student.model} ({num_params(student):,} params), {how}")
-    result = fit(student, loss_fn, data.train, data.val, r.train, seed=r.seed, ckpt_dir=run.path / "student" / "checkpoints",
-        metrics_path=run.metrics_path, stage="student", accelerator=acc, augment=r.train.augment, resume=resume)
+    loss_fn = student_loss(run, data, teachers, acc, log, student=student)
+    result = _fit_student(run, data, student, loss_fn, acc, resume, "student", run.path / "student" / "checkpoints", r.seed)
+    for g in range(2, d.generations + 1):  # born-again networks (Furlanello et al. 2018)
+        previous = run.path / "student" / f"gen{g - 1}.safetensors"
+        if acc.is_main_process:
+            save_weights(student, previous)
+        acc.wait_for_everyone()
+        teacher = copy.deepcopy(student).eval()
+        torch.manual_seed(r.seed + g)
+        student = build_model(r.student.model_copy(update={"weights": None}), data.input_shape, data.num_classes)
+        log(f"born-again generation {g}/{d.generations}: a new {r.student.model} taught by generation {g - 1}")
+        run_g = Run(run.path, r.model_copy(update={"teacher": r.teacher.model_copy(update={"weight": 1.0}), "more_teachers": []}))
+        loss_fn = student_loss(run_g, data, [teacher], acc, log, student=student, files=[previous])
+        result = _fit_student(run_g, data, student, loss_fn, acc, resume, f"student_gen{g}",
+                              run.path / "student" / f"gen{g}_checkpoints", r.seed + g)
     if acc.is_main_process:
         save_weights(student, run.student_weights)
         write_config(run.path / "student" / "config.json", r.student, data, student, result)
+        if r.ema_teacher:  # the running average is the run's teacher: evaluated and reported like any other
+            save_weights(loss_fn.ema.model, run.teacher_weights)
     acc.wait_for_everyone()
     return student
 
@@ -134,7 +212,7 @@ def distill(recipe: Recipe, out: str | Path, *, resume: bool = False, overwrite:
         log = lambda *_: None  # noqa: E731
     data = load_data(recipe.data, recipe.seed)
     log(f"data: {data.description}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, {data.num_classes} classes")
-    teacher, student = build_models(recipe, data)
+    teachers, student = build_models(recipe, data)
     precheck(run, data, student)
     acc.wait_for_everyone()  # every process has checked the folder before the first write
     if acc.is_main_process:
@@ -142,16 +220,19 @@ def distill(recipe: Recipe, out: str | Path, *, resume: bool = False, overwrite:
             run.clear_artifacts()
         run.write_recipe()
     acc.wait_for_everyone()
-    teacher = prepare_teacher(run, teacher, data, acc, resume, log)
-    train_student(run, data, teacher, student, acc, resume, log)
+    if teachers:
+        teachers[0] = prepare_teacher(run, teachers[0], data, acc, resume, log)
+    student = train_student(run, data, teachers, student, acc, resume, log)
+    if recipe.ema_teacher:
+        teachers = _load_models(run, data)[0]  # from here on the saved running average is a fixed teacher
     if recipe.prune and not (resume and run.pruned_weights.is_file()):
-        prune_stage(run, data, student, student_loss(run, data, teacher, acc, log), acc, log)
+        prune_stage(run, data, student, student_loss(run, data, teachers, acc, log, features=False), acc, log)
     if not acc.is_main_process:  # export and evaluation are the main process's alone; no barrier after
         return run
     if export or recipe.quantize:
         export_onnx(run, data=data, log=log)
     if recipe.quantize:
-        quantize_stage(run, data, log, qat=_qat_fn(run, data, teacher, acc, log))
+        quantize_stage(run, data, log, qat=_qat_fn(run, data, teachers, acc, log))
     if evaluate_:
         run.report = evaluate(run, data=data)
     return run
@@ -182,21 +263,21 @@ def compress(run: Run | str | Path, *, prune: Optional[PruneConfig] = None, quan
     run.recipe = run.recipe.model_copy(update={"prune": prune, "quantize": quantize})
     acc = Accelerator(cpu=not torch.cuda.is_available())
     data = load_data(run.recipe.data, run.recipe.seed)
-    teacher, student = _load_models(run, data)
+    teachers, student = _load_models(run, data)
     precheck(run, data, student)  # bad settings fail here, before anything is touched
     with run.restored_on_failure():
         run.clear_compressed(keep_pruned=keep_pruned)
         run.write_recipe()
         if prune and not keep_pruned:
-            prune_stage(run, data, student, student_loss(run, data, teacher, acc, log), acc, log)
+            prune_stage(run, data, student, student_loss(run, data, teachers, acc, log, features=False), acc, log)
         export_onnx(run, data=data, log=log)
         if quantize:
-            quantize_stage(run, data, log, qat=_qat_fn(run, data, teacher, acc, log))
+            quantize_stage(run, data, log, qat=_qat_fn(run, data, teachers, acc, log))
         run.report = evaluate(run, data=data)
     return run
 
 
-def _qat_fn(run: Run, data: DataSplits, teacher: nn.Module, acc: Accelerator, log: Log):
+def _qat_fn(run: Run, data: DataSplits, teachers: list[nn.Module], acc: Accelerator, log: Log):
     """Quantization-aware training of the final student (pruned, if it was) with the recipe's Distiller."""
     def go(dst: Path) -> dict:
         from .compress.qat import qat_to_onnx
@@ -204,22 +285,28 @@ def _qat_fn(run: Run, data: DataSplits, teacher: nn.Module, acc: Accelerator, lo
         r, q = run.recipe, run.recipe.quantize
         model = _load_pruned(run, data)
         model = _load_models(run, data)[1] if model is None else model
-        return qat_to_onnx(model, student_loss(run, data, teacher, acc, log), data.train, data.val, dst, epochs=q.qat_epochs,
+        return qat_to_onnx(model, student_loss(run, data, teachers, acc, log, features=False), data.train, data.val, dst, epochs=q.qat_epochs,
                            lr=q.qat_lr or r.train.lr / 10, batch_size=r.train.batch_size, seed=r.seed, log=log)
 
     return go
 
 
-def _load_models(run: Run, data: DataSplits) -> tuple[nn.Module, nn.Module]:
+def _load_models(run: Run, data: DataSplits) -> tuple[list[nn.Module], nn.Module]:
+    """The finished run's teachers (the first as trained or loaded; an ema teacher from its saved average) and student."""
     if not run.student_weights.is_file():
         raise DataError(f"{run.path} has no finished student ({run.student_weights} missing); finish it with `protege distill ... --resume`")
     r = run.recipe
-    teacher = build_model(r.teacher, data.input_shape, data.num_classes)
-    if not isinstance(teacher, OnnxModule) and not r.teacher.weights:
-        load_weights(teacher, run.teacher_weights)
+    teachers = []
+    for i, spec in enumerate(r.teachers):
+        if r.ema_teacher:
+            spec = r.student.model_copy(update={"weights": None})
+        t = build_model(spec, data.input_shape, data.num_classes)
+        if i == 0 and not isinstance(t, OnnxModule) and not spec.weights:
+            load_weights(t, run.teacher_weights)
+        teachers.append(t.eval())
     student = build_model(r.student.model_copy(update={"weights": None}), data.input_shape, data.num_classes)
     load_weights(student, run.student_weights)
-    return teacher.eval(), student.eval()
+    return teachers, student.eval()
 
 
 def _export_checked(model: nn.Module, run: Run, data: DataSplits, dst: Path, log: Log) -> Path:
@@ -240,7 +327,7 @@ def export_onnx(run: Run | str | Path, *, data: Optional[DataSplits] = None, log
     """Export the run's student (and its pruned version, if any) to ONNX, each checked against PyTorch."""
     run = run if isinstance(run, Run) else Run.load(run)
     data = data or load_data(run.recipe.data, run.recipe.seed)
-    _, student = _load_models(run, data)
+    student = _load_models(run, data)[1]
     _export_checked(student, run, data, run.onnx_path, log)
     pruned = _load_pruned(run, data)
     if pruned is not None:
@@ -295,7 +382,8 @@ def evaluate(run: Run | str | Path, *, data: Optional[DataSplits] = None, show: 
 
     run = run if isinstance(run, Run) else Run.load(run)
     data = data or load_data(run.recipe.data, run.recipe.seed)
-    teacher_model, student = _load_models(run, data)
+    teachers, student = _load_models(run, data)
+    teacher_model = teachers[0]
     t_logits = predict_logits(teacher_model, data.test.x)
     stages = [{"name": "teacher", "file": _rel(run, teacher_file(run)), **_torch_entry(run, teacher_model, data, teacher_file(run), None)},
               {"name": "student", "file": _rel(run, run.student_weights), **_torch_entry(run, student, data, run.student_weights, t_logits)}]

@@ -55,21 +55,48 @@ class TeacherConfig(ModelSpec):
     """The teacher: loaded from weights / ONNX, or trained with ``train``."""
 
     train: Optional[TrainConfig] = None
+    weight: float = Field(1.0, gt=0, allow_inf_nan=False)  # share in the combined soft targets (several teachers)
 
 
 class StudentConfig(ModelSpec):
-    pass
+    """The student; ``init: select | average`` starts it from the teacher's weights (zoo models of one family)."""
+
+    init: Optional[Literal["select", "average"]] = None  # layer selection / averaging, channels sliced by importance
+    init_every: Optional[int] = Field(None, ge=1)  # take every k-th teacher layer (default: teacher depth / student depth)
+
+
+class FeatureTerm(_Strict):
+    """One feature- or relation-based loss term between a student and a teacher module (by module path).
+
+    hint: FitNets (Romero et al. 2015), MSE after a learned adapter when shapes differ; at: attention
+    transfer (Zagoruyko & Komodakis 2017); rkd_distance / rkd_angle: relational KD (Park et al. 2019);
+    sp: similarity-preserving KD (Tung & Mori 2019). The path ``logits`` means the model's output.
+    """
+
+    loss: Literal["hint", "at", "rkd_distance", "rkd_angle", "sp"]
+    student: str
+    teacher: str
+    weight: float = Field(1.0, ge=0, allow_inf_nan=False)
+    teacher_index: int = Field(0, ge=0)  # 0: `teacher`; 1, 2, ...: the entries of `more_teachers`
 
 
 class DistillConfig(_Strict):
-    """Response-based distillation: loss = alpha * CE(hard labels) + (1 - alpha) * response term."""
+    """loss = alpha * CE(hard labels) + (1 - alpha) * response term + sum of weighted feature terms.
 
-    response: Literal["kl", "mse_prob", "mse_logits", "dkd"] = "kl"
-    temperature: float = Field(4.0, gt=0)
-    alpha: float = Field(0.5, ge=0, le=1)
-    dkd_alpha: float = Field(1.0, ge=0)  # DKD target-class weight (Zhao et al. 2022)
-    dkd_beta: float = Field(8.0, ge=0)  # DKD non-target-class weight
-    cache_teacher: bool = True  # compute teacher logits once when inputs do not change between epochs
+    ``response: none`` drops the logit term (loss = CE + feature terms): the way to learn from a teacher
+    trained on another label set (cross-task), through features and relations only.
+    """
+
+    response: Literal["kl", "mse_prob", "mse_logits", "dkd", "none"] = "kl"
+    temperature: float = Field(4.0, gt=0, allow_inf_nan=False)
+    alpha: float = Field(0.5, ge=0, le=1, allow_inf_nan=False)
+    dkd_alpha: float = Field(1.0, ge=0, allow_inf_nan=False)  # DKD target-class weight (Zhao et al. 2022)
+    dkd_beta: float = Field(8.0, ge=0, allow_inf_nan=False)  # DKD non-target-class weight
+    features: list[FeatureTerm] = Field(default_factory=list)
+    combine: Literal["weights", "confidence"] = "weights"  # several teachers: fixed weights or per-sample confidence
+    generations: int = Field(1, ge=1)  # born-again: each further generation is taught by the previous student
+    ema_decay: Optional[float] = Field(None, gt=0, lt=1)  # teacher.model: ema only: the running-average decay (default 0.999)
+    cache_teacher: bool = True  # compute teacher outputs once when inputs do not change between epochs
 
 
 class EvalConfig(_Strict):
@@ -135,14 +162,45 @@ class Recipe(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    more_teachers: list[TeacherConfig] = Field(default_factory=list)  # several teachers (weights or .onnx each)
     prune: Optional[PruneConfig] = None
     quantize: Optional[QuantizeConfig] = None
+
+    @property
+    def teachers(self) -> list[TeacherConfig]:
+        return [self.teacher, *self.more_teachers]
+
+    @property
+    def ema_teacher(self) -> bool:
+        """Self-distillation from a running average of the student's own weights (``teacher: {model: ema}``)."""
+        return self.teacher.model == "ema"
 
     @model_validator(mode="after")
     def _teacher_has_a_source(self) -> "Recipe":
         t = self.teacher
-        if t.weights is None and t.train is None and not t.model.endswith(".onnx"):
+        if self.ema_teacher:
+            if t.weights or t.train or self.more_teachers or self.distill.generations > 1:
+                raise ValueError("teacher.model: ema is the student's own running average: give it no weights, train, "
+                                 "more_teachers or generations")
+        elif t.weights is None and t.train is None and not t.model.endswith(".onnx"):
             raise ValueError("teacher needs `weights`, an .onnx `model`, or a `train` section to train it")
+        for i, m in enumerate(self.more_teachers):
+            if m.weights is None and not m.model.endswith(".onnx"):
+                raise ValueError(f"more_teachers[{i}] needs `weights` or an .onnx `model` (only the first teacher is trained by a recipe)")
+        for i, f in enumerate(self.distill.features):
+            if f.teacher_index >= len(self.teachers):
+                raise ValueError(f"distill.features[{i}].teacher_index is {f.teacher_index} but there are {len(self.teachers)} "
+                                 f"teacher(s); use 0 for `teacher` and 1.. for `more_teachers`")
+        if self.distill.response == "none" and not self.distill.features:
+            raise ValueError("distill.response is none and there are no distill.features: nothing would be distilled; "
+                             "add feature terms or set response: kl")
+        if self.ema_teacher and (self.distill.alpha == 1.0 or self.distill.response == "none") and not self.distill.features:
+            raise ValueError("teacher.model: ema with distill.alpha 1 (or response none) and no features distils nothing; "
+                             "set distill.alpha below 1")
+        if self.distill.ema_decay is not None and not self.ema_teacher:
+            raise ValueError("distill.ema_decay is for `teacher: {model: ema}` only")
+        if self.student.init and (self.ema_teacher or self.teacher.model.endswith(".onnx")):
+            raise ValueError("student.init copies weights from a PyTorch teacher; it cannot start from an .onnx or ema teacher")
         return self
 
 

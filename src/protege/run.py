@@ -24,7 +24,7 @@ COMPRESS_ARTIFACTS = ("pruned/model.safetensors", "pruned/config.json", "pruned/
 class Run:
     """A run folder and its resolved recipe. Layout:
 
-    recipe.yaml, metrics.jsonl, teacher/model.safetensors, teacher_logits.safetensors,
+    recipe.yaml, metrics.jsonl, teacher/model.safetensors, teacher_cache/t0/{meta.json,*.npy},
     student/model.safetensors, student/checkpoints/{last,best}.safetensors, student.onnx,
     pruned/model.safetensors, pruned.onnx, quantized/{static,dynamic,qat}.onnx, quantized/choice.json,
     student.int8.onnx (the chosen int8 file), report.json, report.html
@@ -104,9 +104,11 @@ class Run:
 
     ARTIFACTS = ("teacher/model.safetensors", "teacher/config.json", "teacher/checkpoints/last.safetensors",
                  "teacher/checkpoints/best.safetensors", "student/model.safetensors", "student/config.json",
-                 "student/checkpoints/last.safetensors", "student/checkpoints/best.safetensors", "teacher_logits.safetensors",
+                 "student/checkpoints/last.safetensors", "student/checkpoints/best.safetensors",
                  "student.onnx", "student.rejected.onnx", "report.json", "metrics.jsonl", "report.html",
                  *COMPRESS_ARTIFACTS)
+
+    ARTIFACT_DIRS = ("teacher_cache",)  # folders wholly written by protege (see knowledge/cache.py)
 
     def clear_compressed(self, keep_pruned: bool = False) -> None:
         """A new compress pass: drop what an earlier one wrote, so no stale file is mistaken for this one's."""
@@ -140,6 +142,8 @@ class Run:
         nothing of it can be mistaken for this run's work; other files in the folder are left alone."""
         for rel in self.ARTIFACTS:
             (self.path / rel).unlink(missing_ok=True)
+        for rel in self.ARTIFACT_DIRS:
+            shutil.rmtree(self.path / rel, ignore_errors=True)
 
     def write_recipe(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)

@@ -1,16 +1,16 @@
-"""A frozen teacher: live forward passes in eval mode, or logits computed once and cached on disk."""
+"""A frozen teacher: live forward passes in eval mode, or outputs computed once and cached on disk (cache.py)."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .features import LOGITS, extract
 from .output import ModelOutput
+
+if TYPE_CHECKING:
+    from .cache import TeacherCache
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -30,46 +30,31 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512, dev
 
 
 class Teacher:
-    """Wraps a teacher model so the student side only ever sees ``ModelOutput``.
+    """Wraps a teacher model so the student side only ever sees ``ModelOutput`` (logits and hooked features).
 
     The teacher always runs in eval mode under no_grad, whatever the student's mode
-    (as in mdistiller's base distiller). With a cache (logits for every training example, indexed
-    by position), a distillation epoch costs about what a label-only epoch costs.
+    (as in mdistiller's base distiller). With a cache (outputs for every training example, indexed
+    by position), a distillation epoch costs about what a label-only epoch costs. ``cache`` is a
+    ``TeacherCache`` or, for logits only, a (N_train, C) tensor.
     """
 
-    def __init__(self, model: nn.Module, cache: Optional[torch.Tensor] = None):
+    def __init__(self, model: nn.Module, cache: Union["TeacherCache", torch.Tensor, None] = None, paths: Sequence[str] = ()):
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.cache = cache  # (N_train, C) or None
+        self.cache = cache
+        self.paths = list(dict.fromkeys(paths))
+        if isinstance(cache, torch.Tensor) and [p for p in self.paths if p != LOGITS]:
+            raise ValueError("a logits-only cache cannot serve feature paths; build a TeacherCache with those paths")
 
     def __call__(self, x: torch.Tensor, idx: torch.Tensor) -> ModelOutput:
-        if self.cache is not None:
-            return ModelOutput(self.cache[idx.cpu()].to(x.device))
-        self.model.eval()
-        with torch.no_grad():
-            return ModelOutput(self.model(x.to(model_device(self.model))).float().to(x.device))
-
-
-def load_or_build_cache(path: Path, fingerprint: str, model: nn.Module, x: torch.Tensor, log=print) -> torch.Tensor:
-    """Teacher logits for ``x``, reused from ``path`` only if its fingerprint matches; else rebuilt."""
-    if path.is_file():
-        try:
-            meta = json.loads(_metadata(path).get("protege", "{}"))
-            if meta.get("fingerprint") == fingerprint:
-                return load_file(str(path))["logits"]
-            log(f"teacher cache {path} was made for another teacher or data (fingerprint differs); rebuilding it")
-        except (SafetensorError, OSError, ValueError, KeyError):
-            log(f"teacher cache {path} is unreadable; rebuilding it")
-    logits = predict_logits(model, x)
-    tmp = path.with_suffix(".tmp")
-    save_file({"logits": logits.contiguous()}, str(tmp), metadata={"protege": json.dumps({"fingerprint": fingerprint})})
-    tmp.replace(path)
-    return logits
-
-
-def _metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata() or {}
+        if isinstance(self.cache, torch.Tensor):
+            out = ModelOutput(self.cache[idx.cpu()])
+        elif self.cache is not None:
+            out = self.cache.get(idx)
+        else:
+            self.model.eval()
+            with torch.no_grad():
+                out = extract(self.model, x.to(model_device(self.model)), [p for p in self.paths if p != LOGITS], "teacher")
+        feats = {p: (out.logits if p == LOGITS else out.features[p]).float().to(x.device) for p in self.paths}
+        return ModelOutput(out.logits.float().to(x.device), feats)

@@ -1,24 +1,42 @@
-"""The Distiller: a weighted sum of named loss terms, each a pure function from losses.functional."""
+"""The Distiller: a weighted sum of named loss terms, each a pure function from losses.functional.
+
+loss = alpha * CE(student, labels) + (1 - alpha) * response(student, teachers) + sum_i w_i * term_i
+
+Feature terms read the student's intermediate outputs through forward hooks. Their learned adapters
+(when a student feature must be mapped to the teacher's shape) live in a ``DistillModule`` beside the
+student, so the fit loop trains them with it and the student itself stays exactly the user's model.
+"""
 from __future__ import annotations
 
-from typing import Callable, Optional
+import copy
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
+from ..errors import RecipeError
 from ..knowledge import ModelOutput, Teacher
+from ..knowledge.features import extract, unwrap
 from ..losses import functional as LF
-from ..recipe import DistillConfig
+from ..recipe import DistillConfig, FeatureTerm
+from .adapters import check_term_shapes, make_adapter
 
 Losses = dict[str, torch.Tensor]
 ResponseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, DistillConfig], torch.Tensor]
 
-# The one registry: recipe name -> response-based term (student logits, teacher logits, target, config).
+# The registries at the YAML boundary: recipe name -> pure loss term.
 RESPONSE: dict[str, ResponseFn] = {
     "kl": lambda s, t, y, c: LF.kd_kl(s, t, c.temperature),
     "mse_prob": lambda s, t, y, c: LF.mse_prob(s, t, c.temperature),
     "mse_logits": lambda s, t, y, c: LF.mse_logits(s, t),
     "dkd": lambda s, t, y, c: LF.dkd(s, t, y, c.dkd_alpha, c.dkd_beta, c.temperature),
+}
+FEATURE: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "hint": LF.hint_mse,
+    "at": LF.attention_transfer,
+    "rkd_distance": LF.rkd_distance,
+    "rkd_angle": LF.rkd_angle,
+    "sp": LF.similarity_preserving,
 }
 
 
@@ -32,20 +50,122 @@ def label_loss(label_smoothing: float = 0.0) -> Callable[[nn.Module, torch.Tenso
     return loss_fn
 
 
-class Distiller:
-    """loss = alpha * CE(student, labels) + (1 - alpha) * response(student, teacher).
+class DistillModule(nn.Module):
+    """The student plus the adapters of its feature terms: what the fit loop trains when there are feature terms.
 
-    Returns a dict of named losses ('loss' is the total that is optimised) so every term is logged.
+    ``forward(x)`` is the student's own forward (validation, export); ``forward(x, features=True)`` also
+    returns the (adapted) feature of every term, keyed ``term{i}``, all inside one forward so DDP sees it.
     """
 
-    def __init__(self, teacher: Teacher, cfg: DistillConfig, label_smoothing: float = 0.0):
-        self.teacher, self.cfg, self.label_smoothing = teacher, cfg, label_smoothing
-        self.response = RESPONSE[cfg.response]
+    def __init__(self, student: nn.Module, terms: Sequence[FeatureTerm], adapters: dict[str, nn.Module]):
+        super().__init__()
+        self.student = student
+        self.terms = list(terms)
+        self.adapters = nn.ModuleDict(adapters)
 
-    def __call__(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> Losses:
-        s = ModelOutput(student(x))
-        t: Optional[ModelOutput] = self.teacher(x, idx)
-        a = self.cfg.alpha
-        ce = LF.cross_entropy(s.logits, y, self.label_smoothing)
-        kd = self.response(s.logits, t.logits, y, self.cfg)
-        return {"loss": a * ce + (1 - a) * kd, "ce": ce, "kd": kd}
+    def forward(self, x: torch.Tensor, features: bool = False):
+        if not features:
+            return self.student(x)
+        out = extract(self.student, x, [t.student for t in self.terms], "student")
+        feats = {}
+        for i, t in enumerate(self.terms):
+            f = out.features[t.student]
+            feats[f"term{i}"] = self.adapters[f"term{i}"](f) if f"term{i}" in self.adapters else f
+        return out.logits, feats
+
+
+class Distiller:
+    """Named losses from one or several teachers: the hard-label CE, a response term and feature terms.
+
+    Several teachers are combined into one soft target per sample (fixed weights, or per-sample
+    confidence in the true label); feature terms name the teacher they read. Returns a dict of named
+    losses ('loss' is the total that is optimised) so every term is logged.
+    """
+
+    def __init__(self, teacher: Teacher | Sequence[Teacher], cfg: DistillConfig, label_smoothing: float = 0.0,
+                 weights: Optional[Sequence[float]] = None):
+        self.teachers = [teacher] if isinstance(teacher, Teacher) else list(teacher)
+        self.cfg, self.label_smoothing = cfg, label_smoothing
+        self.weights = torch.tensor(list(weights) if weights is not None else [1.0] * len(self.teachers))
+        self.response = RESPONSE.get(cfg.response)
+        self.ema: Optional[EmaTeacher] = None
+
+    def training_module(self, student: nn.Module, x: torch.Tensor, idx: torch.Tensor) -> nn.Module:
+        """What fit() should train: the student alone, or a DistillModule with adapters sized by one dry pass."""
+        if not self.cfg.features:
+            return student
+        was_training = student.training
+        with torch.no_grad():
+            s = extract(student.eval(), x, [t.student for t in self.cfg.features], "student")
+        student.train(was_training)
+        touts = [t(x, idx) for t in self.teachers]
+        adapters = {}
+        for i, term in enumerate(self.cfg.features):
+            sf, tf = s.features[term.student], touts[term.teacher_index].features[term.teacher]
+            where = f"distill.features[{i}] ({term.loss}: student '{term.student}' {tuple(sf.shape[1:])}, " \
+                    f"teacher '{term.teacher}' {tuple(tf.shape[1:])})"
+            check_term_shapes(term.loss, sf.shape, tf.shape, where)
+            if term.loss == "hint" and sf.shape != tf.shape:
+                adapters[f"term{i}"] = make_adapter(tuple(sf.shape[1:]), tuple(tf.shape[1:]), where)
+        return DistillModule(student, self.cfg.features, adapters)
+
+    def soft_target(self, touts: list[ModelOutput], y: torch.Tensor) -> torch.Tensor:
+        if len(touts) == 1:
+            return touts[0].logits
+        logits = torch.stack([t.logits for t in touts], 1)  # (B, K, C)
+        w = self.weights.to(logits)
+        if self.cfg.combine == "confidence":
+            w = LF.confidence_weights(logits, y) * w  # (B, K)
+        return LF.combine_teachers(logits, w, self.cfg.temperature)
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> Losses:
+        if self.ema is not None:
+            self.ema.update(unwrap(model))
+        if self.cfg.features:
+            logits, feats = model(x, features=True)
+        else:
+            logits, feats = model(x), {}
+        touts = [t(x, idx) for t in self.teachers]
+        ce = LF.cross_entropy(logits, y, self.label_smoothing)
+        losses: Losses = {"ce": ce}
+        if self.response is not None:
+            kd = self.response(logits, self.soft_target(touts, y), y, self.cfg)
+            total = self.cfg.alpha * ce + (1 - self.cfg.alpha) * kd
+            losses["kd"] = kd
+        else:
+            total = ce
+        for i, term in enumerate(self.cfg.features):
+            value = FEATURE[term.loss](feats[f"term{i}"], touts[term.teacher_index].features[term.teacher])
+            losses[f"{term.loss}{i}"] = value
+            total = total + term.weight * value
+        return {"loss": total, **losses}
+
+
+class EmaTeacher(Teacher):
+    """Self-distillation from a running average of the student's own weights (mean teacher; Tarvainen & Valpola 2017).
+
+    Updated before every training step from the student's current weights; runs live (it changes every step).
+    """
+
+    def __init__(self, student: nn.Module, decay: float, paths: Sequence[str] = ()):
+        super().__init__(copy.deepcopy(unwrap(student)), None, paths)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        student = model.student if isinstance(model, DistillModule) else model
+        for e, s in zip(self.model.state_dict().values(), student.state_dict().values()):
+            if e.dtype.is_floating_point:
+                e.mul_(self.decay).add_(s.detach(), alpha=1 - self.decay)
+            else:
+                e.copy_(s)
+
+
+def check_no_logit_kd_across_label_sets(cfg: DistillConfig, classes: Sequence[int], data_classes: int) -> None:
+    """Logit KD needs every teacher to score the student's label set; cross-task transfer uses features only."""
+    bad = [i for i, c in enumerate(classes) if c != data_classes]
+    if bad and cfg.response != "none":
+        who = "teacher" if bad[0] == 0 else f"more_teachers[{bad[0] - 1}]"
+        raise RecipeError(f"{who} scores {classes[bad[0]]} classes but the data has {data_classes} classes: logit KD "
+                          f"({cfg.response}) needs the same label set; fix the teacher's num_classes (kwargs) or data.target, or for "
+                          f"cross-task transfer set distill.response: none and distil through distill.features (hint, at, rkd_*, sp)")
