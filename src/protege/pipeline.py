@@ -17,14 +17,14 @@ from .evaluate.metrics import classification_metrics
 from .evaluate.profile import ort_latency, torch_latency
 from .evaluate.report import print_report, write_report
 from .knowledge import Teacher, load_or_build_cache, predict_logits
-from .knowledge.features import LOGITS, resolve as resolve_path
+from .knowledge.features import LOGITS, extract, resolve as resolve_path
 from .compress.stages import precheck, prune_stage, quantize_stage
 from .models import OnnxModule, build_model, load_weights, num_params, save_weights
 from .models.loading import resize_to
 from .recipe import PruneConfig, QuantizeConfig, Recipe
 from .run import Run, file_digest
 from .train import Distiller, FitResult, fit, label_loss
-from .train.distiller import check_no_logit_kd_across_label_sets
+from .train.distiller import check_no_logit_kd_across_label_sets, feature_adapters
 
 Log = Callable[[str], None]
 
@@ -60,7 +60,8 @@ def build_models(recipe: Recipe, data: DataSplits) -> tuple[list[nn.Module], nn.
     torch.manual_seed(recipe.seed)  # same initial student weights for scratch and KD runs of one seed
     student = build_model(recipe.student, data.input_shape, data.num_classes)
     _check_classes(student, data, "student")
-    for i, term in enumerate(recipe.distill.features):  # unknown module paths fail here, with the nearest valid ones
+    terms = recipe.distill.features
+    for i, term in enumerate(terms):  # unknown module paths fail here, with the nearest valid ones
         resolve_path(student, term.student, f"distill.features[{i}].student: the student") if term.student != LOGITS else None
         if term.teacher != LOGITS:
             t = teachers[term.teacher_index] if teachers else student  # an ema teacher has the student's modules
@@ -68,6 +69,12 @@ def build_models(recipe: Recipe, data: DataSplits) -> tuple[list[nn.Module], nn.
                 raise RecipeError(f"distill.features[{i}].teacher: an ONNX teacher gives its output only; use teacher: logits "
                                   f"(relation terms) or a PyTorch teacher for hooked features")
             resolve_path(t, term.teacher, f"distill.features[{i}].teacher: the teacher")
+    if terms:  # shapes no adapter can bridge fail here too, before anything is written
+        x = data.val.x[:4]
+        paths = [[f.teacher for f in terms if f.teacher_index == i] for i in range(max(len(teachers), 1))]
+        with torch.no_grad():  # (not a Teacher: that would freeze a teacher the recipe is about to train)
+            touts = [extract(t.eval(), x, p, "teacher") for t, p in zip(teachers or [copy.deepcopy(student)], paths)]
+        feature_adapters(terms, student, touts, x)
     return teachers, student
 
 

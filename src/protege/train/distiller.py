@@ -94,19 +94,7 @@ class Distiller:
         """What fit() should train: the student alone, or a DistillModule with adapters sized by one dry pass."""
         if not self.cfg.features:
             return student
-        was_training = student.training
-        with torch.no_grad():
-            s = extract(student.eval(), x, [t.student for t in self.cfg.features], "student")
-        student.train(was_training)
-        touts = [t(x, idx) for t in self.teachers]
-        adapters = {}
-        for i, term in enumerate(self.cfg.features):
-            sf, tf = s.features[term.student], touts[term.teacher_index].features[term.teacher]
-            where = f"distill.features[{i}] ({term.loss}: student '{term.student}' {tuple(sf.shape[1:])}, " \
-                    f"teacher '{term.teacher}' {tuple(tf.shape[1:])})"
-            check_term_shapes(term.loss, sf.shape, tf.shape, where)
-            if term.loss == "hint" and sf.shape != tf.shape:
-                adapters[f"term{i}"] = make_adapter(tuple(sf.shape[1:]), tuple(tf.shape[1:]), where)
+        adapters = feature_adapters(self.cfg.features, student, [t(x, idx) for t in self.teachers], x)
         return DistillModule(student, self.cfg.features, adapters)
 
     def soft_target(self, touts: list[ModelOutput], y: torch.Tensor) -> torch.Tensor:
@@ -139,6 +127,24 @@ class Distiller:
             losses[f"{term.loss}{i}"] = value
             total = total + term.weight * value
         return {"loss": total, **losses}
+
+
+def feature_adapters(terms: Sequence[FeatureTerm], student: nn.Module, touts: Sequence[ModelOutput],
+                     x: torch.Tensor) -> dict[str, nn.Module]:
+    """Check every term's two feature shapes (one dry student pass on ``x``) and make the adapters hint terms need."""
+    was_training = student.training
+    with torch.no_grad():
+        s = extract(student.eval(), x, [t.student for t in terms], "student")
+    student.train(was_training)
+    adapters = {}
+    for i, term in enumerate(terms):
+        sf, tf = s.features[term.student], touts[term.teacher_index].features[term.teacher]
+        where = f"distill.features[{i}] ({term.loss}: student '{term.student}' {tuple(sf.shape[1:])}, " \
+                f"teacher '{term.teacher}' {tuple(tf.shape[1:])})"
+        check_term_shapes(term.loss, sf.shape, tf.shape, where)
+        if term.loss == "hint" and sf.shape != tf.shape:
+            adapters[f"term{i}"] = make_adapter(tuple(sf.shape[1:]), tuple(tf.shape[1:]), where)
+    return adapters
 
 
 class EmaTeacher(Teacher):
