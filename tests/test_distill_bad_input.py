@@ -102,3 +102,31 @@ def test_onnx_teacher_has_no_hook_points(cnn_cli, tmp_path):
                                  features=[{"loss": "sp", "student": "features.1", "teacher": "features.1", "teacher_index": 1}])
     assert_clean_error(code, err, "an ONNX teacher gives its output only", "teacher: logits")
     assert not written
+
+
+def test_impossible_student_init_fails_before_the_teacher_trains(tmp_path, tiny, write_recipe, capsys):
+    r = copy.deepcopy(tiny)
+    r.update(teacher=copy.deepcopy(CNN_T), student={"model": "cnn", "kwargs": {"channels": [16, 32], "depth": 1}, "init": "select"})
+    code, err = run_cli(["distill", write_recipe(r), "--out", tmp_path / "out"], capsys)
+    assert_clean_error(code, err, "init_from_teacher", "16")
+    assert not (tmp_path / "out" / "recipe.yaml").exists()
+
+
+def test_a_teacher_trained_here_must_learn_this_datas_labels(cnn_cli, tmp_path, tiny, write_recipe, capsys):
+    r = copy.deepcopy(tiny)
+    r.update(teacher={**CNN_T, "kwargs": {"channels": [8, 16], "num_classes": 5}}, student=copy.deepcopy(CNN_S))
+    r["distill"].update(response="none", features=[{"loss": "sp", "student": "features.1", "teacher": "features.1"}])
+    code, err = run_cli(["distill", write_recipe(r), "--out", tmp_path / "out"], capsys)
+    assert_clean_error(code, err, "teacher outputs shape (5,)", "10 classes")
+    assert not (tmp_path / "out" / "recipe.yaml").exists()
+
+
+def test_attention_transfer_over_different_token_counts():
+    import torch
+
+    from protege.errors import RecipeError
+    from protege.train.adapters import check_term_shapes
+
+    with pytest.raises(RecipeError, match="same number of tokens"):
+        check_term_shapes("at", torch.Size([2, 5, 8]), torch.Size([2, 7, 8]), "t")
+    check_term_shapes("at", torch.Size([2, 5, 8]), torch.Size([2, 5, 16]), "t")  # widths may differ

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from pathlib import Path
 from typing import Callable, Optional
@@ -55,7 +56,8 @@ def build_models(recipe: Recipe, data: DataSplits) -> tuple[list[nn.Module], nn.
     for i, spec in enumerate([] if recipe.ema_teacher else recipe.teachers):
         torch.manual_seed(recipe.seed)
         teachers.append(build_model(spec, data.input_shape, data.num_classes))
-        classes.append(_check_classes(teachers[-1], data, "teacher" if i == 0 else f"more_teachers[{i - 1}]", True))
+        # a teacher trained here learns this data's labels; a loaded one may score another label set (cross-task)
+        classes.append(_check_classes(teachers[-1], data, "teacher" if i == 0 else f"more_teachers[{i - 1}]", spec.train is None))
     check_no_logit_kd_across_label_sets(recipe.distill, classes, data.num_classes)
     torch.manual_seed(recipe.seed)  # same initial student weights for scratch and KD runs of one seed
     student = build_model(recipe.student, data.input_shape, data.num_classes)
@@ -69,6 +71,10 @@ def build_models(recipe: Recipe, data: DataSplits) -> tuple[list[nn.Module], nn.
                 raise RecipeError(f"distill.features[{i}].teacher: an ONNX teacher gives its output only; use teacher: logits "
                                   f"(relation terms) or a PyTorch teacher for hooked features")
             resolve_path(t, term.teacher, f"distill.features[{i}].teacher: the teacher")
+    if recipe.student.init:  # an impossible initialisation fails here, on copies, before anything is written
+        from .train.init import init_from_teacher_
+
+        init_from_teacher_(copy.deepcopy(student), copy.deepcopy(teachers[0]), recipe.student.init, recipe.student.init_every)
     if terms:  # shapes no adapter can bridge fail here too, before anything is written
         x = data.val.x[:4]
         paths = [[f.teacher for f in terms if f.teacher_index == i] for i in range(max(len(teachers), 1))]
@@ -104,14 +110,15 @@ def teacher_file(run: Run, index: int = 0) -> Path:
 
 
 def _teacher(run: Run, data: DataSplits, model: nn.Module, index: int, paths: list[str], file: Path, acc: Accelerator,
-             log: Log) -> Teacher:
+             log: Log, prefix: str = "") -> Teacher:
     """A Teacher over ``model``: outputs cached once on disk when the inputs never change, else live passes."""
     r = run.recipe
     if not (r.distill.cache_teacher and not r.train.augment):
         return Teacher(model, None, paths)
     key = {"teacher": file_digest(file), "data": data.fingerprint()}
-    folder = run.path / "teacher_cache" / f"t{index}"
     cache_paths = [p for p in paths if p != LOGITS]
+    tag = f"_{hashlib.sha1(','.join(sorted(set(cache_paths))).encode()).hexdigest()[:8]}" if cache_paths else ""
+    folder = run.path / "teacher_cache" / f"{prefix}t{index}{tag}"  # logits-only and hooked caches live side by side
     if acc.is_main_process:  # one process writes the cache, the others then read it
         cache = load_or_build_cache(folder, key, model, data.train.x, cache_paths, log)
     acc.wait_for_everyone()
@@ -121,7 +128,8 @@ def _teacher(run: Run, data: DataSplits, model: nn.Module, index: int, paths: li
 
 
 def student_loss(run: Run, data: DataSplits, teachers: list[nn.Module], acc: Accelerator, log: Log, *,
-                 features: bool = True, student: Optional[nn.Module] = None, files: Optional[list[Path]] = None):
+                 features: bool = True, student: Optional[nn.Module] = None, files: Optional[list[Path]] = None,
+                 cache_prefix: str = ""):
     """The student's training loss from the recipe: labels only (alpha = 1, no feature terms) or the Distiller.
 
     ``features=False`` keeps the response term only (pruning recovery and QAT change the student's shapes).
@@ -141,7 +149,7 @@ def student_loss(run: Run, data: DataSplits, teachers: list[nn.Module], acc: Acc
         log(f"teacher: running average of the student's own weights (decay {distiller.ema.decay}), live")
         return distiller
     files = files or [teacher_file(run, i) for i in range(len(teachers))]
-    ts = [_teacher(run, data, m, i, paths[i], files[i], acc, log) for i, m in enumerate(teachers)]
+    ts = [_teacher(run, data, m, i, paths[i], files[i], acc, log, cache_prefix) for i, m in enumerate(teachers)]
     if ts[0].cache is not None:
         log("teacher outputs: cached once for the training set (inputs do not change between epochs)")
     elif r.train.augment:
@@ -155,7 +163,7 @@ def _fit_student(run: Run, data: DataSplits, student: nn.Module, loss_fn, acc: A
     module = student
     if isinstance(loss_fn, Distiller):
         idx = torch.arange(min(r.train.batch_size, len(data.train)))
-        module = loss_fn.training_module(student, data.train.x[idx], idx)
+        module = loss_fn.training_module(student, data.train.x[idx], idx, seed=seed)
     return fit(module, loss_fn, data.train, data.val, r.train, seed=seed, ckpt_dir=ckpt_dir, metrics_path=run.metrics_path,
                stage=stage, accelerator=acc, augment=r.train.augment, resume=resume)
 
@@ -186,8 +194,10 @@ def train_student(run: Run, data: DataSplits, teachers: list[nn.Module], student
         torch.manual_seed(r.seed + g)
         student = build_model(r.student.model_copy(update={"weights": None}), data.input_shape, data.num_classes)
         log(f"born-again generation {g}/{d.generations}: a new {r.student.model} taught by generation {g - 1}")
-        run_g = Run(run.path, r.model_copy(update={"teacher": r.teacher.model_copy(update={"weight": 1.0}), "more_teachers": []}))
-        loss_fn = student_loss(run_g, data, [teacher], acc, log, student=student, files=[previous])
+        same = [f.model_copy(update={"teacher": f.student, "teacher_index": 0}) for f in d.features]  # same architecture
+        run_g = Run(run.path, r.model_copy(update={"teacher": r.teacher.model_copy(update={"weight": 1.0}), "more_teachers": [],
+                                                   "distill": d.model_copy(update={"features": same})}))
+        loss_fn = student_loss(run_g, data, [teacher], acc, log, student=student, files=[previous], cache_prefix=f"gen{g}_")
         result = _fit_student(run_g, data, student, loss_fn, acc, resume, f"student_gen{g}",
                               run.path / "student" / f"gen{g}_checkpoints", r.seed + g)
     if acc.is_main_process:
@@ -392,7 +402,12 @@ def evaluate(run: Run | str | Path, *, data: Optional[DataSplits] = None, show: 
     teachers, student = _load_models(run, data)
     teacher_model = teachers[0]
     t_logits = predict_logits(teacher_model, data.test.x)
-    stages = [{"name": "teacher", "file": _rel(run, teacher_file(run)), **_torch_entry(run, teacher_model, data, teacher_file(run), None)},
+    t_entry = _torch_entry(run, teacher_model, data, teacher_file(run), None)
+    if t_logits.shape[-1] != data.num_classes:  # cross-task: the teacher answers another question
+        t_entry.update(accuracy=None, macro_f1=None, note=f"the teacher scores {t_logits.shape[-1]} other classes (cross-task): "
+                       "no accuracy or agreement on this data")
+        t_logits = None
+    stages = [{"name": "teacher", "file": _rel(run, teacher_file(run)), **t_entry},
               {"name": "student", "file": _rel(run, run.student_weights), **_torch_entry(run, student, data, run.student_weights, t_logits)}]
     report: dict = {"name": run.recipe.name, "data": data.description, "test_examples": len(data.test)}
     if run.onnx_path.is_file():

@@ -144,6 +144,8 @@ class Run:
             (self.path / rel).unlink(missing_ok=True)
         for rel in self.ARTIFACT_DIRS:
             shutil.rmtree(self.path / rel, ignore_errors=True)
+        for old in (self.path / "student").glob("gen*"):  # born-again generations: files and checkpoint folders
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
 
     def write_recipe(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .features import extract
 from .output import ModelOutput
+from .teacher import model_device
 
 Log = Callable[[str], None]
 
@@ -64,7 +65,7 @@ def build_cache(folder: Path, key: dict, model: nn.Module, x: torch.Tensor, path
     entries: dict[str, dict] = {}
     try:
         for start in tqdm(range(0, len(x), batch_size), desc="teacher cache", leave=False, disable=None):
-            out = extract(model, x[start:start + batch_size], paths, "teacher")
+            out = extract(model, x[start:start + batch_size].to(model_device(model)), paths, "teacher")
             for name, t in {"logits": out.logits, **out.features}.items():
                 if name not in arrays:
                     dtype = np.float32 if name == "logits" else np.float16

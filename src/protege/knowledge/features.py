@@ -53,10 +53,11 @@ def module_paths(model: nn.Module) -> list[str]:
 def resolve(model: nn.Module, path: str, who: str = "model") -> nn.Module:
     """The module at ``path``; an unknown path raises an error listing the nearest valid ones."""
     inner = unwrap(model)
-    key = normalize_path(path)
     modules = dict(inner.named_modules())
-    if key and key in modules:
-        return modules[key]
+    for key in (path, normalize_path(path)):  # a real submodule called `module` wins over the wrapper prefix
+        if key and key in modules:
+            return modules[key]
+    key = normalize_path(path)
     names = module_paths(inner)
     near = difflib.get_close_matches(key, names, n=4, cutoff=0.4) or names[:4]
     raise RecipeError(f"{who} has no module '{path}'; nearest valid paths: {', '.join(near) or '(none)'} "

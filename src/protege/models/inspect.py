@@ -73,13 +73,16 @@ def load_for_inspect(ref: str, in_shape: Optional[Sequence[int]], classes: int, 
         from ..run import Run
 
         run = Run.load(path)
-        cfg_file = path / which / "config.json"
-        spec = run.recipe.student if which == "student" else run.recipe.teacher
+        spec = run.recipe.student if which == "student" or run.recipe.ema_teacher else run.recipe.teacher
+        if spec.model.endswith(".onnx"):
+            raise ModelError("the run's teacher is an ONNX file: no module paths to hook; its output is the path 'logits'")
+        own, student_cfg = path / which / "config.json", path / "student" / "config.json"
+        cfg_file = own if own.is_file() else student_cfg  # a loaded teacher has no config.json: the student's has the shapes
         if not cfg_file.is_file():
-            raise ModelError(f"{cfg_file} is missing: the run's {which} is not finished; inspect a zoo name or file.py:factory instead")
+            raise ModelError(f"{cfg_file} is missing: the run is not finished; inspect a zoo name or file.py:factory instead")
         cfg = json.loads(cfg_file.read_text())
         model = build_model(spec.model_copy(update={"weights": None}), cfg["in_shape"], cfg["num_classes"])
-        weights = path / which / "model.safetensors"
+        weights = Path(spec.weights) if which == "teacher" and spec.weights else path / which / "model.safetensors"
         if weights.is_file():
             load_weights(model, weights)
         return model, tuple(cfg["in_shape"])

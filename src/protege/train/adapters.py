@@ -57,3 +57,5 @@ def check_term_shapes(loss: str, s: torch.Size, t: torch.Size, where: str) -> No
                           f"or transformer layer, or use rkd_distance / sp for vectors")
     if loss == "at" and len(s) != len(t):
         raise RecipeError(f"{where}: attention transfer compares features of one kind (both (C,H,W) or both (N,D))")
+    if loss == "at" and len(s) == 3 and s[1] != t[1]:
+        raise RecipeError(f"{where}: attention transfer over tokens needs the same number of tokens on both sides")

@@ -39,6 +39,8 @@ FEATURE: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "sp": LF.similarity_preserving,
 }
 
+MIN_BATCH = {"rkd_distance": 3, "rkd_angle": 3, "sp": 2}  # smaller batches carry no relation: the term is 0
+
 
 def label_loss(label_smoothing: float = 0.0) -> Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], Losses]:
     """Plain supervised training (teachers, and students from scratch)."""
@@ -55,13 +57,16 @@ class DistillModule(nn.Module):
 
     ``forward(x)`` is the student's own forward (validation, export); ``forward(x, features=True)`` also
     returns the (adapted) feature of every term, keyed ``term{i}``, all inside one forward so DDP sees it.
+    An EMA self-teacher lives here too (frozen, never optimised), so checkpoints save and resume restores it.
     """
 
-    def __init__(self, student: nn.Module, terms: Sequence[FeatureTerm], adapters: dict[str, nn.Module]):
+    def __init__(self, student: nn.Module, terms: Sequence[FeatureTerm], adapters: dict[str, nn.Module],
+                 ema: Optional[nn.Module] = None):
         super().__init__()
         self.student = student
         self.terms = list(terms)
         self.adapters = nn.ModuleDict(adapters)
+        self.ema = ema
 
     def forward(self, x: torch.Tensor, features: bool = False):
         if not features:
@@ -90,20 +95,27 @@ class Distiller:
         self.response = RESPONSE.get(cfg.response)
         self.ema: Optional[EmaTeacher] = None
 
-    def training_module(self, student: nn.Module, x: torch.Tensor, idx: torch.Tensor) -> nn.Module:
-        """What fit() should train: the student alone, or a DistillModule with adapters sized by one dry pass."""
-        if not self.cfg.features:
+    def training_module(self, student: nn.Module, x: torch.Tensor, idx: torch.Tensor, seed: int = 0) -> nn.Module:
+        """What fit() should train: the student alone, or a DistillModule with adapters sized by one dry pass
+        (initialised from ``seed``, so a resumed run builds the same ones) and the EMA teacher, if any."""
+        if not self.cfg.features and self.ema is None:
             return student
-        adapters = feature_adapters(self.cfg.features, student, [t(x, idx) for t in self.teachers], x)
-        return DistillModule(student, self.cfg.features, adapters)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            adapters = feature_adapters(self.cfg.features, student, [t(x, idx) for t in self.teachers], x) if self.cfg.features else {}
+        return DistillModule(student, self.cfg.features, adapters, self.ema.model if self.ema is not None else None)
 
     def soft_target(self, touts: list[ModelOutput], y: torch.Tensor) -> torch.Tensor:
+        """The teachers' combined target: the mixture of their softened distributions (as logits), or, for
+        ``mse_logits``, the weighted mean of their logits (a mixture has no logits to regress onto)."""
         if len(touts) == 1:
             return touts[0].logits
         logits = torch.stack([t.logits for t in touts], 1)  # (B, K, C)
-        w = self.weights.to(logits)
+        w = self.weights.to(logits).expand(logits.shape[0], -1)  # (B, K)
         if self.cfg.combine == "confidence":
-            w = LF.confidence_weights(logits, y) * w  # (B, K)
+            w = LF.confidence_weights(logits, y) * w
+        if self.cfg.response == "mse_logits":
+            return ((w / w.sum(-1, keepdim=True)).unsqueeze(-1) * logits).sum(1)
         return LF.combine_teachers(logits, w, self.cfg.temperature)
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> Losses:
@@ -123,7 +135,10 @@ class Distiller:
         else:
             total = ce
         for i, term in enumerate(self.cfg.features):
-            value = FEATURE[term.loss](feats[f"term{i}"], touts[term.teacher_index].features[term.teacher])
+            if len(x) < MIN_BATCH.get(term.loss, 1):  # e.g. a last batch of 2: no angles to compare
+                value = logits.new_zeros(())
+            else:
+                value = FEATURE[term.loss](feats[f"term{i}"], touts[term.teacher_index].features[term.teacher])
             losses[f"{term.loss}{i}"] = value
             total = total + term.weight * value
         return {"loss": total, **losses}
@@ -160,6 +175,9 @@ class EmaTeacher(Teacher):
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         student = model.student if isinstance(model, DistillModule) else model
+        device = next(student.parameters()).device
+        if next(self.model.parameters()).device != device:  # fit() moved the student (and, normally, this copy with it)
+            self.model.to(device)
         for e, s in zip(self.model.state_dict().values(), student.state_dict().values()):
             if e.dtype.is_floating_point:
                 e.mul_(self.decay).add_(s.detach(), alpha=1 - self.decay)
