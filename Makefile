@@ -27,7 +27,9 @@ test-slow: install
 
 bench: install
 	$(BIN)/python benchmarks/fashion_mnist.py
-	$(BIN)/python benchmarks/compress.py
+	$(BIN)/python benchmarks/compress.py --resnet-epochs 20
+	$(BIN)/python benchmarks/kd_methods.py --tier digits
+	$(BIN)/python benchmarks/kd_methods.py --tier fashion
 
 clean:
 	rm -rf $(VENV) runs

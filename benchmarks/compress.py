@@ -172,7 +172,7 @@ def main() -> None:
     teacher = build_model(recipe.teacher.model_copy(update={"weights": str(TEACHER)}), data.input_shape, data.num_classes).eval()
     student = build_model(recipe.student, data.input_shape, data.num_classes)
     load_weights(student, KD_RUN / "student" / "model.safetensors")
-    result: dict = {"command": "python benchmarks/compress.py" + (" --quick" if args.quick else ""),
+    result: dict = {"command": " ".join(["python benchmarks/compress.py", *sys.argv[1:]]),
                     "environment": environment(THREADS), "args": {k: v for k, v in vars(args).items()}}
     with tempfile.TemporaryDirectory() as td:
         work = Path(td)
