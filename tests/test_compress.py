@@ -314,3 +314,22 @@ def test_qat_keeps_unstructured_zeros(compressed, tmp_path):
     conv_w = [numpy_helper.to_array(t) for t in onnx.load(str(run.int8_path)).graph.initializer
               if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
     assert conv_w and all(float((w == 0).mean()) >= 0.45 for w in conv_w[1:])  # inner convs: half their weights pruned
+
+
+def test_qat_of_a_residual_network_runs_every_conv_in_int8(tmp_path):
+    """ResNet blocks add the shortcut to conv2's output: each conv must still become a QLinearConv in ONNX Runtime."""
+    from protege.compress.qat import qat_to_onnx
+    from protege.data import load_data
+    from protege.models.zoo import ResNet
+    from protege.recipe import DataConfig
+    from protege.train import label_loss
+
+    data = load_data(DataConfig(source="digits", limit=200), 0)
+    torch.manual_seed(0)
+    model = ResNet((1, 8, 8), 10, 8, width=8)
+    qat_to_onnx(model, label_loss(), data.train, data.val, tmp_path / "r.onnx", epochs=1, lr=1e-3, batch_size=64, seed=0,
+                log=lambda *_: None)
+    _optimized_ops(tmp_path / "r.onnx", tmp_path)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    assert ops.count("QLinearConv") == n_convs and "FusedConv" not in ops and "Conv" not in ops
