@@ -188,3 +188,42 @@ def test_degenerate_student_gives_finite_loss_and_gradient(fn):
         loss = fn(x, E)
         loss.backward()
         assert torch.isfinite(loss) and x.grad.abs().max() < 1e3  # no 1/eps blow-up
+
+
+# Transformer terms: attention-map KL (TinyBERT / MiniLM) and the hidden-state cosine loss (DistilBERT).
+
+def _attn(b=2, h=2, n=4, seed=0):
+    return torch.softmax(torch.randn(b, h, n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64), -1)
+
+
+def test_attention_kl_zero_on_identical_and_closed_form():
+    a = _attn()
+    assert float(LF.attention_kl(a, a)) == pytest.approx(0.0, abs=1e-12)
+    s, t = _attn(seed=1), _attn(seed=2)
+    expected = (t * (t.log() - s.log())).sum(-1).mean()  # every row real: the mean of the per-row KLs
+    assert float(LF.attention_kl(s, t)) == pytest.approx(float(expected), rel=1e-10)
+
+
+def test_attention_kl_skips_padded_query_rows_and_averages_heads_when_counts_differ():
+    s, t = _attn(seed=1), _attn(seed=2)
+    t_pad, s_pad = t.clone(), s.clone()
+    t_pad[:, :, -1] = 0  # the last query is padding (zeroed by the text models)
+    s_pad[:, :, -1] = 0
+    expected = (t[:, :, :-1] * (t[:, :, :-1].log() - s[:, :, :-1].log())).sum(-1).mean()
+    assert float(LF.attention_kl(s_pad, t_pad)) == pytest.approx(float(expected), rel=1e-10)
+    one_head = _attn(h=1, seed=3)
+    tm = t.mean(1, keepdim=True)
+    expected = (tm * (tm.log() - one_head.log())).sum(-1).mean()
+    assert float(LF.attention_kl(one_head, t)) == pytest.approx(float(expected), rel=1e-10)
+    with pytest.raises(ValueError, match="same B and L"):
+        LF.attention_kl(_attn(n=4), _attn(n=5))
+
+
+def test_hidden_cosine_closed_form_scale_invariance_and_padding():
+    s = torch.tensor([[[1.0, 0.0], [1.0, 1.0], [5.0, 5.0]]])
+    t = torch.tensor([[[0.0, 1.0], [2.0, 2.0], [0.0, 0.0]]])  # token 3 is padding (all zero): skipped
+    assert float(LF.hidden_cosine(s, t)) == pytest.approx((1.0 + 0.0) / 2)
+    assert float(LF.hidden_cosine(3 * s, t)) == pytest.approx(float(LF.hidden_cosine(s, t)))
+    assert float(LF.hidden_cosine(t, t)) == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(ValueError, match="adapt"):
+        LF.hidden_cosine(torch.randn(1, 3, 4), torch.randn(1, 3, 2))

@@ -23,12 +23,29 @@ def tiny_sets(path: Path) -> list[str]:
 
 def test_there_are_shipped_recipes():
     assert {"digits.yaml", "fashion_mnist.yaml", "digits_features.yaml", "digits_self_distill.yaml",
-            "digits_born_again.yaml"} <= {p.name for p in RECIPES}
+            "digits_born_again.yaml", "reviews_minilm.yaml"} <= {p.name for p in RECIPES}
+
+
+def text_sets(path: Path, tmp: Path) -> list[str]:
+    """A text recipe's model folders and files, replaced by tiny offline fixtures with the same columns and depth."""
+    import yaml
+
+    from .text_fixtures import write_bert_folder, write_text_data
+
+    d = yaml.safe_load(path.read_text())["data"]
+    if d.get("source") != "text":
+        return []
+    folder = write_bert_folder(tmp / "bert", layers=6)
+    cols = {"text_col": d.get("text", "text"), "label_col": d.get("target") or "label"}
+    train, test = write_text_data(tmp / "train.csv", n=200, **cols), write_text_data(tmp / "test.csv", n=40, seed=1, **cols)
+    return [f"data.path={train}", f"data.test_path={test}", "data.max_length=16", f"teacher.model={folder}",
+            f"student.model={folder}"]
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
-def test_shipped_recipe_runs_tiny(path, tmp_path):
-    recipe = protege.load_recipe(path, tiny_sets(path))
+def test_shipped_recipe_runs_tiny(path, tmp_path, monkeypatch):
+    monkeypatch.setenv("PROTEGE_CACHE", str(tmp_path / "cache"))
+    recipe = protege.load_recipe(path, tiny_sets(path) + text_sets(path, tmp_path))
     if recipe.data.source == "fashion_mnist" and not FASHION_DIR.is_dir():
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
     run = protege.distill(recipe, tmp_path / path.stem)

@@ -123,11 +123,11 @@ def _load_models(run: Run, data: DataSplits) -> tuple[list[nn.Module], nn.Module
     for i, spec in enumerate(r.teachers):
         if r.ema_teacher:
             spec = r.student.model_copy(update={"weights": None})
-        t = build_model(spec, data.input_shape, data.num_classes)
+        t = build_model(spec, data.input_shape, data.num_classes, data.model_args)
         if i == 0 and not isinstance(t, OnnxModule) and not spec.weights:
             load_weights(t, run.teacher_weights)
         teachers.append(t.eval())
-    student = build_model(r.student.model_copy(update={"weights": None}), data.input_shape, data.num_classes)
+    student = build_model(r.student.model_copy(update={"weights": None}), data.input_shape, data.num_classes, data.model_args)
     load_weights(student, run.student_weights)
     return teachers, student.eval()
 
@@ -161,7 +161,7 @@ def export_onnx(run: Run | str | Path, *, data: Optional[DataSplits] = None, log
 def _load_pruned(run: Run, data: DataSplits) -> Optional[nn.Module]:
     if not run.pruned_weights.is_file():
         return None
-    model = build_model(run.recipe.student.model_copy(update={"weights": None}), data.input_shape, data.num_classes)
+    model = build_model(run.recipe.student.model_copy(update={"weights": None}), data.input_shape, data.num_classes, data.model_args)
     groups = json.loads((run.path / "pruned" / "config.json").read_text()).get("conv_groups")
     return resize_to(model, run.pruned_weights, groups).eval()
 
@@ -173,8 +173,13 @@ def _latency(run: Run, fn) -> dict[str, float]:
     return {"latency_ms_b1": b1["p50"], "latency_ms_b1_p95": b1["p95"], "latency_ms_b32": b32["p50"], "latency_ms_b32_p95": b32["p95"]}
 
 
+def _timing_inputs(data: DataSplits):
+    """What latency is measured on: random inputs of the example shape, or a real test example for token ids."""
+    return data.test.x[:1] if data.is_text else data.input_shape
+
+
 def _torch_entry(run: Run, model: nn.Module, data: DataSplits, weights: Path, teacher_logits) -> dict:
-    e, shape = run.recipe.eval, data.input_shape
+    e, shape = run.recipe.eval, _timing_inputs(data)
     if isinstance(model, OnnxModule):
         return _onnx_entry(run, model.path, data, teacher_logits)
     logits = predict_logits(model, data.test.x)
@@ -186,7 +191,7 @@ def _torch_entry(run: Run, model: nn.Module, data: DataSplits, weights: Path, te
 def _onnx_entry(run: Run, path: Path, data: DataSplits, teacher_logits) -> dict:
     import onnx
 
-    e, shape = run.recipe.eval, data.input_shape
+    e, shape = run.recipe.eval, _timing_inputs(data)
     logits = ort_logits(ort_session(path, e.threads), data.test.x)
     params = int(sum(int(torch.tensor(t.dims).prod()) for t in onnx.load(str(path)).graph.initializer))
     lat = _latency(run, lambda b, n: ort_latency(path, shape, b, e.threads, e.warmup, n))

@@ -18,9 +18,14 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     """Where the examples come from and how they are split."""
 
-    source: Literal["digits", "fashion_mnist", "csv"] = "digits"
-    path: Optional[str] = None  # csv file, or a folder holding the Fashion-MNIST idx.gz files
-    target: Optional[str] = None  # csv: the label column
+    source: Literal["digits", "fashion_mnist", "csv", "text"] = "digits"
+    path: Optional[str] = None  # csv file, text .csv/.jsonl file, or a folder holding the Fashion-MNIST idx.gz files
+    target: Optional[str] = None  # csv / text: the label column (text default: label)
+    text: str = "text"  # text: the column holding the text
+    test_path: Optional[str] = None  # text: a separate test file (default: a test_fraction split of `path`)
+    tokenizer: Optional[str] = None  # text: a Hugging Face folder with the tokenizer (default: the teacher's folder)
+    max_length: int = Field(128, ge=2)  # text: tokens per example at most
+    too_long: Literal["truncate", "error"] = "truncate"  # text: cut longer examples (with a warning) or refuse them
     categorical: Optional[list[str]] = None  # csv: columns to one-hot encode (default: inferred)
     numeric: Optional[list[str]] = None  # csv: columns that must be numbers (default: inferred)
     val_fraction: float = Field(0.1, gt=0, lt=1)
@@ -70,10 +75,12 @@ class FeatureTerm(_Strict):
 
     hint: FitNets (Romero et al. 2015), MSE after a learned adapter when shapes differ; at: attention
     transfer (Zagoruyko & Komodakis 2017); rkd_distance / rkd_angle: relational KD (Park et al. 2019);
-    sp: similarity-preserving KD (Tung & Mori 2019). The path ``logits`` means the model's output.
+    sp: similarity-preserving KD (Tung & Mori 2019); attention_kl: KL between transformer attention maps
+    (TinyBERT / MiniLM; paths ``attention.N``); cosine: 1 - cos between hidden states (DistilBERT; ``hidden.N``).
+    The path ``logits`` means the model's output.
     """
 
-    loss: Literal["hint", "at", "rkd_distance", "rkd_angle", "sp"]
+    loss: Literal["hint", "at", "rkd_distance", "rkd_angle", "sp", "attention_kl", "cosine"]
     student: str
     teacher: str
     weight: float = Field(1.0, ge=0, allow_inf_nan=False)
@@ -174,6 +181,16 @@ class Recipe(_Strict):
     def ema_teacher(self) -> bool:
         """Self-distillation from a running average of the student's own weights (``teacher: {model: ema}``)."""
         return self.teacher.model == "ema"
+
+    @model_validator(mode="after")
+    def _text_has_a_tokenizer(self) -> "Recipe":
+        d = self.data
+        if d.source == "text" and d.tokenizer is None:
+            if not Path(self.teacher.model).is_dir():
+                raise ValueError("data.source is text: set data.tokenizer to a Hugging Face folder holding the tokenizer "
+                                 "(it defaults to the teacher's folder only when the teacher is one)")
+            d.tokenizer = self.teacher.model
+        return self
 
     @model_validator(mode="after")
     def _teacher_has_a_source(self) -> "Recipe":

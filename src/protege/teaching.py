@@ -48,15 +48,17 @@ def build_models(recipe: Recipe, data: DataSplits) -> tuple[list[nn.Module], nn.
     wants_augment = recipe.train.augment or (recipe.teacher.train is not None and recipe.teacher.train.augment)
     if wants_augment and not data.is_image:
         raise DataError(f"augment is for images, but {data.description} is a table; set train.augment / teacher.train.augment to false")
+    if data.is_text:
+        check_tokenizers(recipe, data)
     teachers, classes = [], []
     for i, spec in enumerate([] if recipe.ema_teacher else recipe.teachers):
         torch.manual_seed(recipe.seed)
-        teachers.append(build_model(spec, data.input_shape, data.num_classes))
+        teachers.append(build_model(spec, data.input_shape, data.num_classes, data.model_args))
         # a teacher trained here learns this data's labels; a loaded one may score another label set (cross-task)
         classes.append(_check_classes(teachers[-1], data, "teacher" if i == 0 else f"more_teachers[{i - 1}]", spec.train is None))
     check_no_logit_kd_across_label_sets(recipe.distill, classes, data.num_classes)
     torch.manual_seed(recipe.seed)  # same initial student weights for scratch and KD runs of one seed
-    student = build_model(recipe.student, data.input_shape, data.num_classes)
+    student = build_model(recipe.student, data.input_shape, data.num_classes, data.model_args)
     _check_classes(student, data, "student")
     terms = recipe.distill.features
     for i, term in enumerate(terms):  # unknown module paths fail here, with the nearest valid ones
@@ -78,6 +80,29 @@ def build_models(recipe: Recipe, data: DataSplits) -> tuple[list[nn.Module], nn.
             touts = [extract(t.eval(), x, p, "teacher") for t, p in zip(teachers or [copy.deepcopy(student)], paths)]
         feature_adapters(terms, student, touts, x)
     return teachers, student
+
+
+def check_tokenizers(recipe: Recipe, data: DataSplits) -> None:
+    """One tokenizer feeds every model of a text run: a Hugging Face folder holding another tokenizer would read
+    the ids as other tokens (the teacher silently scoring the wrong text), so that is an error, not a warning."""
+    from .data.text import tokenizer_digest
+    from .models.text import is_hf_folder
+
+    want = tokenizer_digest(recipe.data.tokenizer)
+    specs = [("student", recipe.student)] + [("teacher" if i == 0 else f"more_teachers[{i - 1}]", s)
+                                             for i, s in enumerate(recipe.teachers) if not recipe.ema_teacher]
+    for who, spec in specs:
+        if not is_hf_folder(spec.model):
+            continue
+        folder = Path(spec.model)
+        if any((folder / f).is_file() for f in ("tokenizer.json", "vocab.txt", "vocab.json")) and tokenizer_digest(str(folder)) != want:
+            raise RecipeError(f"the {who} ({folder}) has its own tokenizer, which differs from data.tokenizer "
+                              f"({recipe.data.tokenizer}); every model of a text run reads the same token ids, so use one "
+                              f"tokenizer (models that share a vocabulary), or distil through generated text instead")
+        vocab = json.loads((folder / "config.json").read_text()).get("vocab_size") if (folder / "config.json").is_file() else None
+        if vocab is not None and vocab < data.vocab_size:
+            raise RecipeError(f"the {who} ({folder}) has a vocabulary of {vocab} tokens but data.tokenizer has {data.vocab_size}; "
+                              f"use the tokenizer the model was trained with")
 
 
 def prepare_teacher(run: Run, model: nn.Module, data: DataSplits, acc: Accelerator, resume: bool, log: Log) -> nn.Module:
@@ -188,7 +213,7 @@ def train_student(run: Run, data: DataSplits, teachers: list[nn.Module], student
         acc.wait_for_everyone()
         teacher = copy.deepcopy(student).eval()
         torch.manual_seed(r.seed + g)
-        student = build_model(r.student.model_copy(update={"weights": None}), data.input_shape, data.num_classes)
+        student = build_model(r.student.model_copy(update={"weights": None}), data.input_shape, data.num_classes, data.model_args)
         log(f"born-again generation {g}/{d.generations}: a new {r.student.model} taught by generation {g - 1}")
         same = [f.model_copy(update={"teacher": f.student, "teacher_index": 0}) for f in d.features]  # same architecture
         run_g = Run(run.path, r.model_copy(update={"teacher": r.teacher.model_copy(update={"weight": 1.0}), "more_teachers": [],
@@ -209,7 +234,7 @@ def write_config(path: Path, spec, data: DataSplits, model: nn.Module, result: O
     """What rebuilds the weights beside it (model reference, kwargs, input shape, classes) and which epoch they are."""
 
     cfg = {"model": spec.model, "kwargs": spec.kwargs, "in_shape": list(data.input_shape), "num_classes": data.num_classes,
-           "class_names": data.class_names, "params": num_params(model)}
+           "class_names": data.class_names, "params": num_params(model), "model_args": data.model_args}
     if result is not None:
         cfg.update(epochs_run=result.epochs_run, best_epoch=result.best_epoch, best_val_accuracy=result.best_val_accuracy)
     cfg.update(extra)

@@ -139,13 +139,15 @@ def gemm_to_matmul(path: Path, out: Path) -> Path:
 
 
 def unquantized_ops(path: Path) -> list[str]:
-    """Compute-heavy nodes left in float: their weight input does not come from a DequantizeLinear."""
+    """Compute-heavy nodes whose weights stayed in float: the second input is a constant (an initializer or a
+    Constant node) rather than int8 weights behind a DequantizeLinear. A product of two activations (attention's
+    Q K^T and P V) has no weights to store in int8; dynamic quantization leaves it in float, as it should."""
     import onnx
 
     graph = onnx.load(str(path)).graph
-    producer = {o: n.op_type for n in graph.node for o in n.output}
+    consts = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
     return [f"{n.op_type} '{n.name}'" for n in graph.node
-            if n.op_type in COMPUTE_OPS and len(n.input) > 1 and producer.get(n.input[1]) != "DequantizeLinear"]
+            if n.op_type in COMPUTE_OPS and len(n.input) > 1 and n.input[1] in consts]
 
 
 def _finish(tmp: Path, out: Path, cfg: QuantizeConfig, mode: str) -> Path:

@@ -35,6 +35,9 @@ def precheck(run: Run, data: DataSplits, student: nn.Module) -> None:
         probe = copy.deepcopy(student).eval()
         for ratio in plan(probe, data.train.x[:2], r.prune):
             prune_(probe, r.prune, data.train.x[:2], ratio=ratio)
+    if r.quantize and data.is_text and r.quantize.mode in ("static", "qat"):
+        raise CompressError(f"quantize.mode {r.quantize.mode} is for models with float inputs; a text model's input is token "
+                            f"ids, so use quantize.mode: dynamic (auto and int8 try dynamic only for text)")
     if r.quantize and r.quantize.calibration_data and r.quantize.mode in ("auto", "int8", "static"):
         calib = load_calibration(r.quantize.calibration_data)
         check_calibration(calib, tuple(data.input_shape), f"'{r.quantize.calibration_data}'")
@@ -96,7 +99,7 @@ def measure(path, data: DataSplits, threads: int, warmup: int, repeats: tuple[in
     if reference is not None:
         out["val_agreement_fp32"] = float((pred == reference).float().mean())
     for b, n in zip((1, 32), repeats):
-        out[f"latency_ms_b{b}"] = ort_latency(path, data.input_shape, b, threads, warmup, n)["p50"]
+        out[f"latency_ms_b{b}"] = ort_latency(path, data.test.x[:1] if data.is_text else data.input_shape, b, threads, warmup, n)["p50"]
     return out
 
 
@@ -113,6 +116,8 @@ def quantize_stage(run: Run, data: DataSplits, log: Log, qat: Optional[Callable]
     run.quant_dir.mkdir(exist_ok=True)
     e = run.recipe.eval
     wanted = {"auto": ["static", "dynamic"], "int8": ["static", "dynamic"], "static": ["static"], "dynamic": ["dynamic"], "qat": ["qat"]}[cfg.mode]
+    if data.is_text:  # token ids cannot be calibrated like activations; the int8 route for transformers is dynamic
+        wanted = [m for m in wanted if m == "dynamic"]
     repeats = (e.repeats_b1, e.repeats_b32)
     fp32 = measure(src, data, e.threads, e.warmup, repeats)
     reference = ort_logits(ort_session(src, e.threads), data.val.x).argmax(-1)

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
 
 @dataclass
 class Split:
-    x: torch.Tensor  # (N, *input_shape) float32
+    x: torch.Tensor  # (N, *input_shape) float32; text: (N, L) int64 token ids
     y: torch.Tensor  # (N,) int64
 
     def __len__(self) -> int:
@@ -25,6 +26,19 @@ class DataSplits:
     class_names: list[str] = field(default_factory=list)
     is_image: bool = False
     description: str = ""
+    vocab_size: Optional[int] = None  # text only
+    pad_id: int = 0  # text only: the id padded positions hold (models mask them)
+
+    @property
+    def is_text(self) -> bool:
+        return self.vocab_size is not None
+
+    @property
+    def model_args(self) -> dict:
+        """What a model factory may need beyond the input shape and class count (text: vocabulary and padding)."""
+        if not self.is_text:
+            return {}
+        return {"vocab_size": self.vocab_size, "pad_id": self.pad_id, "max_length": self.input_shape[0]}
 
     def fingerprint(self) -> str:
         """A short hash of the training inputs and labels (for caches)."""

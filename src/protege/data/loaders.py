@@ -105,6 +105,35 @@ def load_csv(cfg: DataConfig, seed: int) -> DataSplits:
                    input_shape=(enc.width,), class_names=table.classes, description=f"CSV {cfg.path}")
 
 
+def load_text(cfg: DataConfig, seed: int) -> DataSplits:
+    """Labelled text (.csv / .jsonl), tokenised once (cached); test from data.test_path or a test_fraction split."""
+    from .text import cached_tokenize, label_ids
+
+    if not cfg.path:
+        raise DataError("data.source is 'text' but data.path is empty; set data.path to a .csv or .jsonl file")
+    files = [Path(cfg.path)] + ([Path(cfg.test_path)] if cfg.test_path else [])
+    label = cfg.target or "label"
+    parts, info = cached_tokenize(files, cfg.text, label, cfg.tokenizer, cfg.max_length, cfg.too_long)
+    ids, labels = parts[0]
+    y, classes = label_ids(labels, None, cfg.path)
+    if cfg.test_path:
+        x_test, y_test = parts[1][0], label_ids(parts[1][1], classes, cfg.test_path)[0]
+        x_rest, y_rest = ids, y
+    else:
+        x_rest, x_test, y_rest, y_test = _split(ids, y, cfg.test_fraction, seed)
+    x_train, x_val, y_train, y_val = _split(x_rest, y_rest, cfg.val_fraction, seed)
+    x_train, y_train = _limit(x_train, y_train, cfg.limit, seed)
+    width = max(ids.shape[1], x_test.shape[1])
+    pad = lambda a: np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=info["pad_id"])  # noqa: E731
+
+    def t(x, y):
+        return Split(torch.as_tensor(pad(x).astype(np.int64)), torch.as_tensor(y, dtype=torch.int64))
+
+    return DataSplits(train=t(x_train, y_train), val=t(x_val, y_val), test=t(x_test, y_test), num_classes=len(classes),
+                      input_shape=(width,), class_names=classes, description=f"text {cfg.path} ({width} tokens)",
+                      vocab_size=info["vocab_size"], pad_id=info["pad_id"])
+
+
 def load_data(cfg: DataConfig, seed: int) -> DataSplits:
-    loader = {"digits": load_digits_data, "fashion_mnist": load_fashion_mnist, "csv": load_csv}[cfg.source]
+    loader = {"digits": load_digits_data, "fashion_mnist": load_fashion_mnist, "csv": load_csv, "text": load_text}[cfg.source]
     return loader(cfg, seed)

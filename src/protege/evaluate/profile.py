@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -32,18 +32,29 @@ def _time(fn: Callable[[], object], warmup: int, repeats: int) -> dict[str, floa
     return {"p50": float(np.percentile(times, 50)), "p95": float(np.percentile(times, 95))}
 
 
+def example_batch(inputs: Union[Sequence[int], torch.Tensor], batch: int) -> torch.Tensor:
+    """A batch to time: random normal values of shape ``inputs``, or the first example of a tensor repeated
+    (token ids must be real ids, so text models are timed on a real example)."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[:1].expand(batch, *inputs.shape[1:]).contiguous()
+    return torch.randn(batch, *inputs, generator=torch.Generator().manual_seed(0))
+
+
 @torch.no_grad()
-def torch_latency(model: nn.Module, input_shape: Sequence[int], batch: int, threads: int, warmup: int = 5, repeats: int = 30) -> dict[str, float]:
+def torch_latency(model: nn.Module, inputs: Union[Sequence[int], torch.Tensor], batch: int, threads: int, warmup: int = 5,
+                  repeats: int = 30) -> dict[str, float]:
+    """p50 / p95 ms of ``model`` on a batch of ``batch`` (see example_batch for ``inputs``)."""
     model = model.eval()
-    x = torch.randn(batch, *input_shape)
+    x = example_batch(inputs, batch)
     with torch_threads(threads):
         return _time(lambda: model(x), warmup, repeats)
 
 
-def ort_latency(path: Path, input_shape: Sequence[int], batch: int, threads: int, warmup: int = 5, repeats: int = 30) -> dict[str, float]:
+def ort_latency(path: Path, inputs: Union[Sequence[int], torch.Tensor], batch: int, threads: int, warmup: int = 5,
+                repeats: int = 30) -> dict[str, float]:
     from ..export.onnx import ort_session
 
     sess = ort_session(path, threads)
     name = sess.get_inputs()[0].name
-    x = np.random.default_rng(0).standard_normal((batch, *input_shape)).astype(np.float32)
+    x = example_batch(inputs, batch).numpy()
     return _time(lambda: sess.run(None, {name: x}), warmup, repeats)

@@ -40,7 +40,8 @@ def export_model_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+            for name in ("torch.onnx", "onnxscript"):  # e.g. harmless constant-folding failures in onnxscript's optimizer
+                logging.getLogger(name).setLevel(logging.ERROR)
             prog = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset,
                                      input_names=["input"], output_names=["logits"],
                                      dynamic_shapes={"x": {0: batch}} if _first_arg(model) == "x" else ({0: batch},),

@@ -119,6 +119,39 @@ def attention_transfer(student: torch.Tensor, teacher: torch.Tensor, p: float = 
     return (attention_map(student, p) - attention_map(teacher, p)).pow(2).sum(1).mean()
 
 
+def attention_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) between self-attention distributions (B, heads, L, L), per query row.
+
+    Attention-based distillation of transformers (TinyBERT, Jiao et al. 2020; KL as in MiniLM, Wang et al.
+    2020). Averaged over heads and over the query rows that exist: an all-zero row (a padded query, as the
+    text models here zero them) is skipped. If the head counts differ, each side is averaged over its heads first.
+    """
+    if student.dim() != 4 or teacher.dim() != 4 or student.shape[0] != teacher.shape[0] or student.shape[-2:] != teacher.shape[-2:]:
+        raise ValueError(f"attention_kl: expected attention maps (B, heads, L, L) with the same B and L, got "
+                         f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+    if student.shape[1] != teacher.shape[1]:
+        student, teacher = student.mean(1, keepdim=True), teacher.mean(1, keepdim=True)
+    rows = teacher.sum(-1) > 0  # (B, H, L)
+    log_p = teacher.clamp_min(_EPS).log()
+    log_q = student.clamp_min(_EPS).log()
+    per_row = (teacher * (log_p - log_q)).sum(-1)  # (B, H, L); 0 where the teacher's row is 0
+    return per_row.sum() / rows.sum().clamp_min(1)
+
+
+def hidden_cosine(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """1 - cos(student, teacher) per token, averaged over real tokens (DistilBERT's cosine loss, Sanh et al. 2019).
+
+    Features (B, L, D) or (B, D) of equal shape (adapt a narrower student first); a token whose teacher vector is
+    all zero (a padded position) is skipped.
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(f"hidden_cosine: student shape {tuple(student.shape)} != teacher shape {tuple(teacher.shape)}; "
+                         "adapt the student feature to the teacher's shape first")
+    keep = teacher.abs().sum(-1) > 0
+    cos = F.cosine_similarity(student, teacher, dim=-1, eps=1e-8)
+    return ((1 - cos) * keep).sum() / keep.sum().clamp_min(1)
+
+
 def _flat_batch(student: torch.Tensor, teacher: torch.Tensor, min_batch: int,
                 name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, ...) -> (B, D) for both; the batch sizes must match and be at least min_batch."""

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import ModelError
 from ..knowledge.features import unwrap
+from .text import example_input
 
 
 @dataclass
@@ -38,7 +39,7 @@ def inspect_model(model: nn.Module, in_shape: Sequence[int]) -> list[ModuleRow]:
             handles.append(m.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            out = model(torch.zeros(2, *in_shape))
+            out = model(example_input(model, in_shape))
     except (RuntimeError, ValueError, TypeError) as e:
         raise ModelError(f"the model cannot run on input shape {tuple(in_shape)} ({str(e).splitlines()[0][:120]}); "
                          f"pass the shape of one example with --input-shape, e.g. 1,28,28") from None
@@ -69,6 +70,9 @@ def load_for_inspect(ref: str, in_shape: Optional[Sequence[int]], classes: int, 
     from .loading import build_model, load_weights
 
     path = Path(ref)
+    if path.is_dir() and not (path / "recipe.yaml").is_file() and (path / "config.json").is_file():  # a Hugging Face folder
+        in_shape = tuple(in_shape or (16,))
+        return build_model(ModelSpec(model=ref, allow_pickle=allow_pickle), in_shape, classes), in_shape
     if path.is_dir():
         from ..run import Run
 
@@ -81,7 +85,7 @@ def load_for_inspect(ref: str, in_shape: Optional[Sequence[int]], classes: int, 
         if not cfg_file.is_file():
             raise ModelError(f"{cfg_file} is missing: the run is not finished; inspect a zoo name or file.py:factory instead")
         cfg = json.loads(cfg_file.read_text())
-        model = build_model(spec.model_copy(update={"weights": None}), cfg["in_shape"], cfg["num_classes"])
+        model = build_model(spec.model_copy(update={"weights": None}), cfg["in_shape"], cfg["num_classes"], cfg.get("model_args"))
         weights = Path(spec.weights) if which == "teacher" and spec.weights else path / which / "model.safetensors"
         if weights.is_file():
             load_weights(model, weights)

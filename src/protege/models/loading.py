@@ -6,7 +6,7 @@ import inspect
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import ModelError
 from ..recipe import ModelSpec
+from .text import hf_classifier, is_hf_folder
 from .zoo import ZOO
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
@@ -70,10 +71,11 @@ def _load_user_factory(ref: str):
     return factory
 
 
-def _call_factory(factory, kwargs: dict[str, Any], in_shape: Sequence[int], num_classes: int, label: str) -> nn.Module:
+def _call_factory(factory, kwargs: dict[str, Any], in_shape: Sequence[int], num_classes: int, label: str,
+                  extras: Optional[dict[str, Any]] = None) -> nn.Module:
     kwargs = dict(kwargs)
     params = inspect.signature(factory).parameters
-    for key, value in (("in_shape", tuple(in_shape)), ("num_classes", num_classes)):
+    for key, value in (("in_shape", tuple(in_shape)), ("num_classes", num_classes), *(extras or {}).items()):
         if key in params and key not in kwargs:
             kwargs[key] = value
     try:
@@ -86,17 +88,25 @@ def _call_factory(factory, kwargs: dict[str, Any], in_shape: Sequence[int], num_
     return model
 
 
-def build_model(spec: ModelSpec, in_shape: Sequence[int], num_classes: int) -> nn.Module:
-    """Instantiate the model a spec names and load its weights, if any."""
+def build_model(spec: ModelSpec, in_shape: Sequence[int], num_classes: int, extras: Optional[dict[str, Any]] = None) -> nn.Module:
+    """Instantiate the model a spec names and load its weights, if any.
+
+    ``extras`` are what the data knows about the input beyond its shape (text: vocab_size, pad_id, max_length);
+    a factory receives those it has parameters for.
+    """
     ref = spec.model
     if ref.endswith(".onnx"):
         return OnnxModule(ref)
-    if ":" in ref:
-        model = _call_factory(_load_user_factory(ref), spec.kwargs, in_shape, num_classes, f"factory '{ref}'")
+    if is_hf_folder(ref):
+        kwargs = {"pad_id": (extras or {}).get("pad_id", 0), "allow_pickle": spec.allow_pickle, **spec.kwargs}
+        model = hf_classifier(ref, num_classes, **kwargs)
+    elif ":" in ref:
+        model = _call_factory(_load_user_factory(ref), spec.kwargs, in_shape, num_classes, f"factory '{ref}'", extras)
     elif ref in ZOO:
-        model = _call_factory(ZOO[ref], spec.kwargs, in_shape, num_classes, f"zoo model '{ref}'")
+        model = _call_factory(ZOO[ref], spec.kwargs, in_shape, num_classes, f"zoo model '{ref}'", extras)
     else:
-        raise ModelError(f"unknown model '{ref}'; use a zoo name ({', '.join(ZOO)}), `file.py:factory`, or a .onnx file")
+        raise ModelError(f"unknown model '{ref}'; use a zoo name ({', '.join(ZOO)}), `file.py:factory`, a Hugging Face "
+                         f"model folder, or a .onnx file")
     if spec.weights:
         load_weights(model, spec.weights, allow_pickle=spec.allow_pickle)
     return model

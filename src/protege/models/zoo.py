@@ -6,6 +6,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .text import TEXT_ZOO
+
 
 def _flat(in_shape: Sequence[int]) -> int:
     n = 1
@@ -112,6 +114,7 @@ ZOO = {
     "resnet8": _resnet(8),
     "resnet20": _resnet(20),
     "resnet56": _resnet(56),
+    **TEXT_ZOO,  # token-id inputs: bert (small, random init), bilstm
 }
 
 

@@ -52,6 +52,9 @@ def check_term_shapes(loss: str, s: torch.Size, t: torch.Size, where: str) -> No
     """Fail before training when a term cannot compare these two features."""
     if s[0] != t[0]:
         raise RecipeError(f"{where}: batch sizes differ; hook modules that keep one row per example")
+    if loss == "attention_kl" and (len(s) != 4 or len(t) != 4 or s[-2:] != t[-2:]):
+        raise RecipeError(f"{where}: attention_kl compares attention maps (heads, L, L) of the same length L; hook "
+                          f"the text model's attention.N taps on both sides (see `protege inspect`)")
     if loss == "at" and (len(s) < 3 or len(t) < 3):
         raise RecipeError(f"{where}: attention transfer needs spatial (C,H,W) or token (N,D) features; hook a conv "
                           f"or transformer layer, or use rkd_distance / sp for vectors")

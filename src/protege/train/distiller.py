@@ -37,7 +37,10 @@ FEATURE: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "rkd_distance": LF.rkd_distance,
     "rkd_angle": LF.rkd_angle,
     "sp": LF.similarity_preserving,
+    "attention_kl": LF.attention_kl,
+    "cosine": LF.hidden_cosine,
 }
+ADAPTED = ("hint", "cosine")  # terms that compare a student feature with the teacher's elementwise: adapted when shapes differ
 
 MIN_BATCH = {"rkd_distance": 3, "rkd_angle": 3, "sp": 2}  # smaller batches carry no relation: the term is 0
 
@@ -157,7 +160,7 @@ def feature_adapters(terms: Sequence[FeatureTerm], student: nn.Module, touts: Se
         where = f"distill.features[{i}] ({term.loss}: student '{term.student}' {tuple(sf.shape[1:])}, " \
                 f"teacher '{term.teacher}' {tuple(tf.shape[1:])})"
         check_term_shapes(term.loss, sf.shape, tf.shape, where)
-        if term.loss == "hint" and sf.shape != tf.shape:
+        if term.loss in ADAPTED and sf.shape != tf.shape:
             adapters[f"term{i}"] = make_adapter(tuple(sf.shape[1:]), tuple(tf.shape[1:]), where)
     return adapters
 

@@ -62,7 +62,8 @@ def _family(model: nn.Module, role: str) -> str:
     for cls, name in _FAMILIES:
         if isinstance(model, cls):
             return name
-    raise _fail(f"the {role} is a {type(model).__name__}, not a protege zoo model (mlp, cnn, resnet); "
+    raise _fail(f"the {role} is a {type(model).__name__}, not a protege zoo model (mlp, cnn, resnet) or a Hugging Face "
+                f"model folder on both sides; "
                 f"build it from the zoo or initialise it another way")
 
 
@@ -205,12 +206,19 @@ def init_from_teacher_(student: nn.Module, teacher: nn.Module, method: str = "se
     """Overwrite ``student``'s weights with (depth-selected or averaged, width-sliced) teacher weights.
 
     Supports mlp->mlp, cnn->cnn (same number of stages) and resnet->resnet; the student may be shallower
-    and narrower per stage, never deeper or wider. The teacher is only read.
+    and narrower per stage, never deeper or wider. Hugging Face text models go to init_transformer_ (depth
+    only). The teacher is only read.
     """
     if method not in ("select", "average"):
         raise _fail(f"unknown method {method!r}; use 'select' or 'average'")
     if every is not None and every < 1:
         raise _fail(f"every must be 1 or more, got {every}; leave it unset to infer it from the depths")
+    from ..models.text import TextClassifier
+
+    if isinstance(student, TextClassifier) and isinstance(teacher, TextClassifier):
+        from .init_transformer import init_transformer_
+
+        return init_transformer_(student, teacher, method, every)
     fs, ft = _family(student, "student"), _family(teacher, "teacher")
     if fs != ft:
         raise _fail(f"the student is a {fs} but the teacher a {ft}; both must be the same zoo family")
