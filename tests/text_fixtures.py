@@ -61,3 +61,47 @@ def write_text_data(path: Path, n: int = 240, seed: int = 0, text_col: str = "te
             w.writerow([text_col, label_col])
             w.writerows(rows)
     return path
+
+
+LM_WORDS = ["the", "king", "queen", "said", "unto", "them", "and", "went", "to", "city", "land", "of", "people", "lord",
+            "came", "house", "day", "night", "a", "man", "woman", "river", "gold", "bread", "."]
+
+
+def write_word_tokenizer(folder: Path) -> Path:
+    """A word-level tokenizer with an end-of-text token, saved as a Hugging Face folder (as a causal LM has)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {w: i for i, w in enumerate(["<unk>", "<eos>"] + LM_WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>").save_pretrained(str(folder))
+    return folder
+
+
+def write_llama_folder(folder: Path, layers: int = 4, hidden: int = 32, heads: int = 4, seed: int = 0) -> Path:
+    """A randomly initialised Llama causal LM saved like a downloaded model (config, safetensors, tokenizer)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    write_word_tokenizer(folder)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(LM_WORDS) + 2, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=heads // 2, intermediate_size=2 * hidden, max_position_embeddings=128,
+                      tie_word_embeddings=True, eos_token_id=1, pad_token_id=1, bos_token_id=None)
+    LlamaForCausalLM(cfg).save_pretrained(str(folder))
+    return folder
+
+
+def write_corpus(path: Path, docs: int = 12, sentences: int = 30, seed: int = 0) -> Path:
+    """A .jsonl corpus: one document per line, sentences from a small grammar (a pattern a model can learn)."""
+    rng = random.Random(seed)
+    subj, verb, place = ["the king", "the queen", "a man", "a woman", "the people"], ["went to", "came to"], \
+        ["the city", "the land", "the house", "the river"]
+    lines = []
+    for d in range(docs):
+        text = " ".join(f"{rng.choice(subj)} {rng.choice(verb)} {rng.choice(place)} ." for _ in range(sentences))
+        lines.append(json.dumps({"book": f"book{d}", "text": text}))
+    path.write_text("\n".join(lines) + "\n")
+    return path

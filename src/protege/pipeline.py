@@ -34,6 +34,11 @@ def distill(recipe: Recipe, out: str | Path, *, resume: bool = False, overwrite:
     if not acc.is_main_process:
         log = lambda *_: None  # noqa: E731
     data = load_data(recipe.data, recipe.seed)
+    if recipe.task == "causal_lm":
+        from .lm import distill_lm
+
+        log(f"data: {data.description}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test blocks")
+        return distill_lm(run, recipe, data, acc, resume, log, evaluate_)
     log(f"data: {data.description}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, {data.num_classes} classes")
     teachers, student = build_models(recipe, data)
     precheck(run, data, student)
@@ -124,7 +129,7 @@ def _load_models(run: Run, data: DataSplits) -> tuple[list[nn.Module], nn.Module
         if r.ema_teacher:
             spec = r.student.model_copy(update={"weights": None})
         t = build_model(spec, data.input_shape, data.num_classes, data.model_args)
-        if i == 0 and not isinstance(t, OnnxModule) and not spec.weights:
+        if i == 0 and not isinstance(t, OnnxModule) and not spec.weights and (spec.train is not None or r.ema_teacher):
             load_weights(t, run.teacher_weights)
         teachers.append(t.eval())
     student = build_model(r.student.model_copy(update={"weights": None}), data.input_shape, data.num_classes, data.model_args)

@@ -18,7 +18,7 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     """Where the examples come from and how they are split."""
 
-    source: Literal["digits", "fashion_mnist", "csv", "text"] = "digits"
+    source: Literal["digits", "fashion_mnist", "csv", "text", "lm_text"] = "digits"
     path: Optional[str] = None  # csv file, text .csv/.jsonl file, or a folder holding the Fashion-MNIST idx.gz files
     target: Optional[str] = None  # csv / text: the label column (text default: label)
     text: str = "text"  # text: the column holding the text
@@ -26,6 +26,7 @@ class DataConfig(_Strict):
     tokenizer: Optional[str] = None  # text: a Hugging Face folder with the tokenizer (default: the teacher's folder)
     max_length: int = Field(128, ge=2)  # text: tokens per example at most
     too_long: Literal["truncate", "error"] = "truncate"  # text: cut longer examples (with a warning) or refuse them
+    block_size: int = Field(128, ge=2)  # lm_text: tokens per training sequence (documents are joined, then cut)
     categorical: Optional[list[str]] = None  # csv: columns to one-hot encode (default: inferred)
     numeric: Optional[list[str]] = None  # csv: columns that must be numbers (default: inferred)
     val_fraction: float = Field(0.1, gt=0, lt=1)
@@ -94,7 +95,8 @@ class DistillConfig(_Strict):
     trained on another label set (cross-task), through features and relations only.
     """
 
-    response: Literal["kl", "mse_prob", "mse_logits", "dkd", "none"] = "kl"
+    response: Literal["kl", "mse_prob", "mse_logits", "dkd", "none", "forward_kl", "reverse_kl", "jsd", "skew_forward_kl",
+                      "skew_reverse_kl"] = "kl"  # kl = forward_kl; the last four: losses/token.py (any task)
     temperature: float = Field(4.0, gt=0, allow_inf_nan=False)
     alpha: float = Field(0.5, ge=0, le=1, allow_inf_nan=False)
     dkd_alpha: float = Field(1.0, ge=0, allow_inf_nan=False)  # DKD target-class weight (Zhao et al. 2022)
@@ -104,6 +106,12 @@ class DistillConfig(_Strict):
     generations: int = Field(1, ge=1)  # born-again: each further generation is taught by the previous student
     ema_decay: Optional[float] = Field(None, gt=0, lt=1)  # teacher.model: ema only: the running-average decay (default 0.999)
     cache_teacher: bool = True  # compute teacher outputs once when inputs do not change between epochs
+    beta: float = Field(0.5, ge=0, le=1, allow_inf_nan=False)  # jsd: the mixture weight (0: forward KL, 1: reverse KL)
+    skew: float = Field(0.1, ge=0, le=1, allow_inf_nan=False)  # skew_*_kl: the skew alpha (DistiLLM)
+    topk: Optional[int] = Field(None, ge=1)  # causal_lm: cache the teacher's top-k logits per token (None: full logits, live)
+    topk_cache: Optional[str] = None  # causal_lm: a top-k cache folder to reuse (an error if made for another teacher or corpus)
+    on_policy: float = Field(0.0, ge=0, le=1, allow_inf_nan=False)  # causal_lm: share of batches on student-generated text (GKD)
+    prompt_tokens: int = Field(16, ge=1)  # causal_lm on-policy: tokens of each training sequence kept as the prompt
 
 
 class EvalConfig(_Strict):
@@ -161,6 +169,7 @@ class Recipe(_Strict):
     """A whole run: data -> teacher -> student -> [prune -> quantize] -> export -> evaluate."""
 
     name: str = "run"
+    task: Literal["classify", "causal_lm"] = "classify"  # causal_lm: next-token distillation of a language model
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig
@@ -183,9 +192,26 @@ class Recipe(_Strict):
         return self.teacher.model == "ema"
 
     @model_validator(mode="after")
+    def _task_fits(self) -> "Recipe":
+        lm = self.task == "causal_lm"
+        if lm != (self.data.source == "lm_text"):
+            raise ValueError("task: causal_lm goes with data.source: lm_text (a corpus), and lm_text with task: causal_lm")
+        if lm and (self.prune or self.quantize or self.more_teachers or self.distill.features or self.distill.generations > 1
+                   or self.ema_teacher or self.teacher.train):
+            raise ValueError("task: causal_lm supports one loaded teacher (a model folder), token-level response losses "
+                             "and student.init; remove prune, quantize, more_teachers, distill.features, generations, "
+                             "ema and teacher.train")
+        if lm and self.distill.response in ("mse_prob", "mse_logits", "dkd"):
+            raise ValueError(f"distill.response {self.distill.response} is for classification; for task: causal_lm use "
+                             f"forward_kl (= kl), reverse_kl, jsd, skew_forward_kl, skew_reverse_kl or none")
+        if not lm and (self.distill.topk or self.distill.topk_cache or self.distill.on_policy):
+            raise ValueError("distill.topk, topk_cache and on_policy are for task: causal_lm")
+        return self
+
+    @model_validator(mode="after")
     def _text_has_a_tokenizer(self) -> "Recipe":
         d = self.data
-        if d.source == "text" and d.tokenizer is None:
+        if d.source in ("text", "lm_text") and d.tokenizer is None:
             if not Path(self.teacher.model).is_dir():
                 raise ValueError("data.source is text: set data.tokenizer to a Hugging Face folder holding the tokenizer "
                                  "(it defaults to the teacher's folder only when the teacher is one)")
@@ -199,8 +225,8 @@ class Recipe(_Strict):
             if t.weights or t.train or self.more_teachers or self.distill.generations > 1:
                 raise ValueError("teacher.model: ema is the student's own running average: give it no weights, train, "
                                  "more_teachers or generations")
-        elif t.weights is None and t.train is None and not t.model.endswith(".onnx"):
-            raise ValueError("teacher needs `weights`, an .onnx `model`, or a `train` section to train it")
+        elif t.weights is None and t.train is None and not t.model.endswith(".onnx") and not Path(t.model).is_dir():
+            raise ValueError("teacher needs `weights`, an .onnx `model`, a Hugging Face model folder, or a `train` section to train it")
         for i, m in enumerate(self.more_teachers):
             if m.weights is None and not m.model.endswith(".onnx"):
                 raise ValueError(f"more_teachers[{i}] needs `weights` or an .onnx `model` (only the first teacher is trained by a recipe)")

@@ -106,9 +106,9 @@ def check_tokenizers(recipe: Recipe, data: DataSplits) -> None:
 
 
 def prepare_teacher(run: Run, model: nn.Module, data: DataSplits, acc: Accelerator, resume: bool, log: Log) -> nn.Module:
-    """Use the teacher as loaded (ONNX, weights), reuse a finished earlier stage, or train it from the recipe."""
+    """Use the teacher as loaded (ONNX, weights, model folder), reuse a finished earlier stage, or train it from the recipe."""
     r = run.recipe
-    if isinstance(model, OnnxModule) or r.teacher.weights:
+    if isinstance(model, OnnxModule) or r.teacher.weights or r.teacher.train is None:
         return model
     if resume and run.teacher_weights.is_file():
         load_weights(model, run.teacher_weights)
@@ -126,8 +126,19 @@ def prepare_teacher(run: Run, model: nn.Module, data: DataSplits, acc: Accelerat
 
 
 def teacher_file(run: Run, index: int = 0) -> Path:
+    """The file a teacher's outputs come from (what keys its caches): ONNX file, weights, a model folder's weights,
+    or the weights this run trained."""
     t = run.recipe.teachers[index]
-    return Path(t.model) if t.model.endswith(".onnx") else Path(t.weights) if t.weights else run.teacher_weights
+    if t.model.endswith(".onnx"):
+        return Path(t.model)
+    if t.weights:
+        return Path(t.weights)
+    folder = Path(t.model)
+    if t.train is None and folder.is_dir():
+        from .models.text import HF_PICKLE_WEIGHTS, HF_WEIGHTS
+
+        return next((folder / w for w in HF_WEIGHTS + HF_PICKLE_WEIGHTS if (folder / w).is_file()), folder / "config.json")
+    return run.teacher_weights
 
 
 def _teacher(run: Run, data: DataSplits, model: nn.Module, index: int, paths: list[str], file: Path, acc: Accelerator,

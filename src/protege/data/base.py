@@ -28,6 +28,7 @@ class DataSplits:
     description: str = ""
     vocab_size: Optional[int] = None  # text only
     pad_id: int = 0  # text only: the id padded positions hold (models mask them)
+    is_lm: bool = False  # a language-modelling corpus: x and y are (N, block) token ids, num_classes the vocabulary
 
     @property
     def is_text(self) -> bool:
@@ -38,7 +39,8 @@ class DataSplits:
         """What a model factory may need beyond the input shape and class count (text: vocabulary and padding)."""
         if not self.is_text:
             return {}
-        return {"vocab_size": self.vocab_size, "pad_id": self.pad_id, "max_length": self.input_shape[0]}
+        args = {"vocab_size": self.vocab_size, "pad_id": self.pad_id, "max_length": self.input_shape[0]}
+        return {**args, "task": "causal_lm"} if self.is_lm else args
 
     def fingerprint(self) -> str:
         """A short hash of the training inputs and labels (for caches)."""

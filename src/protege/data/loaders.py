@@ -135,5 +135,8 @@ def load_text(cfg: DataConfig, seed: int) -> DataSplits:
 
 
 def load_data(cfg: DataConfig, seed: int) -> DataSplits:
-    loader = {"digits": load_digits_data, "fashion_mnist": load_fashion_mnist, "csv": load_csv, "text": load_text}[cfg.source]
+    from .lm import load_lm_corpus
+
+    loader = {"digits": load_digits_data, "fashion_mnist": load_fashion_mnist, "csv": load_csv, "text": load_text,
+              "lm_text": load_lm_corpus}[cfg.source]
     return loader(cfg, seed)

@@ -97,7 +97,11 @@ def build_model(spec: ModelSpec, in_shape: Sequence[int], num_classes: int, extr
     ref = spec.model
     if ref.endswith(".onnx"):
         return OnnxModule(ref)
-    if is_hf_folder(ref):
+    if is_hf_folder(ref) and (extras or {}).get("task") == "causal_lm":
+        from .lm import causal_lm
+
+        model = causal_lm(ref, allow_pickle=spec.allow_pickle, **spec.kwargs)
+    elif is_hf_folder(ref):
         kwargs = {"pad_id": (extras or {}).get("pad_id", 0), "allow_pickle": spec.allow_pickle, **spec.kwargs}
         model = hf_classifier(ref, num_classes, **kwargs)
     elif ":" in ref:
@@ -188,12 +192,23 @@ def resize_to(model: nn.Module, path: str | Path, groups: dict[str, int] | None 
     return model
 
 
+def unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU copies safetensors can store: a tensor that shares memory with an earlier one (tied input and output
+    embeddings of a language model) is cloned; loading gives the tied parameters their one value again."""
+    seen, out = set(), {}
+    for k, v in state.items():
+        v = v.detach().contiguous().cpu()
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        out[k] = v.clone() if key in seen else v
+        seen.add(key)
+    return out
+
+
 def save_weights(model: nn.Module, path: str | Path) -> None:
     """Atomic safetensors save (write to a temporary file, then rename)."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp))
+    save_file(unshared(model.state_dict()), str(tmp))
     os.replace(tmp, path)
 
 

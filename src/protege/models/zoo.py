@@ -6,6 +6,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .lm import small_llama
 from .text import TEXT_ZOO
 
 
@@ -115,6 +116,7 @@ ZOO = {
     "resnet20": _resnet(20),
     "resnet56": _resnet(56),
     **TEXT_ZOO,  # token-id inputs: bert (small, random init), bilstm
+    "llama": small_llama,  # causal LM from scratch (task: causal_lm)
 }
 
 

@@ -17,7 +17,9 @@ from torch import nn
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, loop: dict[str, Any]) -> None:
-    tensors: dict[str, torch.Tensor] = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    from ..models.loading import unshared
+
+    tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in unshared(model.state_dict()).items()}
     opt = optimizer.state_dict()
     opt_meta: dict[str, Any] = {"param_groups": opt["param_groups"], "state": {}}
     for pid, st in opt["state"].items():

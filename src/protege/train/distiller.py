@@ -18,6 +18,7 @@ from ..errors import RecipeError
 from ..knowledge import ModelOutput, Teacher
 from ..knowledge.features import extract, unwrap
 from ..losses import functional as LF
+from ..losses.token import TOKEN_LOSSES, token_kd
 from ..recipe import DistillConfig, FeatureTerm
 from .adapters import check_term_shapes, make_adapter
 
@@ -30,6 +31,8 @@ RESPONSE: dict[str, ResponseFn] = {
     "mse_prob": lambda s, t, y, c: LF.mse_prob(s, t, c.temperature),
     "mse_logits": lambda s, t, y, c: LF.mse_logits(s, t),
     "dkd": lambda s, t, y, c: LF.dkd(s, t, y, c.dkd_alpha, c.dkd_beta, c.temperature),
+    **{name: (lambda s, t, y, c, name=name: token_kd(s, t, name, temperature=c.temperature, beta=c.beta, skew=c.skew))
+       for name in TOKEN_LOSSES},
 }
 FEATURE: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "hint": LF.hint_mse,

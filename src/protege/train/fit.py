@@ -11,7 +11,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from accelerate import Accelerator
@@ -73,8 +73,12 @@ def _append_metrics(path: Path, stage: str, start_epoch: int, row: dict | None =
 
 def fit(model: torch.nn.Module, loss_fn: LossFn, train: Split, val: Split, cfg: TrainConfig, *, seed: int,
         ckpt_dir: Path, metrics_path: Path, stage: str, accelerator: Accelerator, augment: bool = False,
-        resume: bool = False) -> FitResult:
-    """Train ``model`` in place; on return it holds the validation-selected weights."""
+        resume: bool = False, validate: Optional[Callable[[torch.nn.Module, torch.device], dict]] = None) -> FitResult:
+    """Train ``model`` in place; on return it holds the validation-selected weights.
+
+    ``validate(model, device)`` returns the epoch's validation metrics with a ``score`` (higher is better) that
+    selects the epoch; by default the score is validation accuracy.
+    """
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     last, best = ckpt_dir / "last.safetensors", ckpt_dir / "best.safetensors"
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -110,10 +114,14 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, train: Split, val: Split, cfg: 
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             bar.set_postfix(loss=f"{float(losses['loss'].detach()):.4f}")
-        val_acc = _accuracy(accelerator.unwrap_model(wrapped), val, device)
+        if validate is None:
+            val_acc = _accuracy(accelerator.unwrap_model(wrapped), val, device)
+            shown = {"val_accuracy": val_acc}
+        else:
+            shown = validate(accelerator.unwrap_model(wrapped), device)
+            val_acc = shown.pop("score")
         row = {"stage": stage, "epoch": epoch + 1, **{k: v / len(batches) for k, v in sums.items()},
-               "val_accuracy": val_acc, "lr": sched.get_last_lr()[0], "epoch_time_s": time.perf_counter() - t0,
-               "processes": world}
+               **shown, "lr": sched.get_last_lr()[0], "epoch_time_s": time.perf_counter() - t0, "processes": world}
         loop["epoch"] = epoch + 1
         loop["history"].append(row)
         if val_acc > loop["best_val"]:
@@ -123,7 +131,8 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, train: Split, val: Split, cfg: 
         if accelerator.is_main_process:  # metrics first: a resume drops rows of epochs it redoes
             _append_metrics(metrics_path, stage, epoch, row)
             save_checkpoint(last, accelerator.unwrap_model(wrapped), opt.optimizer if hasattr(opt, "optimizer") else opt, sched, loop)
-            tqdm.write(f"{stage} epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  val_acc {val_acc:.4f}  ({row['epoch_time_s']:.1f}s)")
+            val_text = "  ".join(f"{k.replace('_accuracy', '_acc')} {v:.4f}" for k, v in shown.items())
+            tqdm.write(f"{stage} epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  {val_text}  ({row['epoch_time_s']:.1f}s)")
         accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(wrapped)
     if best.is_file():

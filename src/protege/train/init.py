@@ -213,9 +213,10 @@ def init_from_teacher_(student: nn.Module, teacher: nn.Module, method: str = "se
         raise _fail(f"unknown method {method!r}; use 'select' or 'average'")
     if every is not None and every < 1:
         raise _fail(f"every must be 1 or more, got {every}; leave it unset to infer it from the depths")
+    from ..models.lm import CausalLM
     from ..models.text import TextClassifier
 
-    if isinstance(student, TextClassifier) and isinstance(teacher, TextClassifier):
+    if all(isinstance(m, (TextClassifier, CausalLM)) for m in (student, teacher)):
         from .init_transformer import init_transformer_
 
         return init_transformer_(student, teacher, method, every)

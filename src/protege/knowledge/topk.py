@@ -1,0 +1,143 @@
+"""Offline teacher logits for large vocabularies: the top-k per token position, on disk, memory-mapped.
+
+A causal LM's full logits are V floats per token (49,152 for SmolLM2: 192 kB per token in fp32), far
+too many to keep for a corpus. Like DistillKit, we keep the k largest logits and their token ids per
+position, plus log Z = logsumexp(z / T) over the whole vocabulary, so the k probabilities at T are exact
+and the rest of the mass is one explicit tail bucket (losses/token.py ``token_kd_topk``).
+
+This is biased: the student never sees how the tail mass is shared, and which k tokens are kept depends
+on the teacher (Sparse Logit Sampling, Anshumann et al. 2025, shows the bias and proposes sampling
+instead). Keep k large enough that the tail is small (``tail_mass`` reports it).
+
+Folder layout: ``ids.npy`` (N, L, k) int32, ``logits.npy`` (N, L, k) float16, ``log_z.npy`` (N, L) float32,
+``meta.json`` with the key (teacher digest, corpus fingerprint, k, T, vocabulary size). Arrays are read with
+``np.load(mmap_mode="r")``, never unpickled.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import DataError
+
+Log = Callable[[str], None]
+FILES = ("ids.npy", "logits.npy", "log_z.npy")
+
+
+class TopKCache:
+    """Read side: ``get(idx)`` -> (ids (B, L, k) int64, logits (B, L, k) float32, log_z (B, L) float32)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.meta = json.loads((self.folder / "meta.json").read_text())
+        self.ids, self.logits, self.log_z = (np.load(self.folder / f, mmap_mode="r", allow_pickle=False) for f in FILES)
+
+    @property
+    def k(self) -> int:
+        return int(self.meta["k"])
+
+    def get(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        i = np.sort(np.asarray(idx.cpu().numpy()))
+        order = np.argsort(np.argsort(np.asarray(idx.cpu().numpy())))  # back to the caller's order
+        ids = torch.from_numpy(np.ascontiguousarray(self.ids[i][order])).long()
+        logits = torch.from_numpy(np.ascontiguousarray(self.logits[i][order])).float()
+        log_z = torch.from_numpy(np.ascontiguousarray(self.log_z[i][order]))
+        return ids, logits, log_z
+
+    def nbytes(self) -> int:
+        return sum((self.folder / f).stat().st_size for f in FILES)
+
+    def full_bytes(self, bytes_per_logit: int = 2) -> int:
+        """What the full logits of the same positions would take (fp16 by default, as a cache would store them)."""
+        n, length = self.log_z.shape
+        return n * length * int(self.meta["vocab_size"]) * bytes_per_logit
+
+    def tail_mass(self) -> float:
+        """Mean probability (at T) that falls outside the kept k tokens, over all positions."""
+        t = float(self.meta["temperature"])
+        total, count = 0.0, 0
+        for start in range(0, len(self.log_z), 256):
+            lp = np.asarray(self.logits[start:start + 256], dtype=np.float64) / t - np.asarray(self.log_z[start:start + 256])[..., None]
+            total += float((1 - np.exp(lp).sum(-1)).sum())
+            count += lp.shape[0] * lp.shape[1]
+        return total / max(count, 1)
+
+
+@torch.no_grad()
+def build_topk_cache(folder: Path, key: dict, model: nn.Module, blocks: torch.Tensor, k: int, temperature: float,
+                     batch_size: int = 8) -> TopKCache:
+    """Run the teacher LM once over ``blocks`` (N, L) token ids; write the top-k folder atomically."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    n, length = blocks.shape
+    ids = np.lib.format.open_memmap(tmp / "ids.npy", mode="w+", dtype=np.int32, shape=(n, length, k))
+    vals = np.lib.format.open_memmap(tmp / "logits.npy", mode="w+", dtype=np.float16, shape=(n, length, k))
+    log_z = np.lib.format.open_memmap(tmp / "log_z.npy", mode="w+", dtype=np.float32, shape=(n, length))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    vocab = None
+    try:
+        for start in tqdm(range(0, n, batch_size), desc=f"teacher top-{k} cache", leave=False, disable=None):
+            z = model(blocks[start:start + batch_size].to(device)).float()  # (B, L, V)
+            vocab = z.shape[-1]
+            if k > vocab:
+                raise DataError(f"distill.topk is {k} but the teacher's vocabulary has {vocab} tokens; lower distill.topk")
+            top = z.topk(k, dim=-1)
+            end = start + len(z)
+            ids[start:end] = top.indices.cpu().numpy()
+            vals[start:end] = top.values.cpu().numpy()
+            log_z[start:end] = torch.logsumexp(z / temperature, dim=-1).cpu().numpy()
+    except BaseException:
+        del ids, vals, log_z
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        model.train(was_training)
+    for a in (ids, vals, log_z):
+        a.flush()
+    del ids, vals, log_z
+    (tmp / "meta.json").write_text(json.dumps({**key, "k": k, "temperature": temperature, "vocab_size": vocab,
+                                               "shape": [n, length]}, indent=1))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return TopKCache(folder)
+
+
+def _mismatch(meta: dict, key: dict, k: int, temperature: float) -> Optional[str]:
+    for name, what in (("teacher", "another teacher"), ("data", "another corpus or tokenisation")):
+        if meta.get(name) != key.get(name):
+            return what
+    if meta.get("k") != k or meta.get("temperature") != temperature:
+        return f"k={meta.get('k')}, T={meta.get('temperature')} (this run: k={k}, T={temperature})"
+    return None
+
+
+def load_or_build_topk(folder: Path, key: dict, model: nn.Module, blocks: torch.Tensor, k: int, temperature: float,
+                       strict: bool = False, log: Log = print) -> TopKCache:
+    """Reuse ``folder`` if it was made from this teacher, corpus, k and T. Otherwise: with ``strict`` (a cache the
+    user pointed to) refuse with an error, else rebuild it and say why."""
+    meta_file = folder / "meta.json"
+    if meta_file.is_file():
+        try:
+            why = _mismatch(json.loads(meta_file.read_text()), key, k, temperature)
+        except (OSError, ValueError):
+            why = "an unreadable meta.json"
+        if why is None:
+            return TopKCache(folder)
+        if strict:
+            raise DataError(f"top-k cache {folder} was made for {why}; delete it or point distill.topk_cache at another "
+                            f"folder (it is rebuilt there)")
+        log(f"top-k cache {folder} was made for {why}; rebuilding it")
+    cache = build_topk_cache(folder, key, model, blocks, k, temperature)
+    log(f"teacher top-{k} cache: {blocks.shape[0]} x {blocks.shape[1]} positions, {cache.nbytes() / 2**20:.1f} MiB "
+        f"({cache.full_bytes() / max(cache.nbytes(), 1):.0f}x smaller than full fp16 logits), tail mass {cache.tail_mass():.4f}")
+    return cache

@@ -1,0 +1,174 @@
+"""The causal-LM stages: teacher (a model folder) -> student (smaller, optionally built from teacher layers)
+-> token-level distillation (teacher top-k cache or live logits; optionally on student-generated text) ->
+perplexity, size and generation speed.
+
+loss = alpha * next-token CE + (1 - alpha) * T^2 * divergence(student, teacher) over token positions,
+with the divergence from losses/token.py (forward / reverse KL, generalized JSD, skew KLs).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from .data import DataSplits
+from .evaluate.lm import generation_speed, perplexity
+from .evaluate.report import write_report
+from .knowledge.features import unwrap
+from .knowledge.topk import TopKCache, load_or_build_topk
+from .losses.token import causal_lm_loss, token_kd, token_kd_topk
+from .models import build_model, num_params, save_weights
+from .recipe import DistillConfig, Recipe
+from .run import Run, file_digest
+from .train import fit
+
+Log = Callable[[str], None]
+Losses = dict[str, torch.Tensor]
+
+
+class LMDistiller:
+    """Named token-level losses for a student LM: ``ce`` on the corpus, ``kd`` against the teacher.
+
+    The teacher signal is a top-k cache indexed by training block, or the teacher run live (needed on
+    student-generated text). With ``on_policy`` > 0, that share of steps (seeded) trains on continuations the
+    student samples after the block's first ``prompt_tokens`` tokens, scored by the teacher, with the prompt
+    masked out (GKD, Agarwal et al. 2024).
+    """
+
+    def __init__(self, cfg: DistillConfig, teacher: Optional[nn.Module], cache: Optional[TopKCache], seed: int = 0):
+        self.cfg, self.teacher, self.cache = cfg, teacher, cache
+        self.rng = torch.Generator().manual_seed(seed)
+        if teacher is not None:
+            teacher.eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+
+    def _kd(self, logits: torch.Tensor, x: torch.Tensor, idx: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> torch.Tensor:
+        c = self.cfg
+        name = "forward_kl" if c.response == "kl" else c.response
+        kw = {"temperature": c.temperature, "mask": mask, "beta": c.beta, "skew": c.skew}
+        if self.cache is not None and idx is not None:
+            ids, vals, log_z = (t.to(logits.device) for t in self.cache.get(idx))
+            return token_kd_topk(logits, ids, vals, log_z, name, **kw)
+        with torch.no_grad():
+            t_logits = self.teacher(x.to(next(self.teacher.parameters()).device)).to(logits.device)
+        return token_kd(logits, t_logits, name, **kw)
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> Losses:
+        c = self.cfg
+        if c.on_policy and float(torch.rand((), generator=self.rng)) < c.on_policy:
+            return self._on_policy(model, x)
+        logits = model(x)  # (B, L, V)
+        ce = causal_lm_loss(logits[:, :-1], x[:, 1:])
+        if c.response == "none" or c.alpha == 1.0:
+            return {"loss": ce, "ce": ce}
+        kd = self._kd(logits, x, idx, None)
+        return {"loss": c.alpha * ce + (1 - c.alpha) * kd, "ce": ce, "kd": kd}
+
+    def _on_policy(self, model: nn.Module, x: torch.Tensor) -> Losses:
+        p = min(self.cfg.prompt_tokens, x.shape[1] - 1)
+        seq = unwrap(model).generate(x[:, :p], x.shape[1] - p, sample=True)[:, : x.shape[1]]
+        logits = model(seq)
+        mask = torch.zeros(seq.shape, dtype=torch.bool, device=seq.device)
+        mask[:, p - 1:-1] = True  # the positions that predict generated tokens; the prompt is masked out
+        kd = self._kd(logits, seq, None, mask)
+        return {"loss": kd, "kd": kd, "on_policy": torch.ones(())}
+
+
+def _topk(run: Run, data: DataSplits, teacher: nn.Module, teacher_file: Path, log: Log) -> Optional[TopKCache]:
+    d = run.recipe.distill
+    if not d.topk or d.response == "none" or d.alpha == 1.0:
+        return None
+    folder = Path(d.topk_cache) if d.topk_cache else run.path / "teacher_cache" / f"top{d.topk}"
+    key = {"teacher": file_digest(teacher_file), "data": data.fingerprint()}
+    return load_or_build_topk(folder, key, teacher, data.train.x, d.topk, d.temperature, strict=bool(d.topk_cache), log=log)
+
+
+def train_lm_student(run: Run, data: DataSplits, teacher: nn.Module, teacher_file: Path, student: nn.Module,
+                     acc: Accelerator, resume: bool, log: Log) -> nn.Module:
+    r = run.recipe
+    if r.student.init and not (resume and (run.path / "student" / "checkpoints" / "last.safetensors").is_file()):
+        from .train.init import init_from_teacher_
+
+        rep = init_from_teacher_(student, teacher, r.student.init, r.student.init_every)
+        log(f"student: initialised from the teacher ({rep.method}, {rep.layers_copied} layers copied)")
+    d = r.distill
+    how = "labels only (next-token CE)" if d.alpha == 1.0 or d.response == "none" else \
+        f"{d.response} T={d.temperature:g} alpha={d.alpha:g}" + (f", top-{d.topk} cache" if d.topk else ", live teacher") + \
+        (f", on-policy {d.on_policy:g}" if d.on_policy else "")
+    log(f"student: {num_params(student):,} params, {how}; {len(data.train)} blocks x {data.input_shape[0]} tokens")
+    cache = _topk(run, data, teacher, teacher_file, log)
+    loss_fn = LMDistiller(d, teacher, cache, seed=r.seed)
+
+    def validate(model: nn.Module, device) -> dict:
+        m = perplexity(model, data.val.x, device=device)
+        return {"val_ppl": m["ppl"], "val_loss": m["loss"], "score": -m["loss"]}
+
+    result = fit(student, loss_fn, data.train, data.val, r.train, seed=r.seed, ckpt_dir=run.path / "student" / "checkpoints",
+                 metrics_path=run.metrics_path, stage="student", accelerator=acc, resume=resume, validate=validate)
+    if acc.is_main_process:
+        save_weights(student, run.student_weights)
+        cfg = {"model": r.student.model, "kwargs": r.student.kwargs, "model_args": data.model_args, "params": num_params(student),
+               "epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "best_val_loss": -result.best_val_accuracy}
+        (run.path / "student" / "config.json").write_text(json.dumps(cfg, indent=2))
+    acc.wait_for_everyone()
+    return student
+
+
+def evaluate_lm(run: Run, data: DataSplits, teacher: nn.Module, teacher_file: Path, student: nn.Module,
+                gen_tokens: int = 32, log: Log = print) -> dict:
+    """Test perplexity, parameters, bytes and batch-1 generation speed of teacher and student; report.json."""
+    import platform
+
+    import onnxruntime
+
+    from .pipeline import _cpu_model
+
+    threads = run.recipe.eval.threads
+    prompt = data.test.x[:1, :16]
+    entries = {}
+    for name, model, file in (("teacher", teacher, teacher_file), ("student", student, run.student_weights)):
+        ppl = perplexity(model, data.test.x)
+        speed = generation_speed(model, prompt, gen_tokens, threads)
+        entries[name] = {"test_ppl": ppl["ppl"], "test_loss": ppl["loss"], "test_tokens": ppl["tokens"], "params": num_params(model),
+                         "bytes": file.stat().st_size if file.is_file() else None, **speed}
+        log(f"{name}: test perplexity {ppl['ppl']:.2f}, {entries[name]['params']:,} params, {speed['tokens_per_s']:.1f} tokens/s")
+    t, s = entries["teacher"], entries["student"]
+    report = {"name": run.recipe.name, "task": "causal_lm", "data": data.description, **entries,
+              "compression_ratio": t["params"] / s["params"], "speedup_generation": s["tokens_per_s"] / t["tokens_per_s"],
+              "bytes_ratio": (t["bytes"] / s["bytes"]) if t["bytes"] and s["bytes"] else None,
+              "environment": {"cpu": _cpu_model(), "threads": threads, "torch": torch.__version__,
+                              "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}}
+    write_report(run.report_path, report)
+    return report
+
+
+def distill_lm(run: Run, recipe: Recipe, data: DataSplits, acc: Accelerator, resume: bool, log: Log,
+               evaluate_: bool = True) -> Run:
+    """The causal-LM pipeline (called by ``protege.distill`` for task: causal_lm)."""
+    from .teaching import check_tokenizers, teacher_file
+
+    check_tokenizers(recipe, data)
+    teacher = build_model(recipe.teacher, data.input_shape, data.num_classes, data.model_args).eval()
+    torch.manual_seed(recipe.seed)
+    student = build_model(recipe.student, data.input_shape, data.num_classes, data.model_args)
+    if recipe.student.init:  # an impossible initialisation fails here, before anything is written
+        import copy
+
+        from .train.init import init_from_teacher_
+
+        init_from_teacher_(copy.deepcopy(student), teacher, recipe.student.init, recipe.student.init_every)
+    if acc.is_main_process:
+        if not resume:
+            run.clear_artifacts()
+        run.write_recipe()
+    acc.wait_for_everyone()
+    t_file = teacher_file(run)
+    student = train_lm_student(run, data, teacher, t_file, student, acc, resume, log)
+    if evaluate_ and acc.is_main_process:
+        run.report = evaluate_lm(run, data, teacher, t_file, student, log=log)
+    return run

@@ -1,0 +1,170 @@
+"""Causal-LM distillation on tiny Llama configs: the corpus split, the top-k teacher cache, the token-level
+Distiller (cached, live, on-policy), layer initialisation, the whole pipeline, and bad input."""
+import json
+
+import pytest
+import torch
+
+import protege
+from protege.data import load_data
+from protege.errors import DataError, ModelError, RecipeError
+from protege.knowledge.topk import load_or_build_topk
+from protege.losses import token as T
+from protege.recipe import parse_recipe
+
+from .text_fixtures import write_corpus, write_llama_folder
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROTEGE_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm")
+    return {"teacher": write_llama_folder(root / "teacher"), "corpus": write_corpus(root / "corpus.jsonl"), "root": root}
+
+
+def _recipe(lm, **over) -> dict:
+    r = {"name": "lm", "task": "causal_lm",
+         "data": {"source": "lm_text", "path": str(lm["corpus"]), "block_size": 32, "val_fraction": 0.2, "test_fraction": 0.2},
+         "teacher": {"model": str(lm["teacher"])},
+         "student": {"model": str(lm["teacher"]), "kwargs": {"pretrained": False, "num_hidden_layers": 2}},
+         "distill": {"response": "forward_kl", "temperature": 1.0, "alpha": 0.5},
+         "train": {"epochs": 2, "batch_size": 8, "lr": 3e-3}, "eval": {"threads": 1}}
+    for k, v in over.items():
+        r[k] = {**r.get(k, {}), **v} if isinstance(v, dict) else v
+    return r
+
+
+def test_corpus_is_split_by_document_and_cut_into_blocks(lm):
+    d = load_data(parse_recipe(_recipe(lm)).data, 0)
+    assert d.is_lm and d.train.x.shape[1] == 32 and d.train.x.dtype == torch.int64
+    assert torch.equal(d.train.x, d.train.y)  # labels are the ids, shifted inside the loss
+    # 12 documents: 2 test, 2 validation, 8 train, whole documents each (about 7 blocks of 32 per document)
+    assert len(d.test) < len(d.train) and len(d.val) < len(d.train)
+    assert (d.train.x == 1).sum() >= 7  # <eos> joins the training documents
+    limited = load_data(parse_recipe(_recipe(lm, data={"limit": 10})).data, 0)
+    assert len(limited.train) == 10 and torch.equal(limited.test.x, d.test.x)
+
+
+@pytest.mark.parametrize("over, match", [
+    ({"data": {"block_size": 4096}}, "fewer than data.block_size"),
+    ({"data": {"path": "/nonexistent/corpus.jsonl"}}, "not found"),
+])
+def test_bad_corpus_settings(lm, over, match):
+    with pytest.raises(DataError, match=match):
+        load_data(parse_recipe(_recipe(lm, **over)).data, 0)
+
+
+def test_a_corpus_of_too_few_documents_is_refused(lm, tmp_path):
+    path = write_corpus(tmp_path / "two.jsonl", docs=2)
+    with pytest.raises(DataError, match="needs at\\s+least 3"):
+        load_data(parse_recipe(_recipe(lm, data={"path": str(path)})).data, 0)
+
+
+@pytest.mark.parametrize("over, match", [
+    ({"data": {"source": "text"}}, "causal_lm goes with data.source: lm_text"),
+    ({"distill": {"response": "mse_prob"}}, "for classification"),
+    ({"quantize": {"mode": "dynamic"}}, "remove prune, quantize"),
+])
+def test_recipe_errors_for_lm_tasks(lm, over, match):
+    with pytest.raises(RecipeError, match=match):
+        parse_recipe(_recipe(lm, **over))
+    with pytest.raises(RecipeError, match="for task: causal_lm"):
+        parse_recipe({"teacher": {"model": "mlp", "train": {}}, "student": {"model": "mlp"}, "distill": {"topk": 8}})
+
+
+def _teacher_and_data(lm):
+    from protege.models import build_model
+
+    d = load_data(parse_recipe(_recipe(lm)).data, 0)
+    r = parse_recipe(_recipe(lm))
+    return build_model(r.teacher, d.input_shape, d.num_classes, d.model_args).eval(), d
+
+
+def test_topk_cache_holds_the_teachers_top_tokens_and_is_keyed(lm, tmp_path):
+    teacher, d = _teacher_and_data(lm)
+    key = {"teacher": "abc", "data": d.fingerprint()}
+    cache = load_or_build_topk(tmp_path / "c", key, teacher, d.train.x, 5, 2.0, log=lambda *_: None)
+    idx = torch.tensor([3, 0, 7])
+    ids, vals, log_z = cache.get(idx)
+    with torch.no_grad():
+        full = teacher(d.train.x[idx]).float()
+    assert torch.equal(ids, full.topk(5, -1).indices)  # in the caller's order, not sorted
+    assert torch.allclose(vals, full.topk(5, -1).values, atol=1e-2)  # fp16
+    assert torch.allclose(log_z, torch.logsumexp(full / 2.0, -1), atol=1e-5)
+    assert cache.nbytes() < cache.full_bytes() and 0 < cache.tail_mass() < 1
+    messages = []
+    load_or_build_topk(tmp_path / "c", {**key, "teacher": "other"}, teacher, d.train.x, 5, 2.0, log=messages.append)
+    assert "another teacher" in messages[0] and "rebuilding" in messages[0]
+    with pytest.raises(DataError, match="made for another corpus"):
+        load_or_build_topk(tmp_path / "c", {**key, "teacher": "other", "data": "x"}, teacher, d.train.x, 5, 2.0, strict=True)
+    with pytest.raises(DataError, match="lower distill.topk"):
+        load_or_build_topk(tmp_path / "big", key, teacher, d.train.x, 10_000, 1.0)
+
+
+def test_the_lm_distiller_masks_the_prompt_on_policy_and_matches_the_pure_loss(lm):
+    from protege.lm import LMDistiller
+
+    teacher, d = _teacher_and_data(lm)
+    r = parse_recipe(_recipe(lm, distill={"response": "reverse_kl", "alpha": 0.3}))
+    student, _ = _teacher_and_data(lm)
+    x, idx = d.train.x[:4], torch.arange(4)
+    out = LMDistiller(r.distill, teacher, None)(student, x, x, idx)
+    with torch.no_grad():
+        s, t = student(x), teacher(x)
+    assert float(out["kd"]) == pytest.approx(float(T.token_kd(s, t, "reverse_kl")), rel=1e-5)
+    assert float(out["loss"]) == pytest.approx(0.3 * float(out["ce"]) + 0.7 * float(out["kd"]), rel=1e-5)
+    on = parse_recipe(_recipe(lm, distill={"on_policy": 1.0, "prompt_tokens": 8}))
+    res = LMDistiller(on.distill, teacher, None)(student, x, x, idx)
+    assert set(res) == {"loss", "kd", "on_policy"} and torch.isfinite(res["loss"])
+
+
+def test_student_initialised_from_every_other_teacher_layer(lm):
+    from protege.models import build_model
+    from protege.train.init import init_from_teacher_
+
+    teacher, d = _teacher_and_data(lm)
+    spec = parse_recipe(_recipe(lm)).student
+    student = build_model(spec, d.input_shape, d.num_classes, d.model_args)
+    rep = init_from_teacher_(student, teacher, "select")
+    assert [t for _, t in rep.mapping] == ["model.model.layers.0", "model.model.layers.2"]
+    assert torch.equal(student.model.model.layers[1].mlp.up_proj.weight, teacher.model.model.layers[2].mlp.up_proj.weight)
+    assert torch.equal(student.model.model.embed_tokens.weight, teacher.model.model.embed_tokens.weight)
+    narrow = build_model(spec.model_copy(update={"kwargs": {"pretrained": False, "hidden_size": 16}}), d.input_shape,
+                         d.num_classes, d.model_args)
+    with pytest.raises(ModelError, match="change only num_hidden_layers"):
+        init_from_teacher_(narrow, teacher, "select")
+
+
+@pytest.mark.parametrize("response", ["forward_kl", "jsd", "skew_reverse_kl"])
+def test_lm_pipeline_end_to_end(lm, tmp_path, response):
+    r = parse_recipe(_recipe(lm, distill={"response": response, "topk": 6, "beta": 0.3}, student={"init": "select"}))
+    run = protege.distill(r, tmp_path / "run", log=lambda *_: None)
+    rep = json.loads(run.report_path.read_text())
+    assert rep["task"] == "causal_lm" and rep["student"]["params"] < rep["teacher"]["params"]
+    assert rep["student"]["tokens_per_s"] > 0 and rep["student"]["test_ppl"] > 1
+    rows = [json.loads(line) for line in run.metrics_path.read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and all("val_ppl" in r and "kd" in r for r in rows)
+    assert (run.path / "teacher_cache" / "top6" / "meta.json").is_file()
+    # resuming a finished run reuses the cache and the checkpoint instead of recomputing
+    again = protege.distill(r, tmp_path / "run", resume=True, log=lambda *_: None)
+    assert json.loads(again.report_path.read_text())["student"]["test_ppl"] == pytest.approx(rep["student"]["test_ppl"])
+
+
+def test_lm_training_lowers_validation_perplexity(lm, tmp_path):
+    r = parse_recipe(_recipe(lm, train={"epochs": 3, "lr": 1e-2}, distill={"alpha": 1.0}))
+    run = protege.distill(r, tmp_path / "run", log=lambda *_: None)
+    ppl = [json.loads(line)["val_ppl"] for line in run.metrics_path.read_text().splitlines()]
+    assert ppl[-1] < 0.7 * 27  # below a uniform guess over the 27-token vocabulary by a wide margin
+
+
+def test_convert_gguf_refuses_other_files(tmp_path):
+    from protege.models.lm import convert_gguf
+
+    f = tmp_path / "model.bin"
+    f.write_bytes(b"x")
+    with pytest.raises(ModelError, match="not a .gguf file"):
+        convert_gguf(f, tmp_path / "out")
