@@ -76,6 +76,13 @@ def test_recipe_errors_for_lm_tasks(lm, over, match):
         parse_recipe({"teacher": {"model": "mlp", "train": {}}, "student": {"model": "mlp"}, "distill": {"topk": 8}})
 
 
+def test_blocks_longer_than_the_model_reads_are_refused_before_anything_is_written(lm, tmp_path):
+    r = parse_recipe(_recipe(lm, data={"block_size": 200}))  # the fixture Llama has 128 positions
+    with pytest.raises(RecipeError, match="reads at most 128 tokens but data.block_size gives 200"):
+        protege.distill(r, tmp_path / "run")
+    assert not (tmp_path / "run" / "recipe.yaml").exists()
+
+
 def _teacher_and_data(lm):
     from protege.models import build_model
 
@@ -115,8 +122,8 @@ def test_the_lm_distiller_masks_the_prompt_on_policy_and_matches_the_pure_loss(l
     out = LMDistiller(r.distill, teacher, None)(student, x, x, idx)
     with torch.no_grad():
         s, t = student(x), teacher(x)
-    assert float(out["kd"]) == pytest.approx(float(T.token_kd(s, t, "reverse_kl")), rel=1e-5)
-    assert float(out["loss"]) == pytest.approx(0.3 * float(out["ce"]) + 0.7 * float(out["kd"]), rel=1e-5)
+    assert float(out["kd"].detach()) == pytest.approx(float(T.token_kd(s, t, "reverse_kl")), rel=1e-5)
+    assert float(out["loss"].detach()) == pytest.approx(0.3 * float(out["ce"].detach()) + 0.7 * float(out["kd"].detach()), rel=1e-5)
     on = parse_recipe(_recipe(lm, distill={"on_policy": 1.0, "prompt_tokens": 8}))
     res = LMDistiller(on.distill, teacher, None)(student, x, x, idx)
     assert set(res) == {"loss", "kd", "on_policy"} and torch.isfinite(res["loss"])

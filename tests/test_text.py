@@ -64,6 +64,13 @@ def test_long_texts_are_truncated_with_a_warning_or_refused(folders, tmp_path):
         load_data(r.data, 0)
 
 
+def test_max_length_beyond_what_the_model_allows_is_capped_with_a_warning_or_refused(folders):
+    with pytest.warns(UserWarning, match="more than the 64 tokens the model allows; using 64"):
+        load_data(parse_recipe(_recipe(folders, data={"max_length": 100})).data, 0)
+    with pytest.raises(DataError, match="lower data.max_length to 64"):
+        load_data(parse_recipe(_recipe(folders, data={"max_length": 100, "too_long": "error"})).data, 0)
+
+
 @pytest.mark.parametrize("content, match", [
     ("words,label\nhello,pos\n", "has no column 'text'.*columns are: words, label"),
     ("text,label\ngood movie,pos\n  ,neg\n", "row 2 has an empty 'text'"),

@@ -18,7 +18,7 @@ def write_tokenizer(folder: Path) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     words = SPECIAL + POS + NEG + FILLER + ["##s", "##ly"]
-    BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True).save_pretrained(str(folder))
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True, model_max_length=64).save_pretrained(str(folder))
     return folder
 
 

@@ -99,7 +99,12 @@ def check_tokenizers(recipe: Recipe, data: DataSplits) -> None:
             raise RecipeError(f"the {who} ({folder}) has its own tokenizer, which differs from data.tokenizer "
                               f"({recipe.data.tokenizer}); every model of a text run reads the same token ids, so use one "
                               f"tokenizer (models that share a vocabulary), or distil through generated text instead")
-        vocab = json.loads((folder / "config.json").read_text()).get("vocab_size") if (folder / "config.json").is_file() else None
+        config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+        vocab, positions = config.get("vocab_size"), {**config, **spec.kwargs}.get("max_position_embeddings")
+        if positions is not None and data.input_shape[0] > positions:
+            what = "data.block_size" if data.is_lm else "data.max_length"
+            raise RecipeError(f"the {who} ({folder}) reads at most {positions} tokens but {what} gives {data.input_shape[0]}; "
+                              f"lower {what} to {positions} or less")
         if vocab is not None and vocab < data.vocab_size:
             raise RecipeError(f"the {who} ({folder}) has a vocabulary of {vocab} tokens but data.tokenizer has {data.vocab_size}; "
                               f"use the tokenizer the model was trained with")
