@@ -175,3 +175,12 @@ def test_convert_gguf_refuses_other_files(tmp_path):
     f.write_bytes(b"x")
     with pytest.raises(ModelError, match="not a .gguf file"):
         convert_gguf(f, tmp_path / "out")
+
+
+def test_evaluate_remeasures_an_lm_run_and_export_refuses_it(lm, tmp_path):
+    r = parse_recipe(_recipe(lm, train={"epochs": 1}))
+    run = protege.distill(r, tmp_path / "run", log=lambda *_: None)
+    rep = protege.evaluate(run.path)
+    assert rep["student"]["test_ppl"] == pytest.approx(run.report["student"]["test_ppl"])
+    with pytest.raises(RecipeError, match="for classification runs"):
+        protege.export_onnx(run.path)

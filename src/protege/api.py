@@ -62,4 +62,11 @@ def inspect(model: str, input_shape: Optional[str | list[int]] = None, *, classe
     return format_rows(inspect_model(m, in_shape))
 
 
-__all__ = ["compress", "distill", "distill_file", "evaluate", "export_onnx", "inspect", "prune_", "quantize_onnx"]
+def convert_gguf(gguf: str | Path, out: str | Path) -> Path:
+    """A .gguf causal LM -> a safetensors model folder (see models/lm.py)."""
+    from .models.lm import convert_gguf as convert
+
+    return convert(gguf, out)
+
+
+__all__ = ["compress", "convert_gguf", "distill", "distill_file", "evaluate", "export_onnx", "inspect", "prune_", "quantize_onnx"]

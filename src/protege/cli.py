@@ -78,6 +78,15 @@ def compress_cmd(
                      calibration_data=calibration_data, allow_fallback=allow_fallback)
 
 
+@app.command("convert-gguf")
+def convert_gguf_cmd(gguf: Path = typer.Argument(..., help="A .gguf checkpoint (llama.cpp format)."),
+                     out: Path = typer.Argument(..., help="New model folder (config.json, model.safetensors, tokenizer).")) -> None:
+    """Dequantize a GGUF causal LM once into a safetensors model folder that recipes can name as a teacher."""
+    from . import api
+
+    print(f"converted: {api.convert_gguf(gguf, out)}")
+
+
 @app.command("inspect")
 def inspect_cmd(
     model: str = typer.Argument(..., help="Zoo name (cnn, resnet20, ...), file.py:factory, or a run folder."),

@@ -147,6 +147,23 @@ def evaluate_lm(run: Run, data: DataSplits, teacher: nn.Module, teacher_file: Pa
     return report
 
 
+def reevaluate_lm(run: Run, data: DataSplits) -> dict:
+    """`protege evaluate` on a finished causal-LM run: rebuild teacher and student, measure again."""
+    from .models import load_weights
+    from .teaching import teacher_file
+
+    r = run.recipe
+    if not run.student_weights.is_file():
+        from .errors import RunError
+
+        raise RunError(f"{run.path} has no finished student ({run.student_weights} missing); finish it with --resume")
+    teacher = build_model(r.teacher, data.input_shape, data.num_classes, data.model_args).eval()
+    student = build_model(r.student.model_copy(update={"weights": None}), data.input_shape, data.num_classes, data.model_args)
+    load_weights(student, run.student_weights)
+    run.report = evaluate_lm(run, data, teacher, teacher_file(run), student.eval())
+    return run.report
+
+
 def distill_lm(run: Run, recipe: Recipe, data: DataSplits, acc: Accelerator, resume: bool, log: Log,
                evaluate_: bool = True) -> Run:
     """The causal-LM pipeline (called by ``protege.distill`` for task: causal_lm)."""

@@ -75,6 +75,7 @@ def compress(run: Run | str | Path, *, prune: Optional[PruneConfig] = None, quan
     pass, recipe.yaml and the reports are put back as they were. The teacher and student are never touched.
     """
     run = run if isinstance(run, Run) else Run.load(run)
+    _classify_only(run, "compress")
     if not run.student_weights.is_file():
         raise RunError(f"{run.path} has no finished student ({run.student_weights} missing); finish it with "
                        f"`protege distill RECIPE --out {run.path} --resume` before compressing")
@@ -103,6 +104,12 @@ def compress(run: Run | str | Path, *, prune: Optional[PruneConfig] = None, quan
             quantize_stage(run, data, log, qat=_qat_fn(run, data, teachers, acc, log))
         run.report = evaluate(run, data=data)
     return run
+
+
+def _classify_only(run: Run, what: str) -> None:
+    if run.recipe.task != "classify":
+        raise RecipeError(f"`protege {what}` is for classification runs; {run.path} is a {run.recipe.task} run "
+                          f"(its student is {run.student_weights}; use `protege evaluate` for its perplexity and speed)")
 
 
 def _qat_fn(run: Run, data: DataSplits, teachers: list[nn.Module], acc: Accelerator, log: Log):
@@ -154,6 +161,7 @@ def _export_checked(model: nn.Module, run: Run, data: DataSplits, dst: Path, log
 def export_onnx(run: Run | str | Path, *, data: Optional[DataSplits] = None, log: Log = print) -> Path:
     """Export the run's student (and its pruned version, if any) to ONNX, each checked against PyTorch."""
     run = run if isinstance(run, Run) else Run.load(run)
+    _classify_only(run, "export")
     data = data or load_data(run.recipe.data, run.recipe.seed)
     student = _load_models(run, data)[1]
     _export_checked(student, run, data, run.onnx_path, log)
@@ -215,6 +223,10 @@ def evaluate(run: Run | str | Path, *, data: Optional[DataSplits] = None, show: 
 
     run = run if isinstance(run, Run) else Run.load(run)
     data = data or load_data(run.recipe.data, run.recipe.seed)
+    if run.recipe.task == "causal_lm":
+        from .lm import reevaluate_lm
+
+        return reevaluate_lm(run, data)
     teachers, student = _load_models(run, data)
     teacher_model = teachers[0]
     t_logits = predict_logits(teacher_model, data.test.x)
