@@ -179,6 +179,11 @@ def distill_lm(run: Run, recipe: Recipe, data: DataSplits, acc: Accelerator, res
         from .train.init import init_from_teacher_
 
         init_from_teacher_(copy.deepcopy(student), teacher, recipe.student.init, recipe.student.init_every)
+    vocab = int(teacher.config.vocab_size)
+    if recipe.distill.topk and recipe.distill.topk > vocab:
+        from .errors import RecipeError
+
+        raise RecipeError(f"distill.topk is {recipe.distill.topk} but the teacher's vocabulary has {vocab} tokens; lower distill.topk")
     if acc.is_main_process:
         if not resume:
             run.clear_artifacts()

@@ -27,6 +27,7 @@ class DataConfig(_Strict):
     max_length: int = Field(128, ge=2)  # text: tokens per example at most
     too_long: Literal["truncate", "error"] = "truncate"  # text: cut longer examples (with a warning) or refuse them
     block_size: int = Field(128, ge=2)  # lm_text: tokens per training sequence (documents are joined, then cut)
+    eval_limit: Optional[int] = Field(None, ge=1)  # lm_text: at most this many validation and test blocks (a seeded subset)
     categorical: Optional[list[str]] = None  # csv: columns to one-hot encode (default: inferred)
     numeric: Optional[list[str]] = None  # csv: columns that must be numbers (default: inferred)
     val_fraction: float = Field(0.1, gt=0, lt=1)
