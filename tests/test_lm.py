@@ -96,37 +96,70 @@ def test_topk_cache_holds_the_teachers_top_tokens_and_is_keyed(lm, tmp_path):
     key = {"teacher": "abc", "data": d.fingerprint()}
     cache = load_or_build_topk(tmp_path / "c", key, teacher, d.train.x, 5, 2.0, log=lambda *_: None)
     idx = torch.tensor([3, 0, 7])
-    ids, vals, log_z = cache.get(idx)
+    ids, buckets = cache.get(idx)
     with torch.no_grad():
-        full = teacher(d.train.x[idx]).float()
-    assert torch.equal(ids, full.topk(5, -1).indices)  # in the caller's order, not sorted
-    assert torch.allclose(vals, full.topk(5, -1).values, atol=1e-2)  # fp16
-    assert torch.allclose(log_z, torch.logsumexp(full / 2.0, -1), atol=1e-5)
+        full = torch.log_softmax(teacher(d.train.x[idx]).float() / 2.0, -1)
+    top = full.topk(5, -1)
+    assert torch.equal(ids, top.indices)  # in the caller's order, not sorted
+    assert torch.allclose(buckets[..., :5], top.values, atol=2e-3)  # fp16 log-probabilities
+    assert torch.allclose(buckets[..., 5].exp(), 1 - top.values.exp().sum(-1), atol=2e-3)  # the tail: the rest, exactly
+    assert torch.allclose(buckets.exp().sum(-1), torch.ones(3, 32), atol=1e-5)
     assert cache.nbytes() < cache.full_bytes() and 0 < cache.tail_mass() < 1
     messages = []
     load_or_build_topk(tmp_path / "c", {**key, "teacher": "other"}, teacher, d.train.x, 5, 2.0, log=messages.append)
     assert "another teacher" in messages[0] and "rebuilding" in messages[0]
     with pytest.raises(DataError, match="made for another corpus"):
         load_or_build_topk(tmp_path / "c", {**key, "teacher": "other", "data": "x"}, teacher, d.train.x, 5, 2.0, strict=True)
+    with pytest.raises(DataError, match="blocks of shape"):  # same tokens cut into other blocks
+        load_or_build_topk(tmp_path / "c", {**key, "teacher": "other"}, teacher, d.train.x.reshape(-1, 16), 5, 2.0, strict=True)
     with pytest.raises(DataError, match="lower distill.topk"):
         load_or_build_topk(tmp_path / "big", key, teacher, d.train.x, 10_000, 1.0)
 
 
-def test_the_lm_distiller_masks_the_prompt_on_policy_and_matches_the_pure_loss(lm):
+def test_the_lm_distiller_matches_the_pure_loss_and_masks_the_prompt_on_policy(lm, monkeypatch):
     from protege.lm import LMDistiller
+    from protege.models import build_model
 
     teacher, d = _teacher_and_data(lm)
     r = parse_recipe(_recipe(lm, distill={"response": "reverse_kl", "alpha": 0.3}))
-    student, _ = _teacher_and_data(lm)
+    student = build_model(r.student, d.input_shape, d.num_classes, d.model_args)  # random weights: KD is not 0
     x, idx = d.train.x[:4], torch.arange(4)
-    out = LMDistiller(r.distill, teacher, None)(student, x, x, idx)
+    out = {k: float(v.detach()) for k, v in LMDistiller(r.distill, teacher, None)(student, x, x, idx).items()}
     with torch.no_grad():
         s, t = student(x), teacher(x)
-    assert float(out["kd"].detach()) == pytest.approx(float(T.token_kd(s, t, "reverse_kl")), rel=1e-5)
-    assert float(out["loss"].detach()) == pytest.approx(0.3 * float(out["ce"].detach()) + 0.7 * float(out["kd"].detach()), rel=1e-5)
+    assert out["kd"] == pytest.approx(float(T.token_kd(s, t, "reverse_kl")), rel=1e-5) and out["kd"] > 0.01
+    assert out["kd"] != pytest.approx(float(T.token_kd(s, t, "forward_kl")), rel=1e-3)  # the direction matters
+    assert out["loss"] == pytest.approx(0.3 * out["ce"] + 0.7 * out["kd"], rel=1e-5)
+    # on-policy: the student's continuation after the prompt, scored by the teacher on generated positions only
     on = parse_recipe(_recipe(lm, distill={"on_policy": 1.0, "prompt_tokens": 8}))
+    generated = torch.randint(0, d.num_classes, x.shape)
+    generated[:, :8] = x[:, :8]
+    monkeypatch.setattr(type(student), "generate", lambda self, prompt, n, sample=True: generated)
     res = LMDistiller(on.distill, teacher, None)(student, x, x, idx)
-    assert set(res) == {"loss", "kd", "on_policy"} and torch.isfinite(res["loss"])
+    mask = torch.zeros(x.shape, dtype=torch.bool)
+    mask[:, 7:-1] = True
+    with torch.no_grad():
+        expected = T.token_kd(student(generated), teacher(generated), "forward_kl", mask=mask)
+    assert float(res["on_policy"]) == 1.0 and float(res["kd"].detach()) == pytest.approx(float(expected), rel=1e-5)
+    off = parse_recipe(_recipe(lm, distill={"on_policy": 0.5}))
+    share = sum(LMDistiller(off.distill, teacher, None).on_policy_step(torch.tensor([i, i + 1])) for i in range(400)) / 400
+    assert 0.4 < share < 0.6  # about half the batches, the same ones on every run (a function of seed and batch)
+
+
+def test_tied_embeddings_are_stored_once_and_tied_again_on_load(lm, tmp_path):
+    from safetensors.torch import load_file
+
+    from protege.models import build_model, load_weights, save_weights
+
+    teacher, d = _teacher_and_data(lm)
+    save_weights(teacher, tmp_path / "w.safetensors")
+    keys = set(load_file(str(tmp_path / "w.safetensors")))
+    assert "model.model.embed_tokens.weight" in keys and "model.lm_head.weight" not in keys
+    fresh = build_model(parse_recipe(_recipe(lm)).student.model_copy(update={"kwargs": {"pretrained": False}}),
+                        d.input_shape, d.num_classes, d.model_args)
+    load_weights(fresh, tmp_path / "w.safetensors")
+    assert fresh.model.lm_head.weight is fresh.model.model.embed_tokens.weight
+    assert torch.equal(fresh.model.lm_head.weight, teacher.model.lm_head.weight)
 
 
 def test_student_initialised_from_every_other_teacher_layer(lm):
@@ -155,6 +188,9 @@ def test_lm_pipeline_end_to_end(lm, tmp_path, response):
     assert rep["student"]["tokens_per_s"] > 0 and rep["student"]["test_ppl"] > 1
     rows = [json.loads(line) for line in run.metrics_path.read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and all("val_ppl" in r and "kd" in r for r in rows)
+    cfg = json.loads((run.path / "student" / "config.json").read_text())
+    best = min(rows, key=lambda r: r["val_loss"])  # the validation-selected epoch is the one kept
+    assert cfg["best_epoch"] == best["epoch"] and cfg["best_val_loss"] == pytest.approx(best["val_loss"])
     assert (run.path / "teacher_cache" / "top6" / "meta.json").is_file()
     # resuming a finished run reuses the cache and the checkpoint instead of recomputing
     again = protege.distill(r, tmp_path / "run", resume=True, log=lambda *_: None)

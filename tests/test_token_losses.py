@@ -100,11 +100,15 @@ def test_token_kd_temperature_squared_and_masking():
     assert float(T.token_kd(s, t2, "forward_kl", temperature=2.0, mask=mask)) == pytest.approx(float(expected), rel=1e-6)
     with pytest.raises(ValueError, match="tokenizer"):
         T.token_kd(s, torch.randn(2, 4, 10))
+    ids, buckets = _topk_cache(t, 3, 1.0)
+    with pytest.raises(ValueError, match="do not line up"):  # a cache made for blocks of another length
+        T.token_kd_topk(torch.randn(2, 8, 9), ids, buckets)
 
 
 def _topk_cache(teacher_logits: torch.Tensor, k: int, temperature: float):
+    """(ids, teacher bucket log-probabilities) as the top-k cache gives them."""
     vals, ids = teacher_logits.topk(k, dim=-1)
-    return ids, vals, torch.logsumexp(teacher_logits / temperature, dim=-1)
+    return ids, T.teacher_topk_log_probs(vals, torch.logsumexp(teacher_logits / temperature, dim=-1), temperature)
 
 
 def test_topk_with_the_whole_vocabulary_equals_the_full_loss():
@@ -119,8 +123,8 @@ def test_topk_with_the_whole_vocabulary_equals_the_full_loss():
 def test_topk_tail_bucket_holds_the_exact_remaining_mass():
     torch.manual_seed(2)
     t = torch.randn(5, 30, dtype=torch.float64)
-    ids, vals, log_z = _topk_cache(t, 4, 2.0)
-    buckets = T.teacher_topk_log_probs(vals, log_z, 2.0).exp()  # (5, 5)
+    ids, log_buckets = _topk_cache(t, 4, 2.0)
+    buckets = log_buckets.exp()  # (5, 5)
     full = F.softmax(t / 2.0, -1)
     assert torch.allclose(buckets[:, :4], full.gather(-1, ids), atol=1e-12)
     assert torch.allclose(buckets[:, 4], 1 - full.gather(-1, ids).sum(-1), atol=1e-12)

@@ -40,8 +40,7 @@ class LMDistiller:
     """
 
     def __init__(self, cfg: DistillConfig, teacher: Optional[nn.Module], cache: Optional[TopKCache], seed: int = 0):
-        self.cfg, self.teacher, self.cache = cfg, teacher, cache
-        self.rng = torch.Generator().manual_seed(seed)
+        self.cfg, self.teacher, self.cache, self.seed = cfg, teacher, cache, seed
         if teacher is not None:
             teacher.eval()
             for p in teacher.parameters():
@@ -52,40 +51,59 @@ class LMDistiller:
         name = "forward_kl" if c.response == "kl" else c.response
         kw = {"temperature": c.temperature, "mask": mask, "beta": c.beta, "skew": c.skew}
         if self.cache is not None and idx is not None:
-            ids, vals, log_z = (t.to(logits.device) for t in self.cache.get(idx))
-            return token_kd_topk(logits, ids, vals, log_z, name, **kw)
+            ids, t_log_probs = (t.to(logits.device) for t in self.cache.get(idx))
+            return token_kd_topk(logits, ids, t_log_probs, name, **kw)
         with torch.no_grad():
             t_logits = self.teacher(x.to(next(self.teacher.parameters()).device)).to(logits.device)
         return token_kd(logits, t_logits, name, **kw)
 
+    def on_policy_step(self, idx: torch.Tensor) -> bool:
+        """Whether this batch trains on generated text: a function of the seed and the batch (so a resumed run
+        makes the same choices), true for about ``on_policy`` of the batches."""
+        if not self.cfg.on_policy:
+            return False
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(idx[0]) * 7919 + len(idx))
+        return float(torch.rand((), generator=g)) < self.cfg.on_policy
+
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> Losses:
         c = self.cfg
-        if c.on_policy and float(torch.rand((), generator=self.rng)) < c.on_policy:
-            return self._on_policy(model, x)
         logits = model(x)  # (B, L, V)
         ce = causal_lm_loss(logits[:, :-1], x[:, 1:])
         if c.response == "none" or c.alpha == 1.0:
             return {"loss": ce, "ce": ce}
+        if self.on_policy_step(idx):
+            kd = self._on_policy(model, x)
+            return {"loss": c.alpha * ce + (1 - c.alpha) * kd, "ce": ce, "kd": kd, "on_policy": torch.ones(())}
         kd = self._kd(logits, x, idx, None)
-        return {"loss": c.alpha * ce + (1 - c.alpha) * kd, "ce": ce, "kd": kd}
+        return {"loss": c.alpha * ce + (1 - c.alpha) * kd, "ce": ce, "kd": kd, "on_policy": torch.zeros(())}
 
-    def _on_policy(self, model: nn.Module, x: torch.Tensor) -> Losses:
+    def _on_policy(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The divergence on a continuation the student samples (in eval mode: no dropout) after the block's first
+        ``prompt_tokens`` tokens, scored by the live teacher; only positions that predict generated tokens count."""
         p = min(self.cfg.prompt_tokens, x.shape[1] - 1)
-        seq = unwrap(model).generate(x[:, :p], x.shape[1] - p, sample=True)[:, : x.shape[1]]
-        logits = model(seq)
+        inner = unwrap(model)
+        was_training = inner.training
+        inner.eval()
+        seq = inner.generate(x[:, :p], x.shape[1] - p, sample=True)[:, : x.shape[1]]
+        inner.train(was_training)
         mask = torch.zeros(seq.shape, dtype=torch.bool, device=seq.device)
         mask[:, p - 1:-1] = True  # the positions that predict generated tokens; the prompt is masked out
-        kd = self._kd(logits, seq, None, mask)
-        return {"loss": kd, "kd": kd, "on_policy": torch.ones(())}
+        return self._kd(model(seq), seq, None, mask)
 
 
-def _topk(run: Run, data: DataSplits, teacher: nn.Module, teacher_file: Path, log: Log) -> Optional[TopKCache]:
+def _topk(run: Run, data: DataSplits, teacher: nn.Module, teacher_file: Path, acc: Accelerator, log: Log) -> Optional[TopKCache]:
     d = run.recipe.distill
     if not d.topk or d.response == "none" or d.alpha == 1.0:
         return None
     folder = Path(d.topk_cache) if d.topk_cache else run.path / "teacher_cache" / f"top{d.topk}"
     key = {"teacher": file_digest(teacher_file), "data": data.fingerprint()}
-    return load_or_build_topk(folder, key, teacher, data.train.x, d.topk, d.temperature, strict=bool(d.topk_cache), log=log)
+
+    def get(say: Log) -> TopKCache:
+        return load_or_build_topk(folder, key, teacher, data.train.x, d.topk, d.temperature, strict=bool(d.topk_cache), log=say)
+
+    cache = get(log) if acc.is_main_process else None  # one process writes the cache, the others then read it
+    acc.wait_for_everyone()
+    return cache if cache is not None else get(lambda *_: None)
 
 
 def train_lm_student(run: Run, data: DataSplits, teacher: nn.Module, teacher_file: Path, student: nn.Module,
@@ -101,7 +119,7 @@ def train_lm_student(run: Run, data: DataSplits, teacher: nn.Module, teacher_fil
         f"{d.response} T={d.temperature:g} alpha={d.alpha:g}" + (f", top-{d.topk} cache" if d.topk else ", live teacher") + \
         (f", on-policy {d.on_policy:g}" if d.on_policy else "")
     log(f"student: {num_params(student):,} params, {how}; {len(data.train)} blocks x {data.input_shape[0]} tokens")
-    cache = _topk(run, data, teacher, teacher_file, log)
+    cache = _topk(run, data, teacher, teacher_file, acc, log)
     loss_fn = LMDistiller(d, teacher, cache, seed=r.seed)
 
     def validate(model: nn.Module, device) -> dict:
@@ -179,18 +197,24 @@ def distill_lm(run: Run, recipe: Recipe, data: DataSplits, acc: Accelerator, res
         from .train.init import init_from_teacher_
 
         init_from_teacher_(copy.deepcopy(student), teacher, recipe.student.init, recipe.student.init_every)
-    vocab = int(teacher.config.vocab_size)
-    if recipe.distill.topk and recipe.distill.topk > vocab:
-        from .errors import RecipeError
+    from .errors import RecipeError
 
-        raise RecipeError(f"distill.topk is {recipe.distill.topk} but the teacher's vocabulary has {vocab} tokens; lower distill.topk")
+    with torch.no_grad():  # both must score the same vocabulary, position by position
+        v_t, v_s = (int(m.eval()(data.val.x[:1, :8]).shape[-1]) for m in (teacher, student))
+    student.train()
+    if v_t != v_s:
+        raise RecipeError(f"the teacher scores {v_t} tokens per position but the student {v_s}; token-level losses need one "
+                          f"vocabulary: build the student with the teacher's tokenizer and vocab_size")
+    if recipe.distill.topk and recipe.distill.topk > v_t:
+        raise RecipeError(f"distill.topk is {recipe.distill.topk} but the teacher's vocabulary has {v_t} tokens; lower distill.topk")
     if acc.is_main_process:
         if not resume:
             run.clear_artifacts()
         run.write_recipe()
     acc.wait_for_everyone()
     t_file = teacher_file(run)
+    teacher.to(acc.device)  # live and cache passes on the training device
     student = train_lm_student(run, data, teacher, t_file, student, acc, resume, log)
-    if evaluate_ and acc.is_main_process:
-        run.report = evaluate_lm(run, data, teacher, t_file, student, log=log)
+    if evaluate_ and acc.is_main_process:  # measured on CPU, the deployment target
+        run.report = evaluate_lm(run, data, teacher.cpu(), t_file, student.cpu(), log=log)
     return run

@@ -136,7 +136,7 @@ def _load_models(run: Run, data: DataSplits) -> tuple[list[nn.Module], nn.Module
         if r.ema_teacher:
             spec = r.student.model_copy(update={"weights": None})
         t = build_model(spec, data.input_shape, data.num_classes, data.model_args)
-        if i == 0 and not isinstance(t, OnnxModule) and not spec.weights and (spec.train is not None or r.ema_teacher):
+        if i == 0 and not isinstance(t, OnnxModule) and not spec.weights and (r.ema_teacher or spec.train is not None):
             load_weights(t, run.teacher_weights)
         teachers.append(t.eval())
     student = build_model(r.student.model_copy(update={"weights": None}), data.input_shape, data.num_classes, data.model_args)

@@ -205,6 +205,8 @@ class Recipe(_Strict):
         if lm and self.distill.response in ("mse_prob", "mse_logits", "dkd"):
             raise ValueError(f"distill.response {self.distill.response} is for classification; for task: causal_lm use "
                              f"forward_kl (= kl), reverse_kl, jsd, skew_forward_kl, skew_reverse_kl or none")
+        if lm and self.distill.on_policy and (self.distill.response == "none" or self.distill.alpha == 1.0):
+            raise ValueError("distill.on_policy needs a teacher signal: set distill.response to a token loss and alpha below 1")
         if not lm and (self.distill.topk or self.distill.topk_cache or self.distill.on_policy):
             raise ValueError("distill.topk, topk_cache and on_policy are for task: causal_lm")
         return self

@@ -95,7 +95,8 @@ def check_tokenizers(recipe: Recipe, data: DataSplits) -> None:
         if not is_hf_folder(spec.model):
             continue
         folder = Path(spec.model)
-        if any((folder / f).is_file() for f in ("tokenizer.json", "vocab.txt", "vocab.json")) and tokenizer_digest(str(folder)) != want:
+        has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model"))
+        if has_tokenizer and tokenizer_digest(str(folder)) != want:
             raise RecipeError(f"the {who} ({folder}) has its own tokenizer, which differs from data.tokenizer "
                               f"({recipe.data.tokenizer}); every model of a text run reads the same token ids, so use one "
                               f"tokenizer (models that share a vocabulary), or distil through generated text instead")

@@ -43,10 +43,10 @@ class DataSplits:
         return {**args, "task": "causal_lm"} if self.is_lm else args
 
     def fingerprint(self) -> str:
-        """A short hash of the training inputs and labels (for caches)."""
+        """A short hash of the training inputs (with their shape) and labels (for caches)."""
         import hashlib
 
-        h = hashlib.sha256()
+        h = hashlib.sha256(str((tuple(self.train.x.shape), str(self.train.x.dtype))).encode())  # same bytes, other blocks
         h.update(self.train.x.numpy().tobytes())
         h.update(self.train.y.numpy().tobytes())
         return h.hexdigest()[:16]

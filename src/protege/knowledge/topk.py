@@ -1,17 +1,18 @@
 """Offline teacher logits for large vocabularies: the top-k per token position, on disk, memory-mapped.
 
 A causal LM's full logits are V floats per token (49,152 for SmolLM2: 192 kB per token in fp32), far
-too many to keep for a corpus. Like DistillKit, we keep the k largest logits and their token ids per
-position, plus log Z = logsumexp(z / T) over the whole vocabulary, so the k probabilities at T are exact
-and the rest of the mass is one explicit tail bucket (losses/token.py ``token_kd_topk``).
+too many to keep for a corpus. Like DistillKit, we keep the k most likely tokens per position: their ids and
+their log-probabilities at T, plus the exact log of the remaining mass (computed in fp32 from the full
+logits), which becomes one explicit tail bucket (losses/token.py ``token_kd_topk``).
 
 This is biased: the student never sees how the tail mass is shared, and which k tokens are kept depends
 on the teacher (Sparse Logit Sampling, Anshumann et al. 2025, shows the bias and proposes sampling
 instead). Keep k large enough that the tail is small (``tail_mass`` reports it).
 
-Folder layout: ``ids.npy`` (N, L, k) int32, ``logits.npy`` (N, L, k) float16, ``log_z.npy`` (N, L) float32,
-``meta.json`` with the key (teacher digest, corpus fingerprint, k, T, vocabulary size). Arrays are read with
-``np.load(mmap_mode="r")``, never unpickled.
+Folder layout: ``ids.npy`` (N, L, k) int32, ``logp.npy`` (N, L, k) float16 log-probabilities, ``tail.npy``
+(N, L) float32 log tail mass, ``meta.json`` with the key (teacher digest, corpus fingerprint, k, T, vocabulary
+size, shape). The k + 1 buckets are renormalised on reading, so fp16 rounding cannot make them sum past 1.
+Arrays are read with ``np.load(mmap_mode="r")``, never unpickled.
 """
 from __future__ import annotations
 
@@ -26,48 +27,45 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import DataError
+from ..losses.token import TAIL_FLOOR
 
 Log = Callable[[str], None]
-FILES = ("ids.npy", "logits.npy", "log_z.npy")
+FILES = ("ids.npy", "logp.npy", "tail.npy")
 
 
 class TopKCache:
-    """Read side: ``get(idx)`` -> (ids (B, L, k) int64, logits (B, L, k) float32, log_z (B, L) float32)."""
+    """Read side: ``get(idx)`` -> (ids (B, L, k) int64, teacher log-probabilities (B, L, k + 1) float32: the k, then the tail)."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.meta = json.loads((self.folder / "meta.json").read_text())
-        self.ids, self.logits, self.log_z = (np.load(self.folder / f, mmap_mode="r", allow_pickle=False) for f in FILES)
+        self.ids, self.logp, self.tail = (np.load(self.folder / f, mmap_mode="r", allow_pickle=False) for f in FILES)
 
     @property
     def k(self) -> int:
         return int(self.meta["k"])
 
-    def get(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        i = np.sort(np.asarray(idx.cpu().numpy()))
-        order = np.argsort(np.argsort(np.asarray(idx.cpu().numpy())))  # back to the caller's order
+    def get(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        want = np.asarray(idx.cpu().numpy())
+        i = np.sort(want)  # sorted reads are faster on a memory map
+        order = np.argsort(np.argsort(want))  # back to the caller's order
         ids = torch.from_numpy(np.ascontiguousarray(self.ids[i][order])).long()
-        logits = torch.from_numpy(np.ascontiguousarray(self.logits[i][order])).float()
-        log_z = torch.from_numpy(np.ascontiguousarray(self.log_z[i][order]))
-        return ids, logits, log_z
+        logp = torch.from_numpy(np.ascontiguousarray(self.logp[i][order])).float()
+        tail = torch.from_numpy(np.ascontiguousarray(self.tail[i][order])).unsqueeze(-1)
+        buckets = torch.cat([logp, tail], -1)
+        return ids, buckets - torch.logsumexp(buckets, -1, keepdim=True)
 
     def nbytes(self) -> int:
         return sum((self.folder / f).stat().st_size for f in FILES)
 
     def full_bytes(self, bytes_per_logit: int = 2) -> int:
         """What the full logits of the same positions would take (fp16 by default, as a cache would store them)."""
-        n, length = self.log_z.shape
+        n, length = self.tail.shape
         return n * length * int(self.meta["vocab_size"]) * bytes_per_logit
 
     def tail_mass(self) -> float:
         """Mean probability (at T) that falls outside the kept k tokens, over all positions."""
-        t = float(self.meta["temperature"])
-        total, count = 0.0, 0
-        for start in range(0, len(self.log_z), 256):
-            lp = np.asarray(self.logits[start:start + 256], dtype=np.float64) / t - np.asarray(self.log_z[start:start + 256])[..., None]
-            total += float((1 - np.exp(lp).sum(-1)).sum())
-            count += lp.shape[0] * lp.shape[1]
-        return total / max(count, 1)
+        return float(np.mean(np.exp(np.asarray(self.tail, dtype=np.float64))))
 
 
 @torch.no_grad()
@@ -79,8 +77,8 @@ def build_topk_cache(folder: Path, key: dict, model: nn.Module, blocks: torch.Te
     tmp.mkdir(parents=True)
     n, length = blocks.shape
     ids = np.lib.format.open_memmap(tmp / "ids.npy", mode="w+", dtype=np.int32, shape=(n, length, k))
-    vals = np.lib.format.open_memmap(tmp / "logits.npy", mode="w+", dtype=np.float16, shape=(n, length, k))
-    log_z = np.lib.format.open_memmap(tmp / "log_z.npy", mode="w+", dtype=np.float32, shape=(n, length))
+    logp = np.lib.format.open_memmap(tmp / "logp.npy", mode="w+", dtype=np.float16, shape=(n, length, k))
+    tail = np.lib.format.open_memmap(tmp / "tail.npy", mode="w+", dtype=np.float32, shape=(n, length))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -91,20 +89,22 @@ def build_topk_cache(folder: Path, key: dict, model: nn.Module, blocks: torch.Te
             vocab = z.shape[-1]
             if k > vocab:
                 raise DataError(f"distill.topk is {k} but the teacher's vocabulary has {vocab} tokens; lower distill.topk")
-            top = z.topk(k, dim=-1)
+            log_p = torch.log_softmax(z / temperature, dim=-1)
+            top = log_p.topk(k, dim=-1)
+            covered = torch.logsumexp(top.values, dim=-1).clamp(max=0.0)
             end = start + len(z)
             ids[start:end] = top.indices.cpu().numpy()
-            vals[start:end] = top.values.cpu().numpy()
-            log_z[start:end] = torch.logsumexp(z / temperature, dim=-1).cpu().numpy()
+            logp[start:end] = top.values.cpu().numpy()
+            tail[start:end] = (-torch.expm1(covered)).clamp_min(TAIL_FLOOR).log().cpu().numpy()
     except BaseException:
-        del ids, vals, log_z
+        del ids, logp, tail
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         model.train(was_training)
-    for a in (ids, vals, log_z):
+    for a in (ids, logp, tail):
         a.flush()
-    del ids, vals, log_z
+    del ids, logp, tail
     (tmp / "meta.json").write_text(json.dumps({**key, "k": k, "temperature": temperature, "vocab_size": vocab,
                                                "shape": [n, length]}, indent=1))
     shutil.rmtree(folder, ignore_errors=True)
@@ -112,10 +112,12 @@ def build_topk_cache(folder: Path, key: dict, model: nn.Module, blocks: torch.Te
     return TopKCache(folder)
 
 
-def _mismatch(meta: dict, key: dict, k: int, temperature: float) -> Optional[str]:
+def _mismatch(meta: dict, key: dict, k: int, temperature: float, shape: list[int]) -> Optional[str]:
     for name, what in (("teacher", "another teacher"), ("data", "another corpus or tokenisation")):
         if meta.get(name) != key.get(name):
             return what
+    if meta.get("shape") != shape:
+        return f"blocks of shape {meta.get('shape')} (this run: {shape})"
     if meta.get("k") != k or meta.get("temperature") != temperature:
         return f"k={meta.get('k')}, T={meta.get('temperature')} (this run: k={k}, T={temperature})"
     return None
@@ -128,7 +130,7 @@ def load_or_build_topk(folder: Path, key: dict, model: nn.Module, blocks: torch.
     meta_file = folder / "meta.json"
     if meta_file.is_file():
         try:
-            why = _mismatch(json.loads(meta_file.read_text()), key, k, temperature)
+            why = _mismatch(json.loads(meta_file.read_text()), key, k, temperature, list(blocks.shape))
         except (OSError, ValueError):
             why = "an unreadable meta.json"
         if why is None:

@@ -147,18 +147,21 @@ def token_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, name: s
     return masked_mean(divergence(name, log_q, log_p, beta, skew), mask) * (t * t)
 
 
-def token_kd_topk(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logits: torch.Tensor, log_z: torch.Tensor,
+def token_kd_topk(student_logits: torch.Tensor, topk_ids: torch.Tensor, teacher_log_probs: torch.Tensor,
                   name: str = "forward_kl", *, temperature: float = 1.0, mask: Optional[torch.Tensor] = None,
                   beta: float = 0.5, skew: float = 0.1) -> torch.Tensor:
     """``token_kd`` against a top-k teacher cache: both sides on the teacher's K tokens plus a tail bucket.
 
-    This is biased: the tail's inner shape is not matched and which K tokens are kept depends on the
-    teacher (Sparse Logit Sampling, Anshumann et al. 2025). With K = V it equals ``token_kd``.
+    topk_ids (B, L, K); teacher_log_probs (B, L, K + 1) at T (``teacher_topk_log_probs`` builds them from logits).
+    This is biased: the tail's inner shape is not matched and which K tokens are kept depends on the teacher
+    (Sparse Logit Sampling, Anshumann et al. 2025). With K = V it equals ``token_kd``.
     """
+    if topk_ids.shape[:-1] != student_logits.shape[:-1] or teacher_log_probs.shape[-1] != topk_ids.shape[-1] + 1:
+        raise ValueError(f"token_kd_topk: student logits {tuple(student_logits.shape)}, top-k ids {tuple(topk_ids.shape)} "
+                         f"and teacher buckets {tuple(teacher_log_probs.shape)} do not line up")
     t = temperature
     log_q = student_topk_log_probs(student_logits.float(), topk_ids, t)
-    log_p = teacher_topk_log_probs(topk_logits.float(), log_z.float(), t)
-    return masked_mean(divergence(name, log_q, log_p, beta, skew), mask) * (t * t)
+    return masked_mean(divergence(name, log_q, teacher_log_probs.float(), beta, skew), mask) * (t * t)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -141,7 +141,7 @@ def read_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, t
 
 
 def load_weights(model: nn.Module, path: str | Path, allow_pickle: bool = False) -> None:
-    state = read_state_dict(path, allow_pickle)
+    state = with_tied(model, read_state_dict(path, allow_pickle))
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -192,16 +192,43 @@ def resize_to(model: nn.Module, path: str | Path, groups: dict[str, int] | None 
     return model
 
 
+def _storage_key(v: torch.Tensor) -> tuple:
+    return v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype
+
+
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """State-dict keys that are the same tensor as an earlier key (a language model's tied input and output
+    embeddings): {alias: the first key}."""
+    first: dict[tuple, str] = {}
+    out = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        key = _storage_key(v.detach())
+        if key in first:
+            out[k] = first[key]
+        else:
+            first[key] = k
+    return out
+
+
 def unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU copies safetensors can store: a tensor that shares memory with an earlier one (tied input and output
-    embeddings of a language model) is cloned; loading gives the tied parameters their one value again."""
+    """CPU tensors safetensors can store: a key that is the same tensor as an earlier one (tied embeddings) is
+    stored once, under the earlier key; ``with_tied`` restores the alias when loading."""
     seen, out = set(), {}
     for k, v in state.items():
-        v = v.detach().contiguous().cpu()
-        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
-        out[k] = v.clone() if key in seen else v
-        seen.add(key)
+        key = _storage_key(v)
+        if key not in seen:
+            out[k] = v.detach().contiguous().cpu()
+            seen.add(key)
     return out
+
+
+def with_tied(model: nn.Module, state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """``state`` plus the tied aliases of ``model`` that a deduplicated file left out."""
+    state = dict(state)
+    for alias, primary in tied_aliases(model).items():
+        if prefix + alias not in state and prefix + primary in state:
+            state[prefix + alias] = state[prefix + primary]
+    return state
 
 
 def save_weights(model: nn.Module, path: str | Path) -> None:

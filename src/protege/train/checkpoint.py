@@ -41,7 +41,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    from ..models.loading import with_tied
+
+    model.load_state_dict(with_tied(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}))
     opt_meta = json.loads(meta["optim"])
     state = {}
     for pid, st in opt_meta["state"].items():

@@ -85,7 +85,7 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, train: Split, val: Split, cfg: 
     steps_per_epoch = math.ceil(math.ceil(len(train) / world) / cfg.batch_size)
     opt = _optimizer(model, cfg)
     sched = _scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
-    loop = {"epoch": 0, "best_val": -1.0, "best_epoch": 0, "history": []}
+    loop = {"epoch": 0, "best_val": float("-inf"), "best_epoch": 0, "history": []}
     if resume and last.is_file():
         loop = load_checkpoint(last, model, opt, sched)
     else:
