@@ -23,7 +23,7 @@ from .knowledge.topk import TopKCache, load_or_build_topk
 from .losses.token import causal_lm_loss, token_kd, token_kd_topk
 from .models import build_model, num_params, save_weights
 from .recipe import DistillConfig, Recipe
-from .run import Run, file_digest
+from .run import Run, file_digest, weights_bytes
 from .train import fit
 
 Log = Callable[[str], None]
@@ -153,7 +153,7 @@ def evaluate_lm(run: Run, data: DataSplits, teacher: nn.Module, teacher_file: Pa
         ppl = perplexity(model, data.test.x)
         speed = generation_speed(model, prompt, gen_tokens, threads)
         entries[name] = {"test_ppl": ppl["ppl"], "test_loss": ppl["loss"], "test_tokens": ppl["tokens"], "params": num_params(model),
-                         "bytes": file.stat().st_size if file.is_file() else None, **speed}
+                         "bytes": weights_bytes(file) if file.is_file() else None, **speed}
         log(f"{name}: test perplexity {ppl['ppl']:.2f}, {entries[name]['params']:,} params, {speed['tokens_per_s']:.1f} tokens/s")
     t, s = entries["teacher"], entries["student"]
     report = {"name": run.recipe.name, "task": "causal_lm", "data": data.description, **entries,

@@ -155,8 +155,27 @@ class Run:
 
 
 def file_digest(path: Path) -> str:
+    """A short hash of a file's bytes; for a sharded checkpoint's ``*.index.json``, of every shard it lists too."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    files = [Path(path)]
+    if str(path).endswith(".index.json"):
+        import json
+
+        shards = sorted(set(json.loads(Path(path).read_text()).get("weight_map", {}).values()))
+        files += [Path(path).parent / s for s in shards]
+    for file in files:
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()[:16]
+
+
+def weights_bytes(path: Path) -> int:
+    """Bytes of a weights file; for a sharded checkpoint's ``*.index.json``, of all its shards."""
+    path = Path(path)
+    if str(path).endswith(".index.json"):
+        import json
+
+        shards = set(json.loads(path.read_text()).get("weight_map", {}).values())
+        return sum((path.parent / s).stat().st_size for s in shards)
+    return path.stat().st_size
