@@ -69,4 +69,11 @@ def convert_gguf(gguf: str | Path, out: str | Path) -> Path:
     return convert(gguf, out)
 
 
-__all__ = ["compress", "convert_gguf", "distill", "distill_file", "evaluate", "export_onnx", "inspect", "prune_", "quantize_onnx"]
+def generate_corpus(teacher: str | Path, prompts: str | Path, out: str | Path, **kw) -> Path:
+    """Sequence-level KD: the teacher continues prompts cut from a corpus; writes a .jsonl corpus (knowledge/sequences.py)."""
+    from .knowledge.sequences import generate_corpus as generate
+
+    return generate(teacher, prompts, out, **kw)
+
+
+__all__ = ["compress", "convert_gguf", "generate_corpus", "distill", "distill_file", "evaluate", "export_onnx", "inspect", "prune_", "quantize_onnx"]

@@ -87,6 +87,29 @@ def convert_gguf_cmd(gguf: Path = typer.Argument(..., help="A .gguf checkpoint (
     print(f"converted: {api.convert_gguf(gguf, out)}")
 
 
+@app.command("generate")
+def generate_cmd(
+    teacher: Path = typer.Argument(..., help="The teacher: a causal-LM model folder (config, weights, tokenizer)."),
+    prompts: Path = typer.Argument(..., help="Corpus to cut prompts from (.jsonl / .csv rows, or paragraphs of a .txt)."),
+    out: Path = typer.Argument(..., help="The new corpus, a .jsonl file (one text per line)."),
+    column: str = typer.Option("text", "--column", help="The text column of PROMPTS (and of OUT)."),
+    prompt_tokens: int = typer.Option(32, "--prompt-tokens", help="Tokens of real text before each continuation."),
+    new_tokens: int = typer.Option(96, "--new-tokens", help="Tokens the teacher writes after each prompt."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature; 0: greedy."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Prompts per generate call."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most this many prompts."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle weights (can run code)."),
+) -> None:
+    """Sequence-level KD: the teacher writes a corpus for a student (any tokenizer) to learn with next-token CE."""
+    from . import api
+
+    api.generate_corpus(teacher, prompts, out, column=column, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+                        temperature=temperature, batch_size=batch_size, limit=limit, seed=seed, overwrite=overwrite,
+                        allow_pickle=allow_pickle)
+
+
 @app.command("inspect")
 def inspect_cmd(
     model: str = typer.Argument(..., help="Zoo name (cnn, resnet20, ...), file.py:factory, or a run folder."),

@@ -138,8 +138,10 @@ def train_lm_student(run: Run, data: DataSplits, teacher: nn.Module, teacher_fil
 
 
 def evaluate_lm(run: Run, data: DataSplits, teacher: nn.Module, teacher_file: Path, student: nn.Module,
-                gen_tokens: int = 32, log: Log = print) -> dict:
-    """Test perplexity, parameters, bytes and batch-1 generation speed of teacher and student; report.json."""
+                gen_tokens: int = 32, log: Log = print, teacher_ppl: bool = True) -> dict:
+    """Test perplexity, parameters, bytes and batch-1 generation speed of teacher and student; report.json.
+    ``teacher_ppl=False``: a teacher with another tokenizer, whose per-token perplexity would not be comparable
+    (and which cannot read the student's ids), is measured for size and speed only."""
     import platform
 
     import onnxruntime
@@ -147,14 +149,19 @@ def evaluate_lm(run: Run, data: DataSplits, teacher: nn.Module, teacher_file: Pa
     from .pipeline import _cpu_model
 
     threads = run.recipe.eval.threads
-    prompt = data.test.x[:1, :16]
     entries = {}
     for name, model, file in (("teacher", teacher, teacher_file), ("student", student, run.student_weights)):
-        ppl = perplexity(model, data.test.x)
+        measured = name == "student" or teacher_ppl
+        # a teacher with another tokenizer generates from its own end-of-text token (the same number of tokens)
+        prompt = data.test.x[:1, :16] if measured else torch.full((1, 16), int(teacher.config.eos_token_id or 0))
+        ppl = perplexity(model, data.test.x) if measured else {"ppl": None, "loss": None, "tokens": None}
         speed = generation_speed(model, prompt, gen_tokens, threads)
         entries[name] = {"test_ppl": ppl["ppl"], "test_loss": ppl["loss"], "test_tokens": ppl["tokens"], "params": num_params(model),
                          "bytes": weights_bytes(file) if file.is_file() else None, **speed}
-        log(f"{name}: test perplexity {ppl['ppl']:.2f}, {entries[name]['params']:,} params, {speed['tokens_per_s']:.1f} tokens/s")
+        if not measured:
+            entries[name]["note"] = "another tokenizer: per-token perplexity is not comparable, not measured"
+        log(f"{name}: test perplexity " + (f"{ppl['ppl']:.2f}" if measured else "not measured (another tokenizer)")
+            + f", {entries[name]['params']:,} params, {speed['tokens_per_s']:.1f} tokens/s")
     t, s = entries["teacher"], entries["student"]
     report = {"name": run.recipe.name, "task": "causal_lm", "data": data.description, **entries,
               "compression_ratio": t["params"] / s["params"], "speedup_generation": s["tokens_per_s"] / t["tokens_per_s"],
@@ -168,7 +175,7 @@ def evaluate_lm(run: Run, data: DataSplits, teacher: nn.Module, teacher_file: Pa
 def reevaluate_lm(run: Run, data: DataSplits) -> dict:
     """`protege evaluate` on a finished causal-LM run: rebuild teacher and student, measure again."""
     from .models import load_weights
-    from .teaching import teacher_file
+    from .teaching import teacher_file, teacher_reads_other_text
 
     r = run.recipe
     if not run.student_weights.is_file():
@@ -178,16 +185,20 @@ def reevaluate_lm(run: Run, data: DataSplits) -> dict:
     teacher = build_model(r.teacher, data.input_shape, data.num_classes, data.model_args).eval()
     student = build_model(r.student.model_copy(update={"weights": None}), data.input_shape, data.num_classes, data.model_args)
     load_weights(student, run.student_weights)
-    run.report = evaluate_lm(run, data, teacher, teacher_file(run), student.eval())
+    run.report = evaluate_lm(run, data, teacher, teacher_file(run), student.eval(), teacher_ppl=not teacher_reads_other_text(r))
     return run.report
 
 
 def distill_lm(run: Run, recipe: Recipe, data: DataSplits, acc: Accelerator, resume: bool, log: Log,
                evaluate_: bool = True) -> Run:
     """The causal-LM pipeline (called by ``protege.distill`` for task: causal_lm)."""
-    from .teaching import check_tokenizers, teacher_file
+    from .teaching import check_tokenizers, teacher_file, teacher_reads_other_text
 
     check_tokenizers(recipe, data)
+    foreign = teacher_reads_other_text(recipe)
+    if foreign:
+        log(f"teacher: {recipe.teacher.model} has another tokenizer; this run learns from text alone (next-token CE), and the "
+            f"teacher is measured for size and speed, not perplexity")
     teacher = build_model(recipe.teacher, data.input_shape, data.num_classes, data.model_args).eval()
     torch.manual_seed(recipe.seed)
     student = build_model(recipe.student, data.input_shape, data.num_classes, data.model_args)
@@ -202,7 +213,7 @@ def distill_lm(run: Run, recipe: Recipe, data: DataSplits, acc: Accelerator, res
     with torch.no_grad():  # both must score the same vocabulary, position by position
         v_t, v_s = (int(m.eval()(data.val.x[:1, :8]).shape[-1]) for m in (teacher, student))
     student.train()
-    if v_t != v_s:
+    if v_t != v_s and not foreign:
         raise RecipeError(f"the teacher scores {v_t} tokens per position but the student {v_s}; token-level losses need one "
                           f"vocabulary: build the student with the teacher's tokenizer and vocab_size")
     if recipe.distill.topk and recipe.distill.topk > v_t:
@@ -216,5 +227,5 @@ def distill_lm(run: Run, recipe: Recipe, data: DataSplits, acc: Accelerator, res
     teacher.to(acc.device)  # live and cache passes on the training device
     student = train_lm_student(run, data, teacher, t_file, student, acc, resume, log)
     if evaluate_ and acc.is_main_process:  # measured on CPU, the deployment target
-        run.report = evaluate_lm(run, data, teacher.cpu(), t_file, student.cpu(), log=log)
+        run.report = evaluate_lm(run, data, teacher.cpu(), t_file, student.cpu(), log=log, teacher_ppl=not foreign)
     return run

@@ -22,7 +22,7 @@ class DataConfig(_Strict):
     path: Optional[str] = None  # csv file, text .csv/.jsonl file, or a folder holding the Fashion-MNIST idx.gz files
     target: Optional[str] = None  # csv / text: the label column (text default: label)
     text: str = "text"  # text: the column holding the text
-    test_path: Optional[str] = None  # text: a separate test file (default: a test_fraction split of `path`)
+    test_path: Optional[str] = None  # text / lm_text: a separate test file (default: a test_fraction split of `path`)
     tokenizer: Optional[str] = None  # text: a Hugging Face folder with the tokenizer (default: the teacher's folder)
     max_length: int = Field(128, ge=2)  # text: tokens per example at most
     too_long: Literal["truncate", "error"] = "truncate"  # text: cut longer examples (with a warning) or refuse them

@@ -82,24 +82,43 @@ def build_models(recipe: Recipe, data: DataSplits) -> tuple[list[nn.Module], nn.
     return teachers, student
 
 
-def check_tokenizers(recipe: Recipe, data: DataSplits) -> None:
-    """One tokenizer feeds every model of a text run: a Hugging Face folder holding another tokenizer would read
-    the ids as other tokens (the teacher silently scoring the wrong text), so that is an error, not a warning."""
+def foreign_tokenizer(recipe: Recipe, model: str) -> bool:
+    """Whether the Hugging Face folder ``model`` holds a tokenizer other than data.tokenizer."""
     from .data.text import tokenizer_digest
     from .models.text import is_hf_folder
 
-    want = tokenizer_digest(recipe.data.tokenizer)
+    if not is_hf_folder(model):
+        return False
+    folder = Path(model)
+    has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model"))
+    return has_tokenizer and tokenizer_digest(str(folder)) != tokenizer_digest(recipe.data.tokenizer)
+
+
+def teacher_reads_other_text(recipe: Recipe) -> bool:
+    """A causal-LM run that learns from text alone (next-token CE, no student.init; e.g. on a corpus the teacher wrote,
+    `protege generate`) may name a teacher with another tokenizer: it is then only measured (size, speed), never fed ids."""
+    d = recipe.distill
+    return (recipe.task == "causal_lm" and (d.alpha == 1.0 or d.response == "none") and not recipe.student.init
+            and foreign_tokenizer(recipe, recipe.teacher.model))
+
+
+def check_tokenizers(recipe: Recipe, data: DataSplits) -> None:
+    """One tokenizer feeds every model of a text run: a Hugging Face folder holding another tokenizer would read
+    the ids as other tokens (the teacher silently scoring the wrong text), so that is an error, not a warning.
+    The one exception is a teacher that is never fed ids (``teacher_reads_other_text``)."""
+    from .models.text import is_hf_folder
+
     specs = [("student", recipe.student)] + [("teacher" if i == 0 else f"more_teachers[{i - 1}]", s)
                                              for i, s in enumerate(recipe.teachers) if not recipe.ema_teacher]
     for who, spec in specs:
-        if not is_hf_folder(spec.model):
+        if not is_hf_folder(spec.model) or (who == "teacher" and teacher_reads_other_text(recipe)):
             continue
         folder = Path(spec.model)
-        has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model"))
-        if has_tokenizer and tokenizer_digest(str(folder)) != want:
+        if foreign_tokenizer(recipe, spec.model):
             raise RecipeError(f"the {who} ({folder}) has its own tokenizer, which differs from data.tokenizer "
                               f"({recipe.data.tokenizer}); every model of a text run reads the same token ids, so use one "
-                              f"tokenizer (models that share a vocabulary), or distil through generated text instead")
+                              f"tokenizer (models that share a vocabulary), or distil through text the teacher writes "
+                              f"(protege generate, then a next-token CE run: distill.alpha 1)")
         config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
         vocab, positions = config.get("vocab_size"), {**config, **spec.kwargs}.get("max_position_embeddings")
         if positions is not None and data.input_shape[0] > positions:

@@ -1,6 +1,7 @@
 """A language-modelling corpus: documents split into train / validation / test (whole documents, seeded, so no
 text leaks between splits), tokenised once (cached), joined with the end-of-text token and cut into blocks.
 
+``data.test_path`` names a separate test corpus (all its documents); ``data.path`` then gives train and validation.
 Documents are the rows of a .jsonl / .csv file (the ``data.text`` column; e.g. one book of the Bible per row)
 or the paragraphs (blank-line separated) of a .txt file. Each split is a (N, block_size) tensor of token ids;
 ``Split.y`` holds the same blocks (the next-token labels are the ids shifted by one).
@@ -72,18 +73,25 @@ def load_lm_corpus(cfg: DataConfig, seed: int) -> DataSplits:
     if not cfg.path:
         raise DataError("data.source is 'lm_text' but data.path is empty; set data.path to the corpus file")
     docs, info = _tokenised(Path(cfg.path), cfg)
-    if len(docs) < 3:
+    if len(docs) < (2 if cfg.test_path else 3):
         raise DataError(f"'{cfg.path}' has {len(docs)} document(s); a train / validation / test split by document needs at "
-                        f"least 3 (rows of a .jsonl / .csv, or blank-line separated paragraphs of a .txt)")
+                        f"least 3 (2 with data.test_path) (rows of a .jsonl / .csv, or blank-line separated paragraphs of a .txt)")
     order = np.random.default_rng(seed).permutation(len(docs))
-    n_test = max(1, round(cfg.test_fraction * len(docs)))
+    n_test = 0 if cfg.test_path else max(1, round(cfg.test_fraction * len(docs)))
     n_val = max(1, round(cfg.val_fraction * len(docs)))
     parts = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
+    test_docs = None
+    if cfg.test_path:  # a separate test file: e.g. a student trained on teacher-written text, tested on real text
+        test_docs, test_info = _tokenised(Path(cfg.test_path), cfg)
+        if test_info != info:
+            raise DataError(f"data.test_path '{cfg.test_path}' was tokenised differently from data.path; use one tokenizer")
     splits = {}
     for name, idx in parts.items():
-        blocks = _blocks([docs[i] for i in sorted(idx)], cfg.block_size)
+        source = test_docs if name == "test" and test_docs is not None else [docs[i] for i in sorted(idx)]
+        blocks = _blocks(source, cfg.block_size)
         if len(blocks) == 0:
-            raise DataError(f"the {name} split of '{cfg.path}' holds fewer than data.block_size = {cfg.block_size} tokens; "
+            where = cfg.test_path if source is test_docs else cfg.path
+            raise DataError(f"the {name} split of '{where}' holds fewer than data.block_size = {cfg.block_size} tokens; "
                             f"lower data.block_size or give more text")
         cap = cfg.limit if name == "train" else cfg.eval_limit
         if cap is not None and cap < len(blocks):
@@ -91,5 +99,7 @@ def load_lm_corpus(cfg: DataConfig, seed: int) -> DataSplits:
             blocks = blocks[keep.sort().values]
         splits[name] = Split(blocks, blocks)
     return DataSplits(**splits, num_classes=info["vocab_size"], input_shape=(cfg.block_size,),
-                      description=f"corpus {cfg.path} ({len(docs)} documents, blocks of {cfg.block_size} tokens)",
+                      description=f"corpus {cfg.path} ({len(docs)} documents"
+                      + (f"; test: {cfg.test_path}, {len(test_docs)} documents" if test_docs is not None else "")
+                      + f", blocks of {cfg.block_size} tokens)",
                       vocab_size=info["vocab_size"], pad_id=info["pad_id"], is_lm=True)

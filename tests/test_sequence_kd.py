@@ -1,0 +1,172 @@
+"""Sequence-level KD on a tiny Llama: the teacher writes a corpus (prompts from real text), resumably and
+reproducibly; a student learns it and is tested on a separate real-text file (data.test_path)."""
+import json
+
+import pytest
+import torch
+
+import protege
+from protege.api import generate_corpus
+from protege.data import load_data
+from protege.data.text import load_tokenizer
+from protege.errors import DataError, ModelError
+from protege.recipe import parse_recipe
+
+from .text_fixtures import write_corpus, write_llama_folder
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROTEGE_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seq")
+    return {"teacher": write_llama_folder(root / "teacher"), "train": write_corpus(root / "train.jsonl", docs=6, sentences=12),
+            "test": write_corpus(root / "test.jsonl", docs=3, sentences=20, seed=1)}
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_teacher_continues_every_window_of_every_document(lm, tmp_path):
+    out = generate_corpus(lm["teacher"], lm["train"], tmp_path / "gen.jsonl", prompt_tokens=5, new_tokens=7, batch_size=4,
+                          log=lambda *_: None)
+    tok = load_tokenizer(str(lm["teacher"]))
+    docs = [r["text"] for r in _rows(lm["train"])]
+    want = [(d, ids[i:i + 5]) for d, text in enumerate(docs)
+            for ids in [tok(text, add_special_tokens=False)["input_ids"]] for i in range(0, len(ids) - 4, 12)]
+    rows = _rows(out)
+    assert len(rows) == len(want) and [r["document"] for r in rows] == [d for d, _ in want]
+    for row, (_, prompt) in zip(rows, want):
+        words = row["text"].split()
+        assert words[:5] == tok.decode(prompt).split()  # the real prompt, then the teacher's words
+        assert 5 < len(words) <= 12  # 7 new tokens (special tokens are dropped from the text)
+    assert not (tmp_path / "gen.jsonl.tmp").exists() and not (tmp_path / "gen.jsonl.tmp.json").exists()
+
+
+def test_generation_is_seeded_greedy_is_deterministic_and_an_interrupted_run_continues(lm, tmp_path, monkeypatch):
+    kw = {"prompt_tokens": 4, "new_tokens": 6, "batch_size": 3, "limit": 10, "log": lambda *_: None}
+    a = _rows(generate_corpus(lm["teacher"], lm["train"], tmp_path / "a.jsonl", seed=3, **kw))
+    b = _rows(generate_corpus(lm["teacher"], lm["train"], tmp_path / "b.jsonl", seed=3, **kw))
+    c = _rows(generate_corpus(lm["teacher"], lm["train"], tmp_path / "c.jsonl", seed=4, **kw))
+    assert a == b and a != c and len(a) == 10
+    g1 = _rows(generate_corpus(lm["teacher"], lm["train"], tmp_path / "g1.jsonl", temperature=0, seed=1, **kw))
+    g2 = _rows(generate_corpus(lm["teacher"], lm["train"], tmp_path / "g2.jsonl", temperature=0, seed=2, **kw))
+    assert g1 == g2
+    # an interrupted run (stopped in its third batch, a torn line at the end) continues after its whole batches
+    full = generate_corpus(lm["teacher"], lm["train"], tmp_path / "full.jsonl", seed=3, **kw).read_text()
+    from protege.models.lm import CausalLM
+
+    real, calls = CausalLM.generate, []
+
+    def stop_third(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(CausalLM, "generate", stop_third)
+    with pytest.raises(KeyboardInterrupt):
+        generate_corpus(lm["teacher"], lm["train"], tmp_path / "r.jsonl", seed=3, **kw)
+    monkeypatch.setattr(CausalLM, "generate", real)
+    tmp = tmp_path / "r.jsonl.tmp"
+    assert not (tmp_path / "r.jsonl").exists() and len(tmp.read_text().splitlines()) == 6
+    tmp.write_text(tmp.read_text() + '{"text": "torn')
+    seen = []
+    again = generate_corpus(lm["teacher"], lm["train"], tmp_path / "r.jsonl", seed=3, **{**kw, "log": seen.append})
+    assert again.read_text() == full and "after 6 finished rows" in seen[0]
+    # a file left without its settings (or with other settings) is not continued
+    tmp.write_text('{"text": "fake", "document": 0}\n' * 3)
+    seen.clear()
+    again = generate_corpus(lm["teacher"], lm["train"], tmp_path / "r.jsonl", seed=3, overwrite=True, **{**kw, "log": seen.append})
+    assert again.read_text() == full and "starting again" in seen[0]
+
+
+def test_a_student_learns_the_teachers_text_and_is_tested_on_real_text(lm, tmp_path):
+    gen = generate_corpus(lm["teacher"], lm["train"], tmp_path / "gen.jsonl", prompt_tokens=4, new_tokens=12, log=lambda *_: None)
+    r = {"name": "seqkd", "task": "causal_lm",
+         "data": {"source": "lm_text", "path": str(gen), "test_path": str(lm["test"]), "block_size": 16, "val_fraction": 0.2},
+         "teacher": {"model": str(lm["teacher"])},
+         "student": {"model": str(lm["teacher"]), "kwargs": {"pretrained": False, "num_hidden_layers": 1}},
+         "distill": {"alpha": 1.0}, "train": {"epochs": 1, "batch_size": 8, "lr": 3e-3}, "eval": {"threads": 1}}
+    recipe = parse_recipe(r)
+    data = load_data(recipe.data, 0)
+    real = load_data(parse_recipe({**r, "data": {**r["data"], "path": str(lm["test"]), "test_path": None,
+                                                  "val_fraction": 0.3, "test_fraction": 0.3}}).data, 0)
+    tok = load_tokenizer(str(lm["teacher"]))
+    test_ids = [tok(t["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in _rows(lm["test"])]
+    flat = torch.tensor(sum(test_ids, []))
+    n = len(flat) // 16
+    assert torch.equal(data.test.x, flat[: n * 16].view(n, 16))  # the whole test file, in order
+    assert len(real.test) < len(data.test)
+    assert "test:" in data.description
+    run = protege.distill(recipe, tmp_path / "run", log=lambda *_: None)
+    assert run.report["student"]["test_tokens"] == n * 15 and run.report["student"]["test_ppl"] > 1
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    ({"prompt_tokens": 100, "new_tokens": 100}, ModelError, "reads at most 128 tokens"),
+    ({"prompt_tokens": 100, "new_tokens": 10}, DataError, "no document .* has 100 tokens"),
+    ({"column": "body"}, DataError, "no column 'body'"),
+    ({"temperature": -1}, DataError, "temperature is -1"),
+    ({"new_tokens": 0}, DataError, "new_tokens is 0"),
+])
+def test_bad_generate_settings(lm, tmp_path, kw, err, match):
+    with pytest.raises(err, match=match):
+        generate_corpus(lm["teacher"], lm["train"], tmp_path / "gen.jsonl", log=lambda *_: None, **kw)
+    assert not (tmp_path / "gen.jsonl").exists()
+
+
+def test_generate_never_overwrites_a_corpus_unless_told(lm, tmp_path):
+    out = tmp_path / "gen.jsonl"
+    out.write_text("precious\n")
+    with pytest.raises(DataError, match="already exists; .* --overwrite"):
+        generate_corpus(lm["teacher"], lm["train"], out, log=lambda *_: None)
+    assert out.read_text() == "precious\n"
+    with pytest.raises(DataError, match="must end in .jsonl"):
+        generate_corpus(lm["teacher"], lm["train"], tmp_path / "gen.txt", log=lambda *_: None)
+
+
+def test_the_generate_command(lm, tmp_path, capsys):
+    from .test_bad_input import assert_clean_error, run_cli
+
+    out = tmp_path / "gen.jsonl"
+    code, _ = run_cli(["generate", lm["teacher"], lm["train"], out, "--prompt-tokens", "4", "--new-tokens", "5", "--limit", "3"], capsys)
+    assert code == 0 and len(_rows(out)) == 3
+    code, err = run_cli(["generate", lm["teacher"], lm["train"], out], capsys)
+    assert_clean_error(code, err, "already exists", "--overwrite")
+    code, err = run_cli(["generate", lm["teacher"], tmp_path / "none.jsonl", tmp_path / "x.jsonl"], capsys)
+    assert_clean_error(code, err, "not found")
+    assert len(_rows(out)) == 3
+
+
+def test_a_student_with_another_tokenizer_learns_from_the_teachers_text(lm, tmp_path):
+    from protege.errors import RecipeError
+
+    from .text_fixtures import write_llama_folder
+
+    student = write_llama_folder(tmp_path / "student", layers=1, shuffle_vocab=7)  # same words, other ids
+    gen = generate_corpus(lm["teacher"], lm["train"], tmp_path / "gen.jsonl", prompt_tokens=4, new_tokens=12, log=lambda *_: None)
+    r = {"name": "xtok", "task": "causal_lm",
+         "data": {"source": "lm_text", "path": str(gen), "test_path": str(lm["test"]), "tokenizer": str(student),
+                  "block_size": 16, "val_fraction": 0.2},
+         "teacher": {"model": str(lm["teacher"])}, "student": {"model": str(student), "kwargs": {"pretrained": False}},
+         "distill": {"alpha": 1.0}, "train": {"epochs": 1, "batch_size": 8, "lr": 3e-3}, "eval": {"threads": 1}}
+    seen = []
+    run = protege.distill(parse_recipe(r), tmp_path / "run", log=seen.append)
+    rep = run.report
+    assert any("another tokenizer" in line for line in seen)
+    assert rep["teacher"]["test_ppl"] is None and "not comparable" in rep["teacher"]["note"]
+    assert rep["student"]["test_ppl"] > 1 and rep["teacher"]["tokens_per_s"] > 0
+    first = load_data(parse_recipe(r).data, 0).train.x[0].tolist()  # the corpus in the student's ids
+    words = load_tokenizer(str(student)).decode(first).split()  # a teacher-written text (16 tokens + <eos> each), read back
+    assert len(words) == 16 and any(row["text"].split() == words for row in _rows(gen))
+    assert protege.evaluate(run.path)["teacher"]["test_ppl"] is None
+    # any use of the teacher's logits or weights with another tokenizer stays an error
+    for over in ({"distill": {"alpha": 0.5}}, {"student": {**r["student"], "init": "select"}}):
+        with pytest.raises(RecipeError, match="has its own tokenizer"):
+            protege.distill(parse_recipe({**r, **over}), tmp_path / "bad", log=lambda *_: None)
+        assert not (tmp_path / "bad").exists()
