@@ -159,3 +159,31 @@ def test_causal_lm_loss_matches_cross_entropy_on_kept_positions():
     mask = torch.tensor([[0, 1, 1, 1, 1], [0, 0, 1, 1, 0]], dtype=torch.bool)
     expected = F.cross_entropy(logits[mask], labels[mask])
     assert float(T.causal_lm_loss(logits, labels, mask)) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_uld_closed_form_and_its_invariances():
+    # teacher [0.5, 0.3, 0.2] over 3 tokens, student [0.1, 0.6, 0.2, 0.1] over 4: sorted 0.5 0.3 0.2 0 vs 0.6 0.2 0.1 0.1
+    t, s = torch.tensor([[0.5, 0.3, 0.2]]).log(), torch.tensor([[0.1, 0.6, 0.2, 0.1]]).log()
+    assert float(T.uld(s, t)) == pytest.approx(0.1 + 0.1 + 0.1 + 0.1, abs=1e-6)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 9, generator=g)
+    perm = torch.randperm(9, generator=g)
+    assert float(T.uld(a, b)) == pytest.approx(float(T.uld(a, b[..., perm])), abs=1e-6)  # token identities do not matter
+    assert float(T.uld(a, a[..., torch.randperm(7, generator=g)])) == pytest.approx(0.0, abs=1e-6)
+    assert float(T.uld(a, b)) == pytest.approx(float(T.uld(b, a)), abs=1e-6)  # symmetric, and bounded by 2
+    assert 0 < float(T.uld(a, b)) <= 2
+    # the temperature flattens both sides before sorting: at a high T both approach uniform over their vocabularies,
+    # so one vocabulary size gives ~0 and sizes 7 and 9 give the uniforms' distance 2 * (1/7 - 1/9) * 7 = 4/9
+    c = torch.randn(2, 5, 7, generator=g)
+    assert float(T.uld(a, c, temperature=1e4)) == pytest.approx(0.0, abs=1e-4) and float(T.uld(a, c)) > 0.05
+    assert float(T.uld(a, b, temperature=1e4)) == pytest.approx(4 / 9, abs=1e-4)
+    # the mask averages over the positions that count
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[0, 2] = True
+    one = T.uld(a[:1, 2:3], b[:1, 2:3])
+    assert float(T.uld(a, b, mask=mask)) == pytest.approx(float(one), abs=1e-6)
+    a.requires_grad_(True)
+    T.uld(a, b).backward()
+    assert torch.isfinite(a.grad).all() and a.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="same positions"):
+        T.uld(a[:, :4], b)

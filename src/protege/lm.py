@@ -20,7 +20,7 @@ from .evaluate.lm import generation_speed, perplexity
 from .evaluate.report import write_report
 from .knowledge.features import unwrap
 from .knowledge.topk import TopKCache, load_or_build_topk
-from .losses.token import causal_lm_loss, token_kd, token_kd_topk
+from .losses.token import causal_lm_loss, token_kd, token_kd_topk, uld
 from .models import build_model, num_params, save_weights
 from .recipe import DistillConfig, Recipe
 from .run import Run, file_digest, weights_bytes
@@ -39,8 +39,10 @@ class LMDistiller:
     masked out (GKD, Agarwal et al. 2024).
     """
 
-    def __init__(self, cfg: DistillConfig, teacher: Optional[nn.Module], cache: Optional[TopKCache], seed: int = 0):
+    def __init__(self, cfg: DistillConfig, teacher: Optional[nn.Module], cache: Optional[TopKCache], seed: int = 0,
+                 teacher_ids: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
         self.cfg, self.teacher, self.cache, self.seed = cfg, teacher, cache, seed
+        self.teacher_ids = teacher_ids  # ULD across tokenizers: each training block in the teacher's ids, and its length
         if teacher is not None:
             teacher.eval()
             for p in teacher.parameters():
@@ -71,11 +73,27 @@ class LMDistiller:
         ce = causal_lm_loss(logits[:, :-1], x[:, 1:])
         if c.response == "none" or c.alpha == 1.0:
             return {"loss": ce, "ce": ce}
+        if c.response == "uld":
+            kd = self._uld(logits, x, idx)
+            return {"loss": c.alpha * ce + (1 - c.alpha) * kd, "ce": ce, "kd": kd}
         if self.on_policy_step(idx):
             kd = self._on_policy(model, x)
             return {"loss": c.alpha * ce + (1 - c.alpha) * kd, "ce": ce, "kd": kd, "on_policy": torch.ones(())}
         kd = self._kd(logits, x, idx, None)
         return {"loss": c.alpha * ce + (1 - c.alpha) * kd, "ce": ce, "kd": kd, "on_policy": torch.zeros(())}
+
+    def _uld(self, logits: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """ULD against the live teacher reading the same block in its own tokenisation: the i-th next-token
+        distributions of the two are paired, for the positions where the teacher's text has a next token."""
+        if self.teacher_ids is None:
+            t_x, t_len = x, torch.full((len(x),), x.shape[1], device=x.device)
+        else:
+            t_x, t_len = (t[idx.cpu()].to(x.device) for t in self.teacher_ids)
+        with torch.no_grad():
+            t_logits = self.teacher(t_x.to(next(self.teacher.parameters()).device)).to(logits.device)
+        n = min(logits.shape[1], t_logits.shape[1]) - 1
+        mask = torch.arange(n, device=x.device).unsqueeze(0) < (t_len - 1).unsqueeze(1)
+        return uld(logits[:, :n], t_logits[:, :n], temperature=self.cfg.temperature, mask=mask)
 
     def _on_policy(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The divergence on a continuation the student samples (in eval mode: no dropout) after the block's first
@@ -107,7 +125,8 @@ def _topk(run: Run, data: DataSplits, teacher: nn.Module, teacher_file: Path, ac
 
 
 def train_lm_student(run: Run, data: DataSplits, teacher: nn.Module, teacher_file: Path, student: nn.Module,
-                     acc: Accelerator, resume: bool, log: Log) -> nn.Module:
+                     acc: Accelerator, resume: bool, log: Log,
+                     teacher_ids: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> nn.Module:
     r = run.recipe
     if r.student.init and not (resume and (run.path / "student" / "checkpoints" / "last.safetensors").is_file()):
         from .train.init import init_from_teacher_
@@ -115,12 +134,12 @@ def train_lm_student(run: Run, data: DataSplits, teacher: nn.Module, teacher_fil
         rep = init_from_teacher_(student, teacher, r.student.init, r.student.init_every)
         log(f"student: initialised from the teacher ({rep.method}, {rep.layers_copied} layers copied)")
     d = r.distill
+    source = f", top-{d.topk} cache" if d.topk else ", live teacher" + (" on its own tokenisation" if teacher_ids else "")
     how = "labels only (next-token CE)" if d.alpha == 1.0 or d.response == "none" else \
-        f"{d.response} T={d.temperature:g} alpha={d.alpha:g}" + (f", top-{d.topk} cache" if d.topk else ", live teacher") + \
-        (f", on-policy {d.on_policy:g}" if d.on_policy else "")
+        f"{d.response} T={d.temperature:g} alpha={d.alpha:g}{source}" + (f", on-policy {d.on_policy:g}" if d.on_policy else "")
     log(f"student: {num_params(student):,} params, {how}; {len(data.train)} blocks x {data.input_shape[0]} tokens")
     cache = _topk(run, data, teacher, teacher_file, acc, log)
-    loss_fn = LMDistiller(d, teacher, cache, seed=r.seed)
+    loss_fn = LMDistiller(d, teacher, cache, seed=r.seed, teacher_ids=teacher_ids)
 
     def validate(model: nn.Module, device) -> dict:
         m = perplexity(model, data.val.x, device=device)
@@ -189,6 +208,19 @@ def reevaluate_lm(run: Run, data: DataSplits) -> dict:
     return run.report
 
 
+def _teacher_tokenisation(recipe: Recipe, data: DataSplits, teacher: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    from .data.lm import retokenize
+    from .data.text import load_tokenizer
+    from .errors import RecipeError
+
+    length = data.input_shape[0]
+    positions = getattr(unwrap(teacher).config, "max_position_embeddings", None)
+    if positions is not None and length > positions:
+        raise RecipeError(f"the teacher ({recipe.teacher.model}) reads at most {positions} tokens but data.block_size gives "
+                          f"{length}; lower data.block_size to {positions} or less")
+    return retokenize(data.train.x, load_tokenizer(recipe.data.tokenizer), load_tokenizer(recipe.teacher.model), length)
+
+
 def distill_lm(run: Run, recipe: Recipe, data: DataSplits, acc: Accelerator, resume: bool, log: Log,
                evaluate_: bool = True) -> Run:
     """The causal-LM pipeline (called by ``protege.distill`` for task: causal_lm)."""
@@ -196,7 +228,8 @@ def distill_lm(run: Run, recipe: Recipe, data: DataSplits, acc: Accelerator, res
 
     check_tokenizers(recipe, data)
     foreign = teacher_reads_other_text(recipe)
-    if foreign:
+    uld_ids = recipe.distill.response == "uld" and recipe.distill.alpha < 1.0 and foreign
+    if foreign and not uld_ids:
         log(f"teacher: {recipe.teacher.model} has another tokenizer; this run learns from text alone (next-token CE), and the "
             f"teacher is measured for size and speed, not perplexity")
     teacher = build_model(recipe.teacher, data.input_shape, data.num_classes, data.model_args).eval()
@@ -213,7 +246,7 @@ def distill_lm(run: Run, recipe: Recipe, data: DataSplits, acc: Accelerator, res
     with torch.no_grad():  # both must score the same vocabulary, position by position
         v_t, v_s = (int(m.eval()(data.val.x[:1, :8]).shape[-1]) for m in (teacher, student))
     student.train()
-    if v_t != v_s and not foreign:
+    if v_t != v_s and not foreign and recipe.distill.response != "uld":
         raise RecipeError(f"the teacher scores {v_t} tokens per position but the student {v_s}; token-level losses need one "
                           f"vocabulary: build the student with the teacher's tokenizer and vocab_size")
     if recipe.distill.topk and recipe.distill.topk > v_t:
@@ -223,9 +256,14 @@ def distill_lm(run: Run, recipe: Recipe, data: DataSplits, acc: Accelerator, res
             run.clear_artifacts()
         run.write_recipe()
     acc.wait_for_everyone()
+    teacher_ids = None
+    if uld_ids:
+        teacher_ids = _teacher_tokenisation(recipe, data, teacher)
+        log(f"teacher: {recipe.teacher.model} has another tokenizer; ULD feeds it each training block re-tokenised "
+            f"({teacher_ids[1].float().mean():.1f} of its tokens per block of {data.input_shape[0]}) and pairs positions")
     t_file = teacher_file(run)
     teacher.to(acc.device)  # live and cache passes on the training device
-    student = train_lm_student(run, data, teacher, t_file, student, acc, resume, log)
+    student = train_lm_student(run, data, teacher, t_file, student, acc, resume, log, teacher_ids=teacher_ids)
     if evaluate_ and acc.is_main_process:  # measured on CPU, the deployment target
         run.report = evaluate_lm(run, data, teacher.cpu(), t_file, student.cpu(), log=log, teacher_ppl=not foreign)
     return run

@@ -97,7 +97,7 @@ class DistillConfig(_Strict):
     """
 
     response: Literal["kl", "mse_prob", "mse_logits", "dkd", "none", "forward_kl", "reverse_kl", "jsd", "skew_forward_kl",
-                      "skew_reverse_kl"] = "kl"  # kl = forward_kl; the last four: losses/token.py (any task)
+                      "skew_reverse_kl", "uld"] = "kl"  # kl = forward_kl; token losses: losses/token.py (uld: causal_lm only)
     temperature: float = Field(4.0, gt=0, allow_inf_nan=False)
     alpha: float = Field(0.5, ge=0, le=1, allow_inf_nan=False)
     dkd_alpha: float = Field(1.0, ge=0, allow_inf_nan=False)  # DKD target-class weight (Zhao et al. 2022)
@@ -204,9 +204,14 @@ class Recipe(_Strict):
                              "ema and teacher.train")
         if lm and self.distill.response in ("mse_prob", "mse_logits", "dkd"):
             raise ValueError(f"distill.response {self.distill.response} is for classification; for task: causal_lm use "
-                             f"forward_kl (= kl), reverse_kl, jsd, skew_forward_kl, skew_reverse_kl or none")
+                             f"forward_kl (= kl), reverse_kl, jsd, skew_forward_kl, skew_reverse_kl, uld or none")
         if lm and self.distill.on_policy and (self.distill.response == "none" or self.distill.alpha == 1.0):
             raise ValueError("distill.on_policy needs a teacher signal: set distill.response to a token loss and alpha below 1")
+        if self.distill.response == "uld" and not lm:
+            raise ValueError("distill.response uld (cross-tokenizer) is for task: causal_lm; for classification use kl")
+        if self.distill.response == "uld" and (self.distill.topk or self.distill.topk_cache or self.distill.on_policy):
+            raise ValueError("distill.response uld runs the teacher live on its own tokenisation of each block; remove "
+                             "distill.topk, topk_cache and on_policy")
         if not lm and (self.distill.topk or self.distill.topk_cache or self.distill.on_policy):
             raise ValueError("distill.topk, topk_cache and on_policy are for task: causal_lm")
         return self

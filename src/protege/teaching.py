@@ -95,10 +95,12 @@ def foreign_tokenizer(recipe: Recipe, model: str) -> bool:
 
 
 def teacher_reads_other_text(recipe: Recipe) -> bool:
-    """A causal-LM run that learns from text alone (next-token CE, no student.init; e.g. on a corpus the teacher wrote,
-    `protege generate`) may name a teacher with another tokenizer: it is then only measured (size, speed), never fed ids."""
+    """Whether a causal-LM run's teacher has another tokenizer, which is allowed in two cases (never with student.init):
+    a run that learns from text alone (next-token CE, e.g. on a corpus the teacher wrote with `protege generate`),
+    where the teacher is only measured (size, speed); and ULD, where it reads each block re-tokenised with its own
+    tokenizer. Either way it is never fed the student's ids."""
     d = recipe.distill
-    return (recipe.task == "causal_lm" and (d.alpha == 1.0 or d.response == "none") and not recipe.student.init
+    return (recipe.task == "causal_lm" and (d.alpha == 1.0 or d.response in ("none", "uld")) and not recipe.student.init
             and foreign_tokenizer(recipe, recipe.teacher.model))
 
 
@@ -118,7 +120,7 @@ def check_tokenizers(recipe: Recipe, data: DataSplits) -> None:
             raise RecipeError(f"the {who} ({folder}) has its own tokenizer, which differs from data.tokenizer "
                               f"({recipe.data.tokenizer}); every model of a text run reads the same token ids, so use one "
                               f"tokenizer (models that share a vocabulary), or distil through text the teacher writes "
-                              f"(protege generate, then a next-token CE run: distill.alpha 1)")
+                              f"(protege generate, then a next-token CE run: distill.alpha 1), or use distill.response uld")
         config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
         vocab, positions = config.get("vocab_size"), {**config, **spec.kwargs}.get("max_position_embeddings")
         if positions is not None and data.input_shape[0] > positions:

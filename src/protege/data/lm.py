@@ -103,3 +103,29 @@ def load_lm_corpus(cfg: DataConfig, seed: int) -> DataSplits:
                       + (f"; test: {cfg.test_path}, {len(test_docs)} documents" if test_docs is not None else "")
                       + f", blocks of {cfg.block_size} tokens)",
                       vocab_size=info["vocab_size"], pad_id=info["pad_id"], is_lm=True)
+
+
+def retokenize(blocks: torch.Tensor, src, dst, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same text in another tokenizer (for ULD's teacher): each row of ``src`` ids is decoded piece by piece
+    between end-of-text tokens, the pieces encoded with ``dst`` and joined with its end-of-text token, cut to ``length``
+    tokens and padded with its pad id. Returns the ids (N, length) and each row's real length (N,)."""
+    ids = torch.full((len(blocks), length), int(dst.pad_token_id), dtype=torch.long)
+    lengths = torch.zeros(len(blocks), dtype=torch.long)
+    for n, row in enumerate(blocks.tolist()):
+        pieces, cur = [], []
+        for t in row + [src.eos_token_id]:
+            if t == src.eos_token_id:
+                pieces.append(cur)
+                cur = []
+            else:
+                cur.append(t)
+        out: list[int] = []
+        for i, piece in enumerate(pieces):  # the pieces between end-of-text tokens, joined by the other one
+            if i:
+                out.append(int(dst.eos_token_id))
+            if piece:
+                out += dst(src.decode(piece), add_special_tokens=False)["input_ids"]
+        out = out[:length]
+        ids[n, : len(out)] = torch.tensor(out, dtype=torch.long)
+        lengths[n] = len(out)
+    return ids, lengths

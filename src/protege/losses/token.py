@@ -14,7 +14,8 @@ Conventions: p is the teacher, q the student.
   beta = 1 are defined as the limits of JSD/beta and JSD/(1 - beta): forward KL and reverse KL;
 - skew forward KL(p || a p + (1 - a) q) and skew reverse KL(q || (1 - a) p + a q) (DistiLLM, Ko et al.
   2024; a = 0.1 by default): mixing a little of the other distribution in keeps the loss and its gradient
-  bounded where one side has almost no mass.
+  bounded where one side has almost no mass;
+- ULD (``uld``, Boizard et al. 2024): L1 between the two sorted distributions, for two tokenizers.
 """
 from __future__ import annotations
 
@@ -162,6 +163,27 @@ def token_kd_topk(student_logits: torch.Tensor, topk_ids: torch.Tensor, teacher_
     t = temperature
     log_q = student_topk_log_probs(student_logits.float(), topk_ids, t)
     return masked_mean(divergence(name, log_q, teacher_log_probs.float(), beta, skew), mask) * (t * t)
+
+
+def uld(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0,
+        mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Universal Logit Distillation (Boizard et al. 2024), for teacher and student with different vocabularies.
+
+    Per position, both distributions at T are sorted in decreasing order, the shorter padded with zeros, and
+    compared by L1: sum_i |q_(i) - p_(i)|, the closed form the paper uses for its Wasserstein distance. Sorting drops
+    the token identities, so the two vocabularies need not match; what is matched is the shape of the distribution
+    (how peaked or spread the teacher is), not which token it favours. Logits (B, L, Vs) and (B, L, Vt) must be
+    aligned position by position by the caller (ULD pairs the i-th positions of the two tokenisations). Returns the
+    masked mean over positions (no T^2 factor: the distance is bounded by 2).
+    """
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(f"uld: student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
+                         f"must have the same positions")
+    q = F.softmax(student_logits.float() / temperature, dim=-1).sort(dim=-1, descending=True).values
+    p = F.softmax(teacher_logits.float() / temperature, dim=-1).sort(dim=-1, descending=True).values
+    width = max(q.shape[-1], p.shape[-1])
+    q, p = F.pad(q, (0, width - q.shape[-1])), F.pad(p, (0, width - p.shape[-1]))
+    return masked_mean((q - p).abs().sum(-1), mask)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
