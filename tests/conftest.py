@@ -25,6 +25,12 @@ TINY = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _protege_cache(tmp_path, monkeypatch):
+    """Tokenisation caches (text and LM corpora) go under each test's own folder, never the user's ~/.cache."""
+    monkeypatch.setenv("PROTEGE_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.fixture
 def tiny() -> dict:
     """A recipe (as a dict) that runs end to end in a few seconds."""

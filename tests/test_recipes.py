@@ -47,8 +47,7 @@ def text_sets(path: Path, tmp: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
-def test_shipped_recipe_runs_tiny(path, tmp_path, monkeypatch):
-    monkeypatch.setenv("PROTEGE_CACHE", str(tmp_path / "cache"))
+def test_shipped_recipe_runs_tiny(path, tmp_path):
     recipe = protege.load_recipe(path, tiny_sets(path) + text_sets(path, tmp_path))
     if recipe.data.source == "fashion_mnist" and not FASHION_DIR.is_dir():
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")

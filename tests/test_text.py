@@ -16,11 +16,6 @@ from protege.recipe import parse_recipe
 from .text_fixtures import write_bert_folder, write_text_data, write_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PROTEGE_CACHE", str(tmp_path / "cache"))
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("text")
@@ -145,17 +140,15 @@ def test_text_students_run_on_token_ids(folders):
 @pytest.fixture(scope="module")
 def distilbert_run(folders, tmp_path_factory):
     """Fine-tune the tiny teacher, distil a half-depth student initialised from its layers, export, dynamic int8."""
-    import os
-
-    os.environ["PROTEGE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     r = parse_recipe(_recipe(folders, student={"model": str(folders["teacher"]), "kwargs": {"pretrained": False, "num_hidden_layers": 2},
                                                "init": "select"},
                              distill={"features": [{"loss": "hint", "student": "hidden.2", "teacher": "hidden.4"},
                                                    {"loss": "cosine", "student": "hidden.1", "teacher": "hidden.2"},
                                                    {"loss": "attention_kl", "student": "attention.1", "teacher": "attention.3"}]},
                              quantize={"mode": "auto"}))
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), pytest.MonkeyPatch.context() as mp:
         warnings.simplefilter("ignore")
+        mp.setenv("PROTEGE_CACHE", str(tmp_path_factory.mktemp("cache")))
         return protege.distill(r, tmp_path_factory.mktemp("runs") / "distilbert", log=lambda *_: None)
 
 

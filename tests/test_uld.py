@@ -15,11 +15,6 @@ from protege.recipe import parse_recipe
 from .text_fixtures import write_corpus, write_llama_folder
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PROTEGE_CACHE", str(tmp_path / "cache"))
-
-
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
     root = tmp_path_factory.mktemp("uld")
