@@ -39,12 +39,14 @@ RUNS = {"scratch": ["distill.alpha=1.0"], "uld": ["distill.response=uld", "disti
         "seq_kd": ["distill.alpha=1.0"]}
 
 
-def split_books(seed: int) -> dict[str, list[dict]]:
+def split_books(seed: int) -> dict[str, list[str]]:
     """The KJV books in lm_kd's split (load_lm_corpus: a seeded permutation, test first, then validation)."""
     import numpy as np
 
+    from protege.data.lm import read_documents
+
     d = load_recipe(RECIPE).data
-    books = [json.loads(line) for line in CORPUS.read_text().splitlines()]
+    books = read_documents(CORPUS, d.text)
     order = np.random.default_rng(seed).permutation(len(books))
     n_test, n_val = max(1, round(d.test_fraction * len(books))), max(1, round(d.val_fraction * len(books)))
     parts = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
@@ -64,7 +66,7 @@ def student_folder(out: Path, seed: int) -> Path:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=STUDENT["vocab"], special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator((b["text"] for b in split_books(seed)["train"]), trainer)
+    tok.train_from_iterator(split_books(seed)["train"], trainer)
     tmp = out / "student_model.tmp"
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>").save_pretrained(str(tmp))
     cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=STUDENT["hidden_size"], num_hidden_layers=STUDENT["num_hidden_layers"],
@@ -144,6 +146,8 @@ def main() -> None:
     for n, r in rows.items():
         vs = "" if n == "scratch" or r["vs_scratch"] is None else f"{100 * r['vs_scratch']:+.1f}%"
         md.append(f"| {n} | {r['test_ppl']:.2f} | {vs} | {r['params']:,} | {r['tokens_per_s']:.1f} | {r['best_epoch']} | {r['epoch_time_s']:.0f} |")
+    md += ["", "Per-token perplexities compare between these runs (one tokenizer, the same test blocks), not with the teacher's. "
+           "seq_kd picks its epoch on teacher-written validation text; scratch and uld on real books."]
     (ROOT / "results" / "lm_cross_tokenizer.json").write_text(json.dumps(summary, indent=2))
     (ROOT / "results" / "lm_cross_tokenizer.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

@@ -14,7 +14,8 @@ training blocks, epochs and optimiser: equal training tokens) plus the overrides
   against the teacher's top-64 cache;
 - forward_kl_top8: forward KL against a top-8 cache (the effect of k);
 - seq_kd: sequence-level KD, the same initialisation trained with CE only on text the teacher wrote (`protege generate`:
-  32 real tokens of a training block, then 96 sampled by the teacher; 360 blocks, 10% of them for validation),
+  32 real tokens of a training block, then 96 sampled by the teacher; 400 blocks, 10% of them for validation,
+  320 of its training blocks drawn, as in every run),
   tested on the same test blocks.
 Reported: test perplexity (validation-selected epoch), the share of the scratch-to-teacher gap closed,
 (ppl_scratch - ppl) / (ppl_scratch - ppl_teacher), also measured from ce_init, cache size against full fp16 logits,
@@ -56,7 +57,7 @@ RUNS: dict[str, list[str]] = {
     "forward_kl_top8": ["distill.topk=8"],
     "seq_kd": ["distill.alpha=1.0"],  # + data.path: the teacher-written corpus, data.test_path: the real test books
 }
-SEQ_KD = {"prompts": 360, "prompt_tokens": 32, "new_tokens": 96}
+SEQ_KD = {"prompts": 400, "prompt_tokens": 32, "new_tokens": 96}
 HEADER = re.compile(r"^(\d? ?[A-Z][A-Za-z ]+?) (\d+)$")  # "Genesis 1", "1 Kings 3", "Song of Solomon 2"
 
 
@@ -98,7 +99,7 @@ def prepare() -> None:
 
 
 def seq_kd_corpus(out: Path) -> list[str]:
-    """Sequence-level KD (Kim & Rush 2016): the teacher continues the first 32 tokens of 360 random training blocks
+    """Sequence-level KD (Kim & Rush 2016): the teacher continues the first 32 tokens of 400 random training blocks
     with 96 tokens of its own (`protege generate`, sampled at T = 1); the student learns that text with CE and is tested
     on the same test blocks as every other run (the test books, written to a file in split order)."""
     import numpy as np
@@ -117,7 +118,17 @@ def seq_kd_corpus(out: Path) -> list[str]:
         full = load_data(d.model_copy(update={"limit": None}), recipe.seed)  # every training block
         pick = torch.randperm(len(full.train), generator=torch.Generator().manual_seed(recipe.seed))[:SEQ_KD["prompts"]]
         tok = load_tokenizer(str(TEACHER_DIR))
-        prompts.write_text("".join(json.dumps({"text": tok.decode(full.train.x[i])}) + "\n" for i in pick.sort().values))
+        def text(block: torch.Tensor) -> str:  # a block may cross a book boundary: keep its longest piece of one book
+            pieces, cur = [], []
+            for t in block.tolist() + [tok.eos_token_id]:
+                if t == tok.eos_token_id:
+                    pieces.append(cur)
+                    cur = []
+                else:
+                    cur.append(t)
+            return tok.decode(max(pieces, key=len), clean_up_tokenization_spaces=False)
+
+        prompts.write_text("".join(json.dumps({"text": text(full.train.x[i])}) + "\n" for i in pick.sort().values))
         docs = read_documents(CORPUS, d.text)  # the test books, as load_lm_corpus splits them
         order = np.random.default_rng(recipe.seed).permutation(len(docs))
         n_test = max(1, round(d.test_fraction * len(docs)))
@@ -126,8 +137,12 @@ def seq_kd_corpus(out: Path) -> list[str]:
                         batch_size=8, seed=recipe.seed)
     sets = [f"data.path={gen}", f"data.test_path={test}"]
     same = load_data(load_recipe(RECIPE).data, recipe.seed).test.x
-    if not torch.equal(load_data(load_recipe(RECIPE, sets).data, recipe.seed).test.x, same):
+    seq = load_data(load_recipe(RECIPE, sets).data, recipe.seed)
+    if not torch.equal(seq.test.x, same):
         raise SystemExit("seq_kd: the test blocks differ from the other runs'; the benchmark's split copy is out of date")
+    if len(seq.train) < d.limit:
+        raise SystemExit(f"seq_kd: the teacher's text gives {len(seq.train)} training blocks, fewer than the other runs' "
+                         f"{d.limit}; raise SEQ_KD['prompts']")
     return sets
 
 

@@ -69,11 +69,20 @@ def test_generation_is_seeded_greedy_is_deterministic_and_an_interrupted_run_con
     monkeypatch.setattr(CausalLM, "generate", real)
     tmp = tmp_path / "r.jsonl.tmp"
     assert not (tmp_path / "r.jsonl").exists() and len(tmp.read_text().splitlines()) == 6
-    tmp.write_text(tmp.read_text() + '{"text": "torn')
+    tmp.write_text(tmp.read_text() + full.splitlines()[6] + "\n" + '{"text": "torn')  # 7 whole rows: batch 3 unfinished
     seen = []
     again = generate_corpus(lm["teacher"], lm["train"], tmp_path / "r.jsonl", seed=3, **{**kw, "log": seen.append})
     assert again.read_text() == full and "after 6 finished rows" in seen[0]
-    # a file left without its settings (or with other settings) is not continued
+    # a file left by a run with other settings is not continued
+    monkeypatch.setattr(CausalLM, "generate", stop_third)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        generate_corpus(lm["teacher"], lm["train"], tmp_path / "o.jsonl", seed=4, **kw)
+    monkeypatch.setattr(CausalLM, "generate", real)
+    seen.clear()
+    other = generate_corpus(lm["teacher"], lm["train"], tmp_path / "o.jsonl", seed=3, **{**kw, "log": seen.append})
+    assert other.read_text() == full and "other settings; starting again" in seen[0]
+    # nor is a file left without its settings
     tmp.write_text('{"text": "fake", "document": 0}\n' * 3)
     seen.clear()
     again = generate_corpus(lm["teacher"], lm["train"], tmp_path / "r.jsonl", seed=3, overwrite=True, **{**kw, "log": seen.append})
@@ -89,15 +98,14 @@ def test_a_student_learns_the_teachers_text_and_is_tested_on_real_text(lm, tmp_p
          "distill": {"alpha": 1.0}, "train": {"epochs": 1, "batch_size": 8, "lr": 3e-3}, "eval": {"threads": 1}}
     recipe = parse_recipe(r)
     data = load_data(recipe.data, 0)
-    real = load_data(parse_recipe({**r, "data": {**r["data"], "path": str(lm["test"]), "test_path": None,
-                                                  "val_fraction": 0.3, "test_fraction": 0.3}}).data, 0)
     tok = load_tokenizer(str(lm["teacher"]))
     test_ids = [tok(t["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in _rows(lm["test"])]
     flat = torch.tensor(sum(test_ids, []))
     n = len(flat) // 16
     assert torch.equal(data.test.x, flat[: n * 16].view(n, 16))  # the whole test file, in order
-    assert len(real.test) < len(data.test)
     assert "test:" in data.description
+    with pytest.raises(DataError, match="not found; set data.test_path"):
+        load_data(parse_recipe({**r, "data": {**r["data"], "test_path": str(tmp_path / "none.jsonl")}}).data, 0)
     run = protege.distill(recipe, tmp_path / "run", log=lambda *_: None)
     assert run.report["student"]["test_tokens"] == n * 15 and run.report["student"]["test_ppl"] > 1
 
@@ -143,7 +151,7 @@ def test_a_student_with_another_tokenizer_learns_from_the_teachers_text(lm, tmp_
 
     from .text_fixtures import write_llama_folder
 
-    student = write_llama_folder(tmp_path / "student", layers=1, shuffle_vocab=7)  # same words, other ids
+    student = write_llama_folder(tmp_path / "student", layers=1, shuffle_vocab=7, extra_words=10)  # other ids, past 27
     gen = generate_corpus(lm["teacher"], lm["train"], tmp_path / "gen.jsonl", prompt_tokens=4, new_tokens=12, log=lambda *_: None)
     r = {"name": "xtok", "task": "causal_lm",
          "data": {"source": "lm_text", "path": str(gen), "test_path": str(lm["test"]), "tokenizer": str(student),

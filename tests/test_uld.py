@@ -1,5 +1,7 @@
 """ULD across tokenizers on tiny Llamas: the training blocks re-tokenised for the teacher, the positions paired,
 the pipeline end to end with a student of another tokenizer, and the recipe errors."""
+import json
+
 import pytest
 import torch
 
@@ -18,7 +20,7 @@ from .text_fixtures import write_corpus, write_llama_folder
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
     root = tmp_path_factory.mktemp("uld")
-    return {"teacher": write_llama_folder(root / "teacher"), "student": write_llama_folder(root / "student", layers=1, shuffle_vocab=7),
+    return {"teacher": write_llama_folder(root / "teacher"), "student": write_llama_folder(root / "student", layers=1, shuffle_vocab=7, extra_words=10),
             "corpus": write_corpus(root / "corpus.jsonl", docs=8, sentences=15)}
 
 
@@ -70,19 +72,45 @@ def test_the_distiller_pairs_the_teachers_own_tokenisation_position_by_position(
     assert float(got["loss"].detach()) == pytest.approx(0.5 * float(got["ce"].detach()) + 0.5 * float(want), rel=1e-5)
 
 
-def test_uld_pipeline_with_a_student_of_another_tokenizer(lm, tmp_path):
+def test_uld_pipeline_with_a_student_of_another_tokenizer(lm, tmp_path, monkeypatch):
+    # the student's corpus ids run past the teacher's vocabulary (10 unused words first): the teacher must only ever
+    # read its own ids, so every teacher input is checked against its tokenisation of the training blocks
+    from protege.models.lm import CausalLM
+
+    r = parse_recipe(_recipe(lm, train={"epochs": 2}))
+    data = load_data(r.data, 0)
+    assert int(data.train.x.max()) >= 27  # ids a 27-token teacher cannot read
+    own = retokenize(data.train.x, load_tokenizer(str(lm["student"])), load_tokenizer(str(lm["teacher"])), 16)[0]
+    fed, forward = [], CausalLM.forward
+
+    def spy(self, ids):
+        if self.config.vocab_size == 27:
+            fed.append(ids)
+        return forward(self, ids)
+
+    monkeypatch.setattr(CausalLM, "forward", spy)
     seen = []
-    run = protege.distill(parse_recipe(_recipe(lm)), tmp_path / "run", log=seen.append)
+    run = protege.distill(r, tmp_path / "run", log=seen.append)
     assert any("ULD feeds it each training block re-tokenised" in line for line in seen)
+    assert fed and all(any(torch.equal(row, o) for o in own) for ids in fed for row in ids)
     rep = run.report
-    assert rep["teacher"]["test_ppl"] is None and rep["student"]["test_ppl"] > 1
-    rows = [line for line in run.metrics_path.read_text().splitlines()]
-    assert '"kd"' in rows[0]
+    assert rep["teacher"]["test_ppl"] is None and rep["speedup_generation"] is None and rep["student"]["test_ppl"] > 1
+    rows = [json.loads(line) for line in run.metrics_path.read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2] and all(0 < row["kd"] <= 2 for row in rows)
+
+
+def test_uld_with_one_tokenizer_feeds_the_teacher_the_same_ids(lm, tmp_path):
+    r = parse_recipe(_recipe(lm, data={"tokenizer": str(lm["teacher"])},
+                             student={"model": str(lm["teacher"]), "kwargs": {"pretrained": False, "num_hidden_layers": 1}}))
+    run = protege.distill(r, tmp_path / "run", log=lambda *_: None)
+    assert run.report["teacher"]["test_ppl"] > 1 and run.report["speedup_generation"] > 0  # comparable: measured
+    assert '"kd"' in run.metrics_path.read_text()
 
 
 @pytest.mark.parametrize("over, match", [
     ({"distill": {"response": "uld", "topk": 8}}, "remove distill.topk"),
     ({"distill": {"response": "uld", "on_policy": 0.5}}, "remove distill.topk, topk_cache and on_policy"),
+    ({"distill": {"response": "uld", "topk_cache": "/tmp/cache"}}, "remove distill.topk, topk_cache"),
 ])
 def test_uld_recipe_errors(lm, over, match):
     with pytest.raises(RecipeError, match=match):
@@ -93,6 +121,6 @@ def test_uld_is_for_language_models_and_init_still_needs_one_tokenizer(lm, tmp_p
     with pytest.raises(RecipeError, match="uld .* is for task: causal_lm"):
         parse_recipe({"name": "x", "data": {"source": "digits"}, "teacher": {"model": "cnn", "train": {"epochs": 1}},
                       "student": {"model": "mlp"}, "distill": {"response": "uld"}})
-    with pytest.raises(RecipeError, match="has its own tokenizer"):
+    with pytest.raises(RecipeError, match="has its own tokenizer.*student.init copies the teacher's embeddings"):
         protege.distill(parse_recipe(_recipe(lm, student={"init": "select"})), tmp_path / "bad", log=lambda *_: None)
     assert not (tmp_path / "bad").exists()

@@ -67,9 +67,10 @@ LM_WORDS = ["the", "king", "queen", "said", "unto", "them", "and", "went", "to",
             "came", "house", "day", "night", "a", "man", "woman", "river", "gold", "bread", "."]
 
 
-def write_word_tokenizer(folder: Path, shuffle: int | None = None) -> Path:
+def write_word_tokenizer(folder: Path, shuffle: int | None = None, extra: int = 0) -> Path:
     """A word-level tokenizer with an end-of-text token, saved as a Hugging Face folder (as a causal LM has);
-    ``shuffle`` (a seed) numbers the words in another order: another tokenizer over the same words."""
+    ``shuffle`` (a seed) numbers the words in another order and ``extra`` puts that many unused words first (so the
+    corpus words get ids past the plain vocabulary): other tokenizers over the same words."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -77,7 +78,7 @@ def write_word_tokenizer(folder: Path, shuffle: int | None = None) -> Path:
     words = list(LM_WORDS)
     if shuffle is not None:
         random.Random(shuffle).shuffle(words)
-    vocab = {w: i for i, w in enumerate(["<unk>", "<eos>"] + words)}
+    vocab = {w: i for i, w in enumerate(["<unk>", "<eos>"] + [f"unused{i}" for i in range(extra)] + words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>").save_pretrained(str(folder))
@@ -85,14 +86,14 @@ def write_word_tokenizer(folder: Path, shuffle: int | None = None) -> Path:
 
 
 def write_llama_folder(folder: Path, layers: int = 4, hidden: int = 32, heads: int = 4, seed: int = 0,
-                       shuffle_vocab: int | None = None) -> Path:
+                       shuffle_vocab: int | None = None, extra_words: int = 0) -> Path:
     """A randomly initialised Llama causal LM saved like a downloaded model (config, safetensors, tokenizer)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    write_word_tokenizer(folder, shuffle_vocab)
+    write_word_tokenizer(folder, shuffle_vocab, extra_words)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(LM_WORDS) + 2, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+    cfg = LlamaConfig(vocab_size=len(LM_WORDS) + 2 + extra_words, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                       num_key_value_heads=heads // 2, intermediate_size=2 * hidden, max_position_embeddings=128,
                       tie_word_embeddings=True, eos_token_id=1, pad_token_id=1, bos_token_id=None)
     LlamaForCausalLM(cfg).save_pretrained(str(folder))

@@ -172,7 +172,7 @@ def evaluate_lm(run: Run, data: DataSplits, teacher: nn.Module, teacher_file: Pa
     for name, model, file in (("teacher", teacher, teacher_file), ("student", student, run.student_weights)):
         measured = name == "student" or teacher_ppl
         # a teacher with another tokenizer generates from its own end-of-text token (the same number of tokens)
-        prompt = data.test.x[:1, :16] if measured else torch.full((1, 16), int(teacher.config.eos_token_id or 0))
+        prompt = data.test.x[:1, :16] if measured else torch.full((1, 16), _eos_id(teacher))
         ppl = perplexity(model, data.test.x) if measured else {"ppl": None, "loss": None, "tokens": None}
         speed = generation_speed(model, prompt, gen_tokens, threads)
         entries[name] = {"test_ppl": ppl["ppl"], "test_loss": ppl["loss"], "test_tokens": ppl["tokens"], "params": num_params(model),
@@ -183,12 +183,20 @@ def evaluate_lm(run: Run, data: DataSplits, teacher: nn.Module, teacher_file: Pa
             + f", {entries[name]['params']:,} params, {speed['tokens_per_s']:.1f} tokens/s")
     t, s = entries["teacher"], entries["student"]
     report = {"name": run.recipe.name, "task": "causal_lm", "data": data.description, **entries,
-              "compression_ratio": t["params"] / s["params"], "speedup_generation": s["tokens_per_s"] / t["tokens_per_s"],
+              "compression_ratio": t["params"] / s["params"],
+              # tokens of two tokenizers cover different lengths of text: no like-for-like speedup then
+              "speedup_generation": s["tokens_per_s"] / t["tokens_per_s"] if teacher_ppl else None,
               "bytes_ratio": (t["bytes"] / s["bytes"]) if t["bytes"] and s["bytes"] else None,
               "environment": {"cpu": _cpu_model(), "threads": threads, "torch": torch.__version__,
                               "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}}
     write_report(run.report_path, report)
     return report
+
+
+def _eos_id(model: nn.Module) -> int:
+    """The model's end-of-text id (the first, where the config lists several; 0 where it has none)."""
+    eos = getattr(unwrap(model).config, "eos_token_id", None)
+    return int((eos[0] if eos else 0) if isinstance(eos, (list, tuple)) else (eos or 0))
 
 
 def reevaluate_lm(run: Run, data: DataSplits) -> dict:
@@ -243,22 +251,23 @@ def distill_lm(run: Run, recipe: Recipe, data: DataSplits, acc: Accelerator, res
         init_from_teacher_(copy.deepcopy(student), teacher, recipe.student.init, recipe.student.init_every)
     from .errors import RecipeError
 
-    with torch.no_grad():  # both must score the same vocabulary, position by position
-        v_t, v_s = (int(m.eval()(data.val.x[:1, :8]).shape[-1]) for m in (teacher, student))
-    student.train()
-    if v_t != v_s and not foreign and recipe.distill.response != "uld":
-        raise RecipeError(f"the teacher scores {v_t} tokens per position but the student {v_s}; token-level losses need one "
-                          f"vocabulary: build the student with the teacher's tokenizer and vocab_size")
-    if recipe.distill.topk and recipe.distill.topk > v_t:
-        raise RecipeError(f"distill.topk is {recipe.distill.topk} but the teacher's vocabulary has {v_t} tokens; lower distill.topk")
+    if not foreign:  # (a teacher with another tokenizer never reads the student's ids, not even here)
+        with torch.no_grad():  # both must score the same vocabulary, position by position
+            v_t, v_s = (int(m.eval()(data.val.x[:1, :8]).shape[-1]) for m in (teacher, student))
+        student.train()
+        if v_t != v_s and recipe.distill.response != "uld":
+            raise RecipeError(f"the teacher scores {v_t} tokens per position but the student {v_s}; token-level losses need "
+                              f"one vocabulary: build the student with the teacher's tokenizer and vocab_size")
+        if recipe.distill.topk and recipe.distill.topk > v_t:
+            raise RecipeError(f"distill.topk is {recipe.distill.topk} but the teacher's vocabulary has {v_t} tokens; lower "
+                              f"distill.topk")
+    teacher_ids = _teacher_tokenisation(recipe, data, teacher) if uld_ids else None  # its errors come before any write
     if acc.is_main_process:
         if not resume:
             run.clear_artifacts()
         run.write_recipe()
     acc.wait_for_everyone()
-    teacher_ids = None
     if uld_ids:
-        teacher_ids = _teacher_tokenisation(recipe, data, teacher)
         log(f"teacher: {recipe.teacher.model} has another tokenizer; ULD feeds it each training block re-tokenised "
             f"({teacher_ids[1].float().mean():.1f} of its tokens per block of {data.input_shape[0]}) and pairs positions")
     t_file = teacher_file(run)

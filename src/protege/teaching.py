@@ -116,6 +116,10 @@ def check_tokenizers(recipe: Recipe, data: DataSplits) -> None:
         if not is_hf_folder(spec.model) or (who == "teacher" and teacher_reads_other_text(recipe)):
             continue
         folder = Path(spec.model)
+        if foreign_tokenizer(recipe, spec.model) and who == "teacher" and recipe.task == "causal_lm" and recipe.student.init:
+            raise RecipeError(f"the teacher ({folder}) has its own tokenizer, which differs from data.tokenizer "
+                              f"({recipe.data.tokenizer}); student.init copies the teacher's embeddings and layers, which "
+                              f"needs one tokenizer: remove student.init, or use the teacher's tokenizer")
         if foreign_tokenizer(recipe, spec.model):
             raise RecipeError(f"the {who} ({folder}) has its own tokenizer, which differs from data.tokenizer "
                               f"({recipe.data.tokenizer}); every model of a text run reads the same token ids, so use one "

@@ -40,15 +40,16 @@ def _finished_rows(tmp: Path, batch_size: int) -> list[str]:
     """The rows an interrupted run wrote, cut back to whole batches (a batch is seeded as a unit)."""
     if not tmp.is_file():
         return []
-    rows = [line for line in tmp.read_text(encoding="utf-8").split("\n")[:-1] if line.strip()]  # a torn last line is dropped
+    rows = tmp.read_bytes().decode("utf-8", errors="replace").split("\n")[:-1]  # a torn last line (no newline) is dropped
     return rows[: len(rows) // batch_size * batch_size]
 
 
 def generate_corpus(teacher: str | Path, prompts: str | Path, out: str | Path, *, column: str = "text", prompt_tokens: int = 32,
                     new_tokens: int = 96, temperature: float = 1.0, batch_size: int = 8, limit: Optional[int] = None,
                     seed: int = 0, overwrite: bool = False, allow_pickle: bool = False, log: Log = print) -> Path:
-    """Write ``out`` (.jsonl, one row per prompt: ``column`` = prompt + continuation as text, ``document`` = the source
-    row) with the causal LM in the folder ``teacher``. Returns ``out``; ``out``.tmp holds the rows while it runs."""
+    """Write ``out`` (.jsonl, one row per prompt: ``column`` = prompt + continuation as text, ``document`` = the index of
+    the prompt's document among the non-empty ones) with the causal LM in the folder ``teacher``. Returns ``out``;
+    ``out``.tmp holds the rows while it runs. Generation runs on the CPU."""
     from tqdm.auto import tqdm
 
     from ..data.lm import read_documents
@@ -79,7 +80,9 @@ def generate_corpus(teacher: str | Path, prompts: str | Path, out: str | Path, *
         raise DataError(f"no document of '{prompts}' has {prompt_tokens} tokens for a prompt; lower prompt_tokens")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp, key_file = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".tmp.json")
-    key = {"teacher": str(Path(teacher).resolve()), "prompts": hashlib.sha256(Path(prompts).read_bytes()).hexdigest()[:16],
+    weights = sorted(f for f in Path(teacher).iterdir() if f.suffix in (".safetensors", ".bin", ".json"))
+    key = {"teacher": str(Path(teacher).resolve()),  # and its files' sizes and times: other weights never continue a file
+           "teacher_files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in weights], "prompts": hashlib.sha256(Path(prompts).read_bytes()).hexdigest()[:16],
            "column": column, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "temperature": temperature,
            "batch_size": batch_size, "limit": limit, "seed": seed}
     same = key_file.is_file() and json.loads(key_file.read_text()) == key
@@ -92,7 +95,7 @@ def generate_corpus(teacher: str | Path, prompts: str | Path, out: str | Path, *
         log(f"generate: continuing {tmp} after {len(done)} finished rows")
     if tmp.exists():  # keep the whole batches already written; drop a torn or partial tail
         os.truncate(tmp, sum(len(row.encode("utf-8")) + 1 for row in done))
-    with tmp.open("a", encoding="utf-8") as f:
+    with tmp.open("a", encoding="utf-8", newline="\n") as f:
         start, n_new = time.perf_counter(), 0
         batches = range(len(done), len(todo), batch_size)
         for b in tqdm(batches, desc="generate", unit="batch", disable=None):
@@ -101,7 +104,7 @@ def generate_corpus(teacher: str | Path, prompts: str | Path, out: str | Path, *
             prompt = torch.tensor([ids for _, ids in chunk], dtype=torch.long)
             seq = model.generate(prompt, new_tokens, sample=temperature > 0, temperature=temperature or 1.0)
             for (d, _), row in zip(chunk, seq.tolist()):
-                text = tok.decode(row, skip_special_tokens=True)
+                text = tok.decode(row, skip_special_tokens=True, clean_up_tokenization_spaces=False)
                 f.write(json.dumps({column: text, "document": d}) + "\n")
             f.flush()
             n_new += len(chunk) * new_tokens
