@@ -107,6 +107,7 @@ def summarise(results: dict[str, list[dict]]) -> dict:
         acc = [100 * r["deployed"]["accuracy"] for r in rs]
         rows[name] = {"seeds": [r["seed"] for r in rs], "deployed": rs[0]["deployed_name"],
                       "deployed_accuracy_mean_std": ms(acc),
+                      "deployed_macro_f1_mean_std": ms([100 * r["deployed"]["macro_f1"] for r in rs]),
                       "student_pytorch_accuracy_mean_std": ms([100 * r["student_pytorch"]["accuracy"] for r in rs]),
                       "share_of_teacher_accuracy": statistics.mean(acc) / (100 * teacher["accuracy"]),
                       "params": rs[0]["student_pytorch"]["params"], "bytes": rs[0]["deployed"]["bytes"],
@@ -126,12 +127,13 @@ def markdown(s: dict) -> str:
     e, t = s["environment"], s["teacher"]
     lines = [f"Encoder distillation, `{s['command']}` ({e['cpu']}; torch {e['torch']}, onnxruntime {e['onnxruntime']}, "
              f"{e['threads']} threads). Teacher: {100 * t['accuracy']:.2f}% test accuracy, {t['params']:,} params, "
-             f"{t['bytes'] / 1e6:.1f} MB, {t['latency_ms_b1']:.2f} ms at batch 1 (PyTorch fp32).", "",
-             "| student | deployed file | test acc (%) | of teacher | params | size (MB) | fewer bytes | speedup b1 | speedup b32 | seeds | target |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             f"{t['bytes'] / 1e6:.1f} MB, {t['latency_ms_b1']:.2f} ms at batch 1 (PyTorch fp32), macro-F1 {100 * t['macro_f1']:.2f}.", "",
+             "| student | deployed file | test acc (%) | macro-F1 (%) | of teacher's acc | params | size (MB) | fewer bytes | speedup b1 | speedup b32 | seeds | target |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in s["students"].items():
         mean, std = r["deployed_accuracy_mean_std"]
-        lines.append(f"| {name} | {r['deployed']} | {mean:.2f} ± {std:.2f} | {100 * r['share_of_teacher_accuracy']:.1f}% | "
+        f_mean, f_std = r["deployed_macro_f1_mean_std"]
+        lines.append(f"| {name} | {r['deployed']} | {mean:.2f} ± {std:.2f} | {f_mean:.2f} ± {f_std:.2f} | {100 * r['share_of_teacher_accuracy']:.1f}% | "
                      f"{r['params']:,} | {r['bytes'] / 1e6:.2f} | {r['bytes_ratio']:.1f}x | {r['speedup_b1']:.1f}x | "
                      f"{r['speedup_b32']:.1f}x | {len(r['seeds'])} | {'met' if r['target_met'] else 'missed'} |")
     return "\n".join(lines) + "\n"
