@@ -208,10 +208,21 @@ def test_convert_gguf_refuses_other_files(tmp_path):
         convert_gguf(f, tmp_path / "out")
 
 
-def test_evaluate_remeasures_an_lm_run_and_export_refuses_it(lm, tmp_path):
+def test_evaluate_remeasures_an_lm_run_and_export_writes_checked_onnx_and_int8(lm, tmp_path):
     r = parse_recipe(_recipe(lm, train={"epochs": 1}))
     run = protege.distill(r, tmp_path / "run", log=lambda *_: None)
     rep = protege.evaluate(run.path)
     assert rep["student"]["test_ppl"] == pytest.approx(run.report["student"]["test_ppl"])
-    with pytest.raises(RecipeError, match="for classification runs"):
-        protege.export_onnx(run.path)
+    assert "onnx" not in rep
+    seen = []
+    assert protege.export_onnx(run.path, log=seen.append) == run.onnx_path
+    assert run.int8_path.is_file() and any("max |ONNX - PyTorch|" in line for line in seen)
+    rep = json.loads(run.report_path.read_text())
+    # the ONNX file scores the test blocks as PyTorch does; int8 weights move the perplexity a little, not wildly
+    assert rep["onnx"]["test_ppl"] == pytest.approx(rep["student"]["test_ppl"], rel=1e-4)
+    assert rep["onnx"]["test_tokens"] == rep["student"]["test_tokens"]
+    assert abs(rep["int8"]["test_ppl"] / rep["student"]["test_ppl"] - 1) < 0.2 and rep["int8"]["bytes"] < rep["onnx"]["bytes"]
+    assert rep["onnx"]["ms_per_block_b1"] > 0 and rep["student"]["ms_per_block_b1"] > 0
+    assert protege.evaluate(run.path)["int8"]["test_ppl"] == pytest.approx(rep["int8"]["test_ppl"], rel=1e-6)
+    with pytest.raises(RecipeError, match="for classification runs.*protege export"):
+        protege.compress(run.path, quantize=protege.QuantizeConfig(mode="dynamic"))

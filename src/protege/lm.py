@@ -181,6 +181,16 @@ def evaluate_lm(run: Run, data: DataSplits, teacher: nn.Module, teacher_file: Pa
             entries[name]["note"] = "another tokenizer: per-token perplexity is not comparable, not measured"
         log(f"{name}: test perplexity " + (f"{ppl['ppl']:.2f}" if measured else "not measured (another tokenizer)")
             + f", {entries[name]['params']:,} params, {speed['tokens_per_s']:.1f} tokens/s")
+    for name, path in (("onnx", run.onnx_path), ("int8", run.int8_path)):  # after `protege export`
+        if path.is_file():
+            ppl = perplexity(_OrtLM(path, threads), data.test.x, batch_size=4)
+            entries[name] = {"test_ppl": ppl["ppl"], "test_loss": ppl["loss"], "test_tokens": ppl["tokens"],
+                             "bytes": path.stat().st_size, "file": path.name,
+                             "ms_per_block_b1": _block_ms(_OrtLM(path, threads), data.test.x[:1], threads)}
+            log(f"{name}: {path.name}, test perplexity {ppl['ppl']:.2f}, {path.stat().st_size / 1e6:.1f} MB, "
+                f"{entries[name]['ms_per_block_b1']:.1f} ms per block of {data.input_shape[0]} at batch 1")
+    if "onnx" in entries:
+        entries["student"]["ms_per_block_b1"] = _block_ms(student, data.test.x[:1], threads)
     t, s = entries["teacher"], entries["student"]
     report = {"name": run.recipe.name, "task": "causal_lm", "data": data.description, **entries,
               "compression_ratio": t["params"] / s["params"],
@@ -191,6 +201,73 @@ def evaluate_lm(run: Run, data: DataSplits, teacher: nn.Module, teacher_file: Pa
                               "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}}
     write_report(run.report_path, report)
     return report
+
+
+class _OrtLM(nn.Module):
+    """An exported LM file run by ONNX Runtime: ids (B, block_size) -> logits, like the PyTorch model."""
+
+    def __init__(self, path: Path, threads: int):
+        super().__init__()
+        from .export.onnx import ort_session
+
+        self.session = ort_session(path, threads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .export.onnx import ort_logits
+
+        return ort_logits(self.session, x.cpu(), batch_size=len(x))
+
+
+@torch.no_grad()
+def _block_ms(model: nn.Module, x: torch.Tensor, threads: int, repeats: int = 7) -> float:
+    """Median milliseconds to score one block (all its next-token distributions) at batch 1, after a warm-up."""
+    import statistics
+    import time
+
+    from .evaluate.profile import torch_threads
+
+    model.eval()
+    with torch_threads(threads):
+        model(x)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def export_lm(run: Run, data: DataSplits, log: Log = print) -> Path:
+    """`protege export` for a causal-LM run: student.onnx, ids (B, block_size) -> next-token logits with a dynamic
+    batch (the model is causal, so padding on the right leaves the logits of the positions before it exact), checked
+    against PyTorch on test blocks; student.int8.onnx, its weights dynamically quantized to int8 by ONNX Runtime; then
+    the report again, with both files' test perplexity, size and scoring time. (Scoring files: no KV cache inside.)"""
+    from .compress.quantize import quantize_dynamic
+    from .errors import ExportError, RunError
+    from .export.onnx import export_model_onnx, onnx_parity
+    from .models import load_weights
+    from .recipe import QuantizeConfig
+
+    r = run.recipe
+    if not run.student_weights.is_file():
+        raise RunError(f"{run.path} has no finished student ({run.student_weights} missing); finish it with --resume")
+    student = build_model(r.student.model_copy(update={"weights": None}), data.input_shape, data.num_classes, data.model_args)
+    load_weights(student, run.student_weights)
+    student.eval()
+    candidate = run.onnx_path.with_suffix(".candidate.onnx")
+    export_model_onnx(student, data.test.x[:2], candidate, r.export.opset)
+    try:
+        diff = onnx_parity(student, candidate, data.test.x[:4], r.export.tolerance)
+    except ExportError:
+        candidate.replace(run.onnx_path.with_suffix(".rejected.onnx"))  # kept for inspection
+        raise
+    candidate.replace(run.onnx_path)
+    log(f"export: {run.onnx_path} ({run.onnx_path.stat().st_size / 1e6:.1f} MB), max |ONNX - PyTorch| = {diff:.2e} on "
+        f"{min(4, len(data.test))} test blocks")
+    quantize_dynamic(run.onnx_path, run.int8_path, QuantizeConfig(mode="dynamic"))
+    log(f"quantize: dynamic int8 -> {run.int8_path} ({run.int8_path.stat().st_size / 1e6:.1f} MB)")
+    reevaluate_lm(run, data)
+    return run.onnx_path
 
 
 def _eos_id(model: nn.Module) -> int:

@@ -109,7 +109,8 @@ def compress(run: Run | str | Path, *, prune: Optional[PruneConfig] = None, quan
 def _classify_only(run: Run, what: str) -> None:
     if run.recipe.task != "classify":
         raise RecipeError(f"`protege {what}` is for classification runs; {run.path} is a {run.recipe.task} run "
-                          f"(its student is {run.student_weights}; use `protege evaluate` for its perplexity and speed)")
+                          f"(its student is {run.student_weights}; `protege export` writes its ONNX and int8 files, "
+                          f"`protege evaluate` measures its perplexity and speed)")
 
 
 def _qat_fn(run: Run, data: DataSplits, teachers: list[nn.Module], acc: Accelerator, log: Log):
@@ -161,8 +162,11 @@ def _export_checked(model: nn.Module, run: Run, data: DataSplits, dst: Path, log
 def export_onnx(run: Run | str | Path, *, data: Optional[DataSplits] = None, log: Log = print) -> Path:
     """Export the run's student (and its pruned version, if any) to ONNX, each checked against PyTorch."""
     run = run if isinstance(run, Run) else Run.load(run)
-    _classify_only(run, "export")
     data = data or load_data(run.recipe.data, run.recipe.seed)
+    if run.recipe.task == "causal_lm":
+        from .lm import export_lm
+
+        return export_lm(run, data, log)
     student = _load_models(run, data)[1]
     _export_checked(student, run, data, run.onnx_path, log)
     pruned = _load_pruned(run, data)
