@@ -19,8 +19,9 @@ training blocks, epochs and optimiser: equal training tokens) plus the overrides
   tested on the same test blocks.
 Reported: test perplexity (validation-selected epoch), the share of the scratch-to-teacher gap closed,
 (ppl_scratch - ppl) / (ppl_scratch - ppl_teacher), also measured from ce_init, cache size against full fp16 logits,
-and batch-1 greedy generation speed (tokens / s, 2 threads). Writes benchmarks/results/lm_kd.{json,md}; per-run numbers
-in benchmarks/results/lm_kd/<run>.json.
+and batch-1 greedy generation speed (tokens / s, 2 threads); then the best token-level run's student exported to
+ONNX and dynamic int8 (`protege export`), with their test perplexity, size and time to score a block.
+Writes benchmarks/results/lm_kd.{json,md}; per-run numbers in benchmarks/results/lm_kd/<run>.json.
 """
 from __future__ import annotations
 
@@ -211,10 +212,35 @@ def markdown(s: dict) -> str:
         lines.append(f"| {name} | {r['test_ppl']:.2f} | {gs} | {gi} | {cache[0]} | {cache[1]} | {cache[2]} | {r['tokens_per_s']:.1f} |")
     lines += ["", f"Best token-level loss: {s['best_loss']}; target (>= 30% of the gap from scratch): "
                   f"{'met' if s['target_met'] else 'missed'}."]
+    if s.get("deployed"):
+        d = s["deployed"]
+        lines += ["", f"`protege export` on the {d['run']} run (scoring files, ids of one block -> next-token logits):", "",
+                  "| file | test ppl | size (MB) | ms to score one block, batch 1 |", "|---|---:|---:|---:|",
+                  f"| student, PyTorch fp32 safetensors | {d['student']['test_ppl']:.2f} | {d['student']['bytes'] / 1e6:.1f} | "
+                  f"{d['student']['ms_per_block_b1']:.1f} |"]
+        lines += [f"| {d[k]['file']}{' (dynamic int8)' if k == 'int8' else ''} | {d[k]['test_ppl']:.2f} | {d[k]['bytes'] / 1e6:.1f} | "
+                  f"{d[k]['ms_per_block_b1']:.1f} |" for k in ("onnx", "int8")]
     if "seq_kd" in s["runs"]:
         lines.append("seq_kd is sequence-level KD (next-token CE on text the teacher wrote, `protege generate`), not a token-level "
                      "loss; its epoch is selected on teacher-written validation text.")
     return "\n".join(lines) + "\n"
+
+
+def export_best(name: str, out: Path) -> dict:
+    """`protege export` on the best run: its student as ONNX (checked against PyTorch) and dynamic int8, scored on the
+    same test blocks in ONNX Runtime, with the time to score one block at batch 1 (2 threads)."""
+    done = RESULTS / f"{name}.export.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    from protege import export_onnx
+
+    run_dir = out / name
+    export_onnx(run_dir)
+    rep = json.loads((run_dir / "report.json").read_text())
+    result = {"run": name, **{k: rep[k] for k in ("onnx", "int8")},
+              "student": {k: rep["student"][k] for k in ("test_ppl", "bytes", "ms_per_block_b1")}}
+    done.write_text(json.dumps(result, indent=2))
+    return result
 
 
 def main() -> None:
@@ -233,6 +259,8 @@ def main() -> None:
         run_one(name, args.out)
     results = {n: json.loads((RESULTS / f"{n}.json").read_text()) for n in RUNS if (RESULTS / f"{n}.json").is_file()}
     summary = summarise(results)
+    if summary["best_loss"]:
+        summary["deployed"] = export_best(summary["best_loss"], args.out)
     (ROOT / "results" / "lm_kd.json").write_text(json.dumps(summary, indent=2))
     (ROOT / "results" / "lm_kd.md").write_text(markdown(summary))
     print(markdown(summary))
