@@ -147,16 +147,21 @@ def seq_kd_corpus(out: Path) -> list[str]:
     return sets
 
 
-def run_one(name: str, out: Path) -> dict:
-    done = RESULTS / f"{name}.json"
+def run_one(name: str, out: Path, seed: int = 0) -> dict:
+    """One run; seed 0 is the recipe's (results <run>.json), another seed also splits the books another way
+    (results <run>_seed<k>.json, its own top-64 cache)."""
+    tag = name if seed == 0 else f"{name}_seed{seed}"
+    done = RESULTS / f"{tag}.json"
     if done.is_file():
         return json.loads(done.read_text())
-    run_dir = out / name
+    if seed and name == "seq_kd":
+        raise SystemExit("seq_kd runs with seed 0 only (its corpus is generated from seed 0's training books)")
+    run_dir = out / tag
     resume = (run_dir / "recipe.yaml").is_file()
-    sets = list(RUNS[name]) + (seq_kd_corpus(out) if name == "seq_kd" else [])
-    if name != "forward_kl_top8":  # every top-64 run shares one cache (same teacher, corpus, k and T)
-        sets.append(f"distill.topk_cache={out / 'top64_cache'}")
-    print(f"== {name}", flush=True)
+    sets = list(RUNS[name]) + (seq_kd_corpus(out) if name == "seq_kd" else []) + ([f"seed={seed}"] if seed else [])
+    if name != "forward_kl_top8":  # every top-64 run of a seed shares one cache (same teacher, corpus, k and T)
+        sets.append(f"distill.topk_cache={out / ('top64_cache' if seed == 0 else f'top64_cache_seed{seed}')}")
+    print(f"== {tag}", flush=True)
     run = distill(load_recipe(RECIPE, sets), run_dir, resume=resume, overwrite=not resume)
     rep = run.report
     rows = [json.loads(x) for x in run.metrics_path.read_text().splitlines()]
@@ -167,7 +172,7 @@ def run_one(name: str, out: Path) -> dict:
 
         c = TopKCache(Path(d.topk_cache) if d.topk_cache else run_dir / "teacher_cache" / f"top{d.topk}")
         cache = {"k": c.k, "bytes": c.nbytes(), "full_fp16_bytes": c.full_bytes(), "tail_mass": c.tail_mass()}
-    result = {"run": name, "overrides": RUNS[name], "teacher": rep["teacher"], "student": rep["student"], "cache": cache,
+    result = {"run": name, "seed": seed, "overrides": RUNS[name], "teacher": rep["teacher"], "student": rep["student"], "cache": cache,
               "epoch_time_s": statistics.median(r["epoch_time_s"] for r in rows if r["stage"] == "student"),
               "best_epoch": json.loads((run_dir / "student" / "config.json").read_text())["best_epoch"]}
     done.parent.mkdir(parents=True, exist_ok=True)
@@ -197,6 +202,31 @@ def summarise(results: dict[str, dict]) -> dict:
             "target_met": bool(best and (rows[best]["gap_closed_from_scratch"] or 0) >= 0.3)}
 
 
+def over_seeds(out: Path) -> dict:
+    """Runs repeated with other seeds (other book splits): test perplexity and the share of that seed's
+    scratch-to-teacher gap closed, mean and std over the seeds that ran."""
+    per: dict[str, dict[int, dict]] = {}
+    for f in RESULTS.glob("*.json"):
+        if f.name.endswith(".export.json"):
+            continue
+        r = json.loads(f.read_text())
+        per.setdefault(r["run"], {})[r.get("seed", 0)] = r
+    scratch = per.get("scratch", {})
+    rows = {}
+    for name, by_seed in per.items():
+        seeds = sorted(k for k in by_seed if k in scratch)
+        if len(seeds) < 2:
+            continue
+        ppl = [by_seed[k]["student"]["test_ppl"] for k in seeds]
+        gap = [(scratch[k]["student"]["test_ppl"] - by_seed[k]["student"]["test_ppl"])
+               / (scratch[k]["student"]["test_ppl"] - by_seed[k]["teacher"]["test_ppl"]) for k in seeds]
+        sd = statistics.stdev
+        rows[name] = {"seeds": seeds, "test_ppl_mean_std": [statistics.mean(ppl), sd(ppl)],
+                      "gap_closed_mean_std": [statistics.mean(gap), sd(gap)],
+                      "teacher_ppl": [by_seed[k]["teacher"]["test_ppl"] for k in seeds]}
+    return rows
+
+
 def markdown(s: dict) -> str:
     e, t = s["environment"], s["teacher"]
     lines = [f"Causal-LM distillation, `{s['command']}` ({e['cpu']}; torch {e['torch']}, {e['threads']} threads; "
@@ -212,6 +242,14 @@ def markdown(s: dict) -> str:
         lines.append(f"| {name} | {r['test_ppl']:.2f} | {gs} | {gi} | {cache[0]} | {cache[1]} | {cache[2]} | {r['tokens_per_s']:.1f} |")
     lines += ["", f"Best token-level loss: {s['best_loss']}; target (>= 30% of the gap from scratch): "
                   f"{'met' if s['target_met'] else 'missed'}."]
+    if s.get("over_seeds"):
+        lines += ["", "Over seeds (each seed splits the books another way, so the test books and the teacher's perplexity "
+                      "differ; the gap is each seed's own):", "",
+                  "| run | seeds | test ppl | gap closed (from scratch) | teacher ppl per seed |", "|---|---:|---:|---:|---|"]
+        for name, r in s["over_seeds"].items():
+            (pm, ps), (gm, gs) = r["test_ppl_mean_std"], r["gap_closed_mean_std"]
+            lines.append(f"| {name} | {len(r['seeds'])} | {pm:.1f} ± {ps:.1f} | {100 * gm:.1f}% ± {100 * gs:.1f} | "
+                         f"{', '.join(f'{t:.1f}' for t in r['teacher_ppl'])} |")
     if s.get("deployed"):
         d = s["deployed"]
         lines += ["", f"`protege export` on the {d['run']} run (scoring files, ids of one block -> next-token logits):", "",
@@ -248,6 +286,8 @@ def main() -> None:
     ap.add_argument("--prepare", action="store_true", help="convert the teacher and write the corpus, then stop")
     ap.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "lm_kd")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0],
+                    help="more seeds (other book splits) for the runs named by --runs, e.g. --runs scratch ce_init forward_kl --seeds 1 2")
     args = ap.parse_args()
     os.chdir(REPO)  # the recipe's paths are relative to the repository
     prepare()
@@ -255,10 +295,12 @@ def main() -> None:
         return
     torch.set_num_threads(2)
     args.out.mkdir(parents=True, exist_ok=True)
-    for name in args.runs:
-        run_one(name, args.out)
+    for seed in args.seeds:
+        for name in args.runs:
+            run_one(name, args.out, seed)
     results = {n: json.loads((RESULTS / f"{n}.json").read_text()) for n in RUNS if (RESULTS / f"{n}.json").is_file()}
     summary = summarise(results)
+    summary["over_seeds"] = over_seeds(args.out)
     if summary["best_loss"]:
         summary["deployed"] = export_best(summary["best_loss"], args.out)
     (ROOT / "results" / "lm_kd.json").write_text(json.dumps(summary, indent=2))
