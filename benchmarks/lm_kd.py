@@ -242,6 +242,9 @@ def markdown(s: dict) -> str:
         lines.append(f"| {name} | {r['test_ppl']:.2f} | {gs} | {gi} | {cache[0]} | {cache[1]} | {cache[2]} | {r['tokens_per_s']:.1f} |")
     lines += ["", f"Best token-level loss: {s['best_loss']}; target (>= 30% of the gap from scratch): "
                   f"{'met' if s['target_met'] else 'missed'}."]
+    if "seq_kd" in s["runs"]:
+        lines += ["", "seq_kd is sequence-level KD (next-token CE on text the teacher wrote, `protege generate`), not a token-level "
+                     "loss; its epoch is selected on teacher-written validation text."]
     if s.get("over_seeds"):
         lines += ["", "Over seeds (each seed splits the books another way, so the test books and the teacher's perplexity "
                       "differ; the gap is each seed's own):", "",
@@ -258,9 +261,6 @@ def markdown(s: dict) -> str:
                   f"{d['student']['ms_per_block_b1']:.1f} |"]
         lines += [f"| {d[k]['file']}{' (dynamic int8)' if k == 'int8' else ''} | {d[k]['test_ppl']:.2f} | {d[k]['bytes'] / 1e6:.1f} | "
                   f"{d[k]['ms_per_block_b1']:.1f} |" for k in ("onnx", "int8")]
-    if "seq_kd" in s["runs"]:
-        lines.append("seq_kd is sequence-level KD (next-token CE on text the teacher wrote, `protege generate`), not a token-level "
-                     "loss; its epoch is selected on teacher-written validation text.")
     return "\n".join(lines) + "\n"
 
 
