@@ -107,7 +107,7 @@ def seq_kd_corpus(out: Path) -> list[str]:
 
     from protege.api import generate_corpus
     from protege.data import load_data
-    from protege.data.lm import read_documents
+    from protege.data.lm import read_documents, split_at
     from protege.data.text import load_tokenizer
 
     recipe = load_recipe(RECIPE)
@@ -120,14 +120,7 @@ def seq_kd_corpus(out: Path) -> list[str]:
         pick = torch.randperm(len(full.train), generator=torch.Generator().manual_seed(recipe.seed))[:SEQ_KD["prompts"]]
         tok = load_tokenizer(str(TEACHER_DIR))
         def text(block: torch.Tensor) -> str:  # a block may cross a book boundary: keep its longest piece of one book
-            pieces, cur = [], []
-            for t in block.tolist() + [tok.eos_token_id]:
-                if t == tok.eos_token_id:
-                    pieces.append(cur)
-                    cur = []
-                else:
-                    cur.append(t)
-            return tok.decode(max(pieces, key=len), clean_up_tokenization_spaces=False)
+            return tok.decode(max(split_at(block.tolist(), tok.eos_token_id), key=len), clean_up_tokenization_spaces=False)
 
         prompts.write_text("".join(json.dumps({"text": text(full.train.x[i])}) + "\n" for i in pick.sort().values))
         docs = read_documents(CORPUS, d.text)  # the test books, as load_lm_corpus splits them

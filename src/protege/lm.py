@@ -17,6 +17,7 @@ from torch import nn
 
 from .data import DataSplits
 from .evaluate.lm import generation_speed, perplexity
+from .evaluate.profile import torch_latency
 from .evaluate.report import write_report
 from .knowledge.features import unwrap
 from .knowledge.topk import TopKCache, load_or_build_topk
@@ -181,16 +182,21 @@ def evaluate_lm(run: Run, data: DataSplits, teacher: nn.Module, teacher_file: Pa
             entries[name]["note"] = "another tokenizer: per-token perplexity is not comparable, not measured"
         log(f"{name}: test perplexity " + (f"{ppl['ppl']:.2f}" if measured else "not measured (another tokenizer)")
             + f", {entries[name]['params']:,} params, {speed['tokens_per_s']:.1f} tokens/s")
+    e = run.recipe.eval
+
+    def block_ms(model: nn.Module) -> float:  # p50 to score one real test block at batch 1
+        return torch_latency(model, data.test.x, 1, threads, e.warmup, e.repeats_b1)["p50"]
+
     for name, path in (("onnx", run.onnx_path), ("int8", run.int8_path)):  # after `protege export`
         if path.is_file():
-            ppl = perplexity(_OrtLM(path, threads), data.test.x, batch_size=4)
+            model = _OrtLM(path, threads)
+            ppl = perplexity(model, data.test.x, batch_size=4)
             entries[name] = {"test_ppl": ppl["ppl"], "test_loss": ppl["loss"], "test_tokens": ppl["tokens"],
-                             "bytes": path.stat().st_size, "file": path.name,
-                             "ms_per_block_b1": _block_ms(_OrtLM(path, threads), data.test.x[:1], threads)}
+                             "bytes": path.stat().st_size, "file": path.name, "ms_per_block_b1": block_ms(model)}
             log(f"{name}: {path.name}, test perplexity {ppl['ppl']:.2f}, {path.stat().st_size / 1e6:.1f} MB, "
                 f"{entries[name]['ms_per_block_b1']:.1f} ms per block of {data.input_shape[0]} at batch 1")
     if "onnx" in entries:
-        entries["student"]["ms_per_block_b1"] = _block_ms(student, data.test.x[:1], threads)
+        entries["student"]["ms_per_block_b1"] = block_ms(student)
     t, s = entries["teacher"], entries["student"]
     report = {"name": run.recipe.name, "task": "causal_lm", "data": data.description, **entries,
               "compression_ratio": t["params"] / s["params"],
@@ -216,25 +222,6 @@ class _OrtLM(nn.Module):
         from .export.onnx import ort_logits
 
         return ort_logits(self.session, x.cpu(), batch_size=len(x))
-
-
-@torch.no_grad()
-def _block_ms(model: nn.Module, x: torch.Tensor, threads: int, repeats: int = 7) -> float:
-    """Median milliseconds to score one block (all its next-token distributions) at batch 1, after a warm-up."""
-    import statistics
-    import time
-
-    from .evaluate.profile import torch_threads
-
-    model.eval()
-    with torch_threads(threads):
-        model(x)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def export_lm(run: Run, data: DataSplits, log: Log = print) -> Path:

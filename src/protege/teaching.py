@@ -116,15 +116,15 @@ def check_tokenizers(recipe: Recipe, data: DataSplits) -> None:
         if not is_hf_folder(spec.model) or (who == "teacher" and teacher_reads_other_text(recipe)):
             continue
         folder = Path(spec.model)
-        if foreign_tokenizer(recipe, spec.model) and who == "teacher" and recipe.task == "causal_lm" and recipe.student.init:
-            raise RecipeError(f"the teacher ({folder}) has its own tokenizer, which differs from data.tokenizer "
-                              f"({recipe.data.tokenizer}); student.init copies the teacher's embeddings and layers, which "
-                              f"needs one tokenizer: remove student.init, or use the teacher's tokenizer")
         if foreign_tokenizer(recipe, spec.model):
+            init = who == "teacher" and recipe.task == "causal_lm" and recipe.student.init
+            fix = ("student.init copies the teacher's embeddings and layers, which needs one tokenizer: remove student.init, "
+                   "or use the teacher's tokenizer") if init else \
+                ("every model of a text run reads the same token ids, so use one tokenizer (models that share a vocabulary), "
+                 "or distil through text the teacher writes (protege generate, then a next-token CE run: distill.alpha 1), "
+                 "or use distill.response uld")
             raise RecipeError(f"the {who} ({folder}) has its own tokenizer, which differs from data.tokenizer "
-                              f"({recipe.data.tokenizer}); every model of a text run reads the same token ids, so use one "
-                              f"tokenizer (models that share a vocabulary), or distil through text the teacher writes "
-                              f"(protege generate, then a next-token CE run: distill.alpha 1), or use distill.response uld")
+                              f"({recipe.data.tokenizer}); {fix}")
         config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
         vocab, positions = config.get("vocab_size"), {**config, **spec.kwargs}.get("max_position_embeddings")
         if positions is not None and data.input_shape[0] > positions:

@@ -103,6 +103,17 @@ def load_lm_corpus(cfg: DataConfig, seed: int) -> DataSplits:
                       vocab_size=info["vocab_size"], pad_id=info["pad_id"], is_lm=True)
 
 
+def split_at(ids: list[int], sep: int) -> list[list[int]]:
+    """The runs of ``ids`` between occurrences of ``sep`` (k separators give k + 1 runs, some maybe empty)."""
+    pieces: list[list[int]] = [[]]
+    for t in ids:
+        if t == sep:
+            pieces.append([])
+        else:
+            pieces[-1].append(t)
+    return pieces
+
+
 def retokenize(blocks: torch.Tensor, src, dst, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The same text in another tokenizer (for ULD's teacher): each row of ``src`` ids is decoded piece by piece
     between end-of-text tokens, the pieces encoded with ``dst`` and joined with its end-of-text token, cut to ``length``
@@ -113,15 +124,8 @@ def retokenize(blocks: torch.Tensor, src, dst, length: int) -> tuple[torch.Tenso
     ids = torch.full((len(blocks), length), int(dst.pad_token_id), dtype=torch.long)
     lengths = torch.zeros(len(blocks), dtype=torch.long)
     for n, row in enumerate(blocks.tolist()):
-        pieces, cur = [], []
-        for t in row + [src.eos_token_id]:
-            if t == src.eos_token_id:
-                pieces.append(cur)
-                cur = []
-            else:
-                cur.append(t)
         out: list[int] = []
-        for i, piece in enumerate(pieces):  # the pieces between end-of-text tokens, joined by the other one
+        for i, piece in enumerate(split_at(row, src.eos_token_id)):  # joined again by the other end-of-text token
             if i:
                 out.append(int(dst.eos_token_id))
             if piece:
