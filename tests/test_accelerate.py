@@ -2,6 +2,7 @@
 processes over gloo (accelerate's torchrun launcher). It trains and writes one run folder."""
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,13 @@ import yaml
 from .conftest import TINY
 
 
+def _free_port() -> int:
+    """A port nothing listens on now (the OS picks it), so parallel or leftover runs don't collide on a fixed one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_two_processes_train_into_one_run_folder(tmp_path):
     launcher = Path(sys.executable).with_name("accelerate")
     if not launcher.exists():
@@ -20,7 +28,7 @@ def test_two_processes_train_into_one_run_folder(tmp_path):
     recipe.write_text(yaml.safe_dump(TINY))
     out = tmp_path / "runs" / "ddp"
     cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", "29533", "-m", "protege.cli", "distill", str(recipe), "--out", str(out)]
+           "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "protege.cli", "distill", str(recipe), "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["ddp"]
