@@ -28,6 +28,7 @@ test-slow: install
 bench: install
 	$(BIN)/python benchmarks/fashion_mnist.py
 	$(BIN)/python benchmarks/compress.py --resnet-epochs 20
+	$(BIN)/python benchmarks/int8_cpus.py
 	$(BIN)/python benchmarks/kd_methods.py --tier digits
 	$(BIN)/python benchmarks/kd_methods.py --tier fashion
 

@@ -9,7 +9,8 @@ measured at the end, after all training, in three interleaved rounds (median of 
 side by side and a busy phase earlier in the run cannot skew them: keep the machine otherwise idle for the last
 few minutes (the log says "measuring latency"). Accuracy is on the official 10k test set;
 anything chosen (the auto quantization mode, the recovered epoch) is chosen on the validation split.
-Writes benchmarks/results/compress.{json,md}.
+Writes benchmarks/results/compress.{json,md}. The portable (7-bit) and full-range int8 schemes side by side, with
+their agreement on an emulated AVX2 CPU, are benchmarks/int8_cpus.py (`make bench` runs it after this script).
 
 The CNN teacher is benchmarks/teachers/fashion_mnist_cnn.safetensors (from benchmarks/fashion_mnist.py). The KD
 student is that benchmark's seed-0 run, benchmarks/runs/fashion_mnist/full/kd_seed0; when it is missing it is

@@ -247,3 +247,9 @@ def test_augment_on_a_table(distill, tmp_path):
     p = _csv(tmp_path, "a,b,y\n" + "".join(f"{i},{i * 2},{i % 2}\n" for i in range(40)))
     code, err = distill(lambda r: (r.update(data={"source": "csv", "path": str(p), "target": "y"}), r["train"].update(augment=True)))
     assert_clean_error(code, err, "augment is for images", "train.augment")
+
+
+def test_unknown_quantize_target_in_the_recipe(distill, tmp_path):
+    code, err = distill(lambda r: r.update(quantize={"mode": "static", "target": "avx512"}))
+    assert_clean_error(code, err, "quantize.target", "'avx512'", "'portable'", "'this_cpu'")
+    assert not (tmp_path / "out").exists()

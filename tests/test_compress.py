@@ -12,8 +12,11 @@ from torch import nn
 from protege import PruneConfig, QuantizeConfig, Run, compress, distill, parse_recipe, prune_
 from protege.compress.prune import make_permanent, plan, zero_share
 from protege.compress.quantize import check_calibration, choose, gemm_to_matmul, quantize_dynamic, quantize_static, unquantized_ops
+from protege.compress import verify as V
+from protege.compress.emulate import available, run_emulated
 from protege.errors import CompressError
-from protege.export.onnx import export_model_onnx, ort_session
+from protege.export.metadata import read as read_metadata
+from protege.export.onnx import export_model_onnx, ort_logits, ort_session
 from protege.models.loading import resize_to
 from protege.models.zoo import CNN, MLP, ResNet
 from protege.models import save_weights
@@ -211,6 +214,24 @@ def compressed(tmp_path_factory):
     return distill(recipe, out, log=lambda *_: None)
 
 
+def _val_x(run: Run) -> torch.Tensor:
+    from protege.data import load_data
+
+    return load_data(run.recipe.data, run.recipe.seed).val.x
+
+
+def test_deployed_files_describe_themselves(compressed):
+    meta = read_metadata(compressed.int8_path)
+    assert meta["classes"] == [str(i) for i in range(10)] and meta["input"]["shape"] == ["batch", 1, 8, 8]
+    assert meta["input"]["dtype"] == "float32" and meta["input"]["preprocessing"]["steps"] == ["x / 16", "(x - 0.3) / 0.4"]
+    assert meta["int8"]["portable"] and meta["int8"]["mode"] == "static" and meta["version"]
+    assert "int8" not in read_metadata(compressed.onnx_path) and read_metadata(compressed.onnx_path)["classes"] == meta["classes"]
+    session_meta = ort_session(compressed.int8_path).get_modelmeta().custom_metadata_map  # what a server reads
+    assert json.loads(session_meta["protege.classes"]) == meta["classes"]
+    q = compressed.report["quantization"]
+    assert q["scheme"]["portable"] and q["verification"]["predictions_changed"] <= V.MAX_FLIPS * q["verification"]["predictions"]
+
+
 def test_recipe_goes_from_teacher_to_int8_onnx(compressed):
     run = compressed
     names = [s["name"] for s in run.report["stages"]]
@@ -251,6 +272,20 @@ def _optimized_ops(path, tmp_path) -> set[str]:
     return _ops(tmp_path / "optimized.onnx")
 
 
+def _exact_on_avx2(path, fp32, x) -> None:
+    """On an emulated AVX2 CPU without VNNI (where full-range int8 weights saturate) the file computes what its QDQ graph
+    defines; with qemu missing it is checked on this CPU only, unless PROTEGE_REQUIRE_QEMU asks for the emulator."""
+    import os
+
+    ref = ort_logits(ort_session(V.reference_model(path), optimize=False), x).numpy()
+    base = ort_logits(ort_session(fp32), x).numpy()
+    if available() is None or os.environ.get("PROTEGE_REQUIRE_QEMU"):
+        got = run_emulated({"f": path}, x.numpy())["f"]
+    else:
+        got = ort_logits(ort_session(path), x).numpy()
+    V.judge(path, V.compare(got, ref, base))
+
+
 def test_static_int8_runs_int8_kernels(compressed, tmp_path):
     assert "QLinearConv" in _optimized_ops(compressed.int8_path, tmp_path)
 
@@ -263,7 +298,10 @@ def test_qat_with_the_teacher_exports_an_int8_file_ort_runs(compressed, tmp_path
     run = compress(run_dir, prune=None, quantize=QuantizeConfig(mode="qat", qat_epochs=1), log=lambda *_: None)
     choice = run.report["quantization"]
     qat = next(c for c in choice["candidates"] if c["name"] == "qat")
-    assert choice["chosen"] == "qat" and qat["val_agreement_torch_int8"] >= 0.98
+    assert choice["chosen"] == "qat" and qat["val_agreement_torch_int8"] >= 0.98  # PyTorch int8 vs the file's exact QDQ arithmetic
+    assert choice["scheme"]["portable"] and choice["scheme"]["max_abs_weight"] <= 64 and choice["target"] == "portable"
+    assert read_metadata(run.int8_path)["int8"] == choice["scheme"]
+    _exact_on_avx2(run.int8_path, run.pruned_onnx, _val_x(run))
     ops = _optimized_ops(run.int8_path, tmp_path)
     assert "QLinearConv" in ops and "Conv" not in ops  # every convolution runs in int8
     stages = {s["name"]: s for s in run.report["stages"]}
@@ -314,6 +352,8 @@ def test_qat_keeps_unstructured_zeros(compressed, tmp_path):
     conv_w = [numpy_helper.to_array(t) for t in onnx.load(str(run.int8_path)).graph.initializer
               if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
     assert conv_w and all(float((w == 0).mean()) >= 0.45 for w in conv_w[1:])  # inner convs: half their weights pruned
+    assert all(int(np.abs(w.astype(np.int32)).max()) <= 64 for w in conv_w)  # portable: 7-bit weights
+    _exact_on_avx2(run.int8_path, run.pruned_onnx, _val_x(run))
 
 
 def test_qat_of_a_residual_network_runs_every_conv_in_int8(tmp_path):
@@ -327,9 +367,19 @@ def test_qat_of_a_residual_network_runs_every_conv_in_int8(tmp_path):
     data = load_data(DataConfig(source="digits", limit=200), 0)
     torch.manual_seed(0)
     model = ResNet((1, 8, 8), 10, 8, width=8)
-    qat_to_onnx(model, label_loss(), data.train, data.val, tmp_path / "r.onnx", epochs=1, lr=1e-3, batch_size=64, seed=0,
-                log=lambda *_: None)
+    info = qat_to_onnx(model, label_loss(), data.train, data.val, tmp_path / "r.onnx", epochs=1, lr=1e-3, batch_size=64, seed=0,
+                       log=lambda *_: None)
+    assert info["val_agreement_torch_int8"] >= 0.98 and V.scheme(tmp_path / "r.onnx", "qat")["portable"]
+    fp32 = export_model_onnx(model.eval(), data.val.x[:2], tmp_path / "r.fp32.onnx")
+    _exact_on_avx2(tmp_path / "r.onnx", fp32, data.val.x)
     _optimized_ops(tmp_path / "r.onnx", tmp_path)
     ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
     n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     assert ops.count("QLinearConv") == n_convs and "FusedConv" not in ops and "Conv" not in ops
+
+
+def test_choice_says_when_the_deciding_latency_is_unreliable():
+    c = {"fp32": _cand(0.90, 1.0, 10.0), "static": {**_cand(0.90, 0.5, 4.0), "latency_b1_reliable": False}}
+    name, reason = choose(c, QuantizeConfig(latency_batch=1))
+    assert name == "static" and "static was flagged unreliable" in reason
+    assert "unreliable" not in choose(c, QuantizeConfig(latency_batch=32))[1]

@@ -90,3 +90,14 @@ def test_run_without_a_finished_student(tmp_path, run_dir, capsys):
 
 def test_not_a_run_folder(tmp_path, capsys):
     assert_clean_error(*run_cli(["compress", tmp_path, "--quantize", "static"], capsys), "not a run folder")
+
+
+def test_unknown_quantize_target(compress_cli):
+    assert_clean_error(*compress_cli("--quantize", "static", "--target", "fastest"), "'fastest'", "allowed values", "'portable'")
+    assert_clean_error(*compress_cli("--target", "this_cpu"), "--target", "need --quantize")
+
+
+def test_calibration_set_of_equal_values(compress_cli, tmp_path):
+    np.save(tmp_path / "flat.npy", np.full((16, 1, 8, 8), 0.5, np.float32))
+    assert_clean_error(*compress_cli("--quantize", "static", "--calibration-data", tmp_path / "flat.npy"),
+                       "flat.npy", "every value is 0.5", "zero range", "calibrate on real inputs")

@@ -1,5 +1,6 @@
 """End to end on bundled digits: recipe -> teacher -> student -> ONNX -> report."""
 import json
+import statistics
 import subprocess
 
 import pytest
@@ -31,6 +32,15 @@ def test_report_has_required_fields(finished_run):
     assert 0 <= report["onnx_max_abs_diff"] <= 1e-4
     assert report["compression_ratio"] == pytest.approx(report["teacher"]["params"] / report["student"]["params"])
     assert report["speedup_b1"] > 0
+    # latency: all stages in one interleaved measurement per batch size; ratios paired by round
+    lat = report["latency"]
+    assert lat["rounds"] == 5 and lat["b1"]["calls_per_stage"] == 5 and lat["b32"]["calls_per_stage"] == 5  # >= 1 a round
+    assert lat["reliable"] == (not lat["reasons"]) and {"other_share", "loadavg_1min", "busy"} <= set(lat["b1"]["load"])
+    for key in ("teacher", "student", "student_onnx"):
+        assert report[key]["latency_ms_b1_iqr"] >= 0 and isinstance(report[key]["latency_b32_reliable"], bool)
+    rounds = lat["b1"]["round_medians_ms"]
+    assert report["speedup_b1"] == pytest.approx(statistics.median(t / d for t, d in zip(rounds["teacher"], rounds["student_onnx"])))
+    assert all(isinstance(report[f"{k}_reliable"], bool) for k in ("speedup_b1", "speedup_b32", "speedup_b1_pytorch"))
     assert report["student"]["accuracy"] == pytest.approx(report["student_onnx"]["accuracy"])
     assert 0 <= report["student"]["agreement"] <= 1 and 0 <= report["student"]["macro_f1"] <= 1
     assert report["environment"]["torch"] == torch.__version__

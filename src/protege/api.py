@@ -28,18 +28,18 @@ def _config(cls, source: str, **fields):
 
 def compress_cli(run: str | Path, *, prune: Optional[float], structured: bool, target_params: Optional[int], scope: str,
                  keep: list[str], steps: int, finetune_epochs: int, quantize: Optional[str], calibration: str,
-                 calibration_data: Optional[Path], allow_fallback: bool) -> Run:
+                 calibration_data: Optional[Path], allow_fallback: bool, target: str = "portable") -> Run:
     """`protege compress`: turn the options into typed configs (errors name the option) and run ``compress``."""
     p = q = None
     if prune is None and target_params is None and (keep or steps != 1 or finetune_epochs or scope != "layer" or not structured):
         raise RecipeError("--keep, --steps, --finetune-epochs, --scope and --unstructured need --prune RATIO or --target-params N")
-    if quantize is None and (calibration_data or allow_fallback or calibration != "minmax"):
-        raise RecipeError("--calibration, --calibration-data and --allow-fallback need --quantize MODE")
+    if quantize is None and (calibration_data or allow_fallback or calibration != "minmax" or target != "portable"):
+        raise RecipeError("--target, --calibration, --calibration-data and --allow-fallback need --quantize MODE")
     if prune is not None or target_params is not None:
         p = _config(PruneConfig, "pruning options", method="structured" if structured else "unstructured", ratio=prune,
                     target_params=target_params, scope=scope, keep=list(keep), steps=steps, finetune_epochs=finetune_epochs)
     if quantize is not None:
-        q = _config(QuantizeConfig, "quantization options", mode=quantize, calibration=calibration, allow_fallback=allow_fallback,
+        q = _config(QuantizeConfig, "quantization options", mode=quantize, target=target, calibration=calibration, allow_fallback=allow_fallback,
                     calibration_data=str(calibration_data) if calibration_data else None)
     return compress(run, prune=p, quantize=q)
 

@@ -66,6 +66,7 @@ def compress_cmd(
     steps: int = typer.Option(1, "--steps", help="Iterative pruning: rounds of prune + distil."),
     finetune_epochs: int = typer.Option(0, "--finetune-epochs", help="KD recovery epochs after each pruning step (default 0: no recovery)."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="auto | int8 | static | dynamic | qat (int8 in ONNX Runtime)."),
+    target: str = typer.Option("portable", "--target", help="portable (7-bit weights, exact on every CPU) | this_cpu (full range)."),
     calibration: str = typer.Option("minmax", "--calibration", help="Static calibration: minmax | entropy | percentile."),
     calibration_data: Optional[Path] = typer.Option(None, "--calibration-data", help=".npy array of inputs to calibrate on."),
     allow_fallback: bool = typer.Option(False, "--allow-fallback", help="Leave ops ONNX Runtime cannot quantize in float."),
@@ -74,7 +75,7 @@ def compress_cmd(
     from . import api
 
     api.compress_cli(run, prune=prune, structured=structured, target_params=target_params, scope=scope, keep=keep,
-                     steps=steps, finetune_epochs=finetune_epochs, quantize=quantize, calibration=calibration,
+                     steps=steps, finetune_epochs=finetune_epochs, quantize=quantize, target=target, calibration=calibration,
                      calibration_data=calibration_data, allow_fallback=allow_fallback)
 
 

@@ -16,8 +16,8 @@ from accelerate import Accelerator
 from torch import nn
 
 from .data import DataSplits
-from .evaluate.lm import generation_speed, perplexity
-from .evaluate.profile import torch_latency
+from .evaluate.lm import perplexity
+from .evaluate.profile import Measurement, latency_section, measure, torch_timer
 from .evaluate.report import write_report
 from .knowledge.features import unwrap
 from .knowledge.topk import TopKCache, load_or_build_topk
@@ -159,54 +159,82 @@ def train_lm_student(run: Run, data: DataSplits, teacher: nn.Module, teacher_fil
 
 def evaluate_lm(run: Run, data: DataSplits, teacher: nn.Module, teacher_file: Path, student: nn.Module,
                 gen_tokens: int = 32, log: Log = print, teacher_ppl: bool = True) -> dict:
-    """Test perplexity, parameters, bytes and batch-1 generation speed of teacher and student; report.json.
-    ``teacher_ppl=False``: a teacher with another tokenizer, whose per-token perplexity would not be comparable
-    (and which cannot read the student's ids), is measured for size and speed only."""
-    import platform
+    """Test perplexity, parameters, bytes and batch-1 generation speed of teacher and student (and, after export,
+    perplexity, size and scoring time of the ONNX files); report.json. ``teacher_ppl=False``: a teacher with another
+    tokenizer, whose per-token perplexity would not be comparable (and which cannot read the student's ids), is
+    measured for size and speed only."""
+    from .machine import environment
 
-    import onnxruntime
-
-    from .pipeline import _cpu_model
-
-    threads = run.recipe.eval.threads
-    entries = {}
+    e = run.recipe.eval
+    entries, prompts = {}, {}
     for name, model, file in (("teacher", teacher, teacher_file), ("student", student, run.student_weights)):
         measured = name == "student" or teacher_ppl
         # a teacher with another tokenizer generates from its own end-of-text token (the same number of tokens)
-        prompt = data.test.x[:1, :16] if measured else torch.full((1, 16), _eos_id(teacher))
+        prompts[name] = data.test.x[:1, :16] if measured else torch.full((1, 16), _eos_id(teacher))
         ppl = perplexity(model, data.test.x) if measured else {"ppl": None, "loss": None, "tokens": None}
-        speed = generation_speed(model, prompt, gen_tokens, threads)
         entries[name] = {"test_ppl": ppl["ppl"], "test_loss": ppl["loss"], "test_tokens": ppl["tokens"], "params": num_params(model),
-                         "bytes": weights_bytes(file) if file.is_file() else None, **speed}
+                         "bytes": weights_bytes(file) if file.is_file() else None}
         if not measured:
             entries[name]["note"] = "another tokenizer: per-token perplexity is not comparable, not measured"
-        log(f"{name}: test perplexity " + (f"{ppl['ppl']:.2f}" if measured else "not measured (another tokenizer)")
-            + f", {entries[name]['params']:,} params, {speed['tokens_per_s']:.1f} tokens/s")
-    e = run.recipe.eval
-
-    def block_ms(model: nn.Module) -> float:  # p50 to score one real test block at batch 1
-        return torch_latency(model, data.test.x, 1, threads, e.warmup, e.repeats_b1)["p50"]
-
+    files = {}
     for name, path in (("onnx", run.onnx_path), ("int8", run.int8_path)):  # after `protege export`
         if path.is_file():
-            model = _OrtLM(path, threads)
-            ppl = perplexity(model, data.test.x, batch_size=4)
+            files[name] = _OrtLM(path, e.threads)
+            ppl = perplexity(files[name], data.test.x, batch_size=4)
             entries[name] = {"test_ppl": ppl["ppl"], "test_loss": ppl["loss"], "test_tokens": ppl["tokens"],
-                             "bytes": path.stat().st_size, "file": path.name, "ms_per_block_b1": block_ms(model)}
-            log(f"{name}: {path.name}, test perplexity {ppl['ppl']:.2f}, {path.stat().st_size / 1e6:.1f} MB, "
-                f"{entries[name]['ms_per_block_b1']:.1f} ms per block of {data.input_shape[0]} at batch 1")
-    if "onnx" in entries:
-        entries["student"]["ms_per_block_b1"] = block_ms(student)
+                             "bytes": path.stat().st_size, "file": path.name}
+            if name == "int8":  # the scheme and portability, as read from the file (export/metadata.py)
+                from .export.metadata import read
+
+                entries[name]["scheme"] = read(path).get("int8")
+    measured = _lm_speed(run, data, {"teacher": teacher, "student": student}, prompts, files, gen_tokens, entries)
+    _log_lm(entries, data.input_shape[0], log)
     t, s = entries["teacher"], entries["student"]
+    speedup, reliable = measured["generation"].ratio("teacher", "student")
     report = {"name": run.recipe.name, "task": "causal_lm", "data": data.description, **entries,
               "compression_ratio": t["params"] / s["params"],
               # tokens of two tokenizers cover different lengths of text: no like-for-like speedup then
-              "speedup_generation": s["tokens_per_s"] / t["tokens_per_s"] if teacher_ppl else None,
+              "speedup_generation": speedup if teacher_ppl else None,
+              "speedup_generation_reliable": reliable if teacher_ppl else None,
               "bytes_ratio": (t["bytes"] / s["bytes"]) if t["bytes"] and s["bytes"] else None,
-              "environment": {"cpu": _cpu_model(), "threads": threads, "torch": torch.__version__,
-                              "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}}
+              "latency": latency_section(measured, rounds=e.rounds, warmup=e.warmup, threads=e.threads, new_tokens=gen_tokens),
+              "environment": environment(e.threads)}
     write_report(run.report_path, report)
     return report
+
+
+def _lm_speed(run: Run, data: DataSplits, models: dict[str, nn.Module], prompts: dict[str, torch.Tensor],
+              files: dict[str, nn.Module], gen_tokens: int, entries: dict[str, dict]) -> dict[str, Measurement]:
+    """Interleaved measurements: greedy generation of ``gen_tokens`` at batch 1 with the KV cache (teacher and student,
+    one generation each per round) and, after export, the time to score one test block at batch 1 (student, ONNX,
+    int8). Fills the entries' speed keys; returns label -> Measurement for the report's latency section."""
+    e = run.recipe.eval
+    gen = {n: (lambda m=m.eval(), p=prompts[n]: m.generate(p, gen_tokens, sample=False)) for n, m in models.items()}
+    out = {"generation": measure(gen, e.rounds, e.rounds, min(e.warmup, 1), e.threads)}
+    for name in models:
+        st = out["generation"].stats(name)
+        entries[name].update(tokens_per_s=gen_tokens / (st["median"] / 1e3), ms_per_token=st["median"] / gen_tokens,
+                             new_tokens=gen_tokens, prompt_tokens=int(prompts[name].shape[1]), generation_reliable=st["reliable"])
+    if files:
+        calls = {n: torch_timer(m, data.test.x)(1) for n, m in {"student": models["student"], **files}.items()}
+        out["scoring_b1"] = measure(calls, e.rounds, e.repeats_b1, e.warmup, e.threads)
+        for name in calls:
+            st = out["scoring_b1"].stats(name)
+            entries[name].update(ms_per_block_b1=st["median"], ms_per_block_b1_p95=st["p95"], ms_per_block_b1_iqr=st["iqr"],
+                                 scoring_b1_reliable=st["reliable"])
+    return out
+
+
+def _log_lm(entries: dict[str, dict], block: int, log: Log) -> None:
+    """One line per measured model; "?" after a speed the measurement marked unreliable."""
+    for name, en in entries.items():
+        mark = lambda key: "" if en.get(key, True) else "?"  # noqa: E731
+        if name in ("teacher", "student"):
+            ppl = f"{en['test_ppl']:.2f}" if en["test_ppl"] is not None else "not measured (another tokenizer)"
+            log(f"{name}: test perplexity {ppl}, {en['params']:,} params, {en['tokens_per_s']:.1f}{mark('generation_reliable')} tokens/s")
+        else:
+            log(f"{name}: {en['file']}, test perplexity {en['test_ppl']:.2f}, {en['bytes'] / 1e6:.1f} MB, "
+                f"{en['ms_per_block_b1']:.1f}{mark('scoring_b1_reliable')} ms per block of {block} at batch 1")
 
 
 class _OrtLM(nn.Module):
@@ -224,13 +252,18 @@ class _OrtLM(nn.Module):
         return ort_logits(self.session, x.cpu(), batch_size=len(x))
 
 
+VERIFY_BLOCKS = 8  # validation blocks the int8 LM file is checked on (each gives block_size x vocabulary logits)
+
+
 def export_lm(run: Run, data: DataSplits, log: Log = print) -> Path:
     """`protege export` for a causal-LM run: student.onnx, ids (B, block_size) -> next-token logits with a dynamic
     batch (the model is causal, so padding on the right leaves the logits of the positions before it exact), checked
     against PyTorch on test blocks; student.int8.onnx, its weights dynamically quantized to int8 by ONNX Runtime; then
     the report again, with both files' test perplexity, size and scoring time. (Scoring files: no KV cache inside.)"""
     from .compress.quantize import quantize_dynamic
+    from .compress.verify import scheme, verify
     from .errors import ExportError, RunError
+    from .export.metadata import describe, stamp
     from .export.onnx import export_model_onnx, onnx_parity
     from .models import load_weights
     from .recipe import QuantizeConfig
@@ -248,11 +281,19 @@ def export_lm(run: Run, data: DataSplits, log: Log = print) -> Path:
     except ExportError:
         candidate.replace(run.onnx_path.with_suffix(".rejected.onnx"))  # kept for inspection
         raise
+    card = describe(data, r.task)
+    stamp(candidate, card)
     candidate.replace(run.onnx_path)
     log(f"export: {run.onnx_path} ({run.onnx_path.stat().st_size / 1e6:.1f} MB), max |ONNX - PyTorch| = {diff:.2e} on "
         f"{min(4, len(data.test))} test blocks")
-    quantize_dynamic(run.onnx_path, run.int8_path, QuantizeConfig(mode="dynamic"))
-    log(f"quantize: dynamic int8 -> {run.int8_path} ({run.int8_path.stat().st_size / 1e6:.1f} MB)")
+    qcfg = QuantizeConfig(mode="dynamic", target=r.quantize.target if r.quantize else "portable")
+    tmp = quantize_dynamic(run.onnx_path, run.int8_path.with_suffix(".candidate.onnx"), qcfg)
+    check = verify(tmp, data.val.x[:VERIFY_BLOCKS], run.onnx_path, threads=r.eval.threads)  # a mismatch leaves no int8 file
+    int8 = scheme(tmp, "dynamic")
+    stamp(tmp, card, int8=int8)
+    tmp.replace(run.int8_path)
+    log(f"quantize: dynamic int8 ({int8['weights']}) -> {run.int8_path} ({run.int8_path.stat().st_size / 1e6:.1f} MB); "
+        f"int8 kernels match the exact arithmetic on {check['examples']} validation blocks")
     reevaluate_lm(run, data)
     return run.onnx_path
 

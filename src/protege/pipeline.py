@@ -11,9 +11,12 @@ from torch import nn
 
 from .data import DataSplits, load_data
 from .errors import DataError, ExportError, RecipeError, RunError
+from .compress.verify import int8_note
+from .export.metadata import describe, stamp
+from .machine import environment
 from .export.onnx import export_model_onnx, onnx_parity, ort_logits, ort_session
 from .evaluate.metrics import classification_metrics
-from .evaluate.profile import ort_latency, torch_latency
+from .evaluate.profile import Measurement, Timer, latency_section, measure, ort_timer, stage_fields, torch_timer
 from .evaluate.report import print_report, write_report
 from .knowledge import predict_logits
 from .compress.stages import precheck, prune_stage, quantize_stage
@@ -122,7 +125,8 @@ def _qat_fn(run: Run, data: DataSplits, teachers: list[nn.Module], acc: Accelera
         model = _load_pruned(run, data)
         model = _load_models(run, data)[1] if model is None else model
         return qat_to_onnx(model, student_loss(run, data, teachers, acc, log, features=False), data.train, data.val, dst, epochs=q.qat_epochs,
-                           lr=q.qat_lr or r.train.lr / 10, batch_size=r.train.batch_size, seed=r.seed, log=log)
+                           lr=q.qat_lr or r.train.lr / 10, batch_size=r.train.batch_size, seed=r.seed,
+                           portable=q.target == "portable", log=log)
 
     return go
 
@@ -154,6 +158,7 @@ def _export_checked(model: nn.Module, run: Run, data: DataSplits, dst: Path, log
     except ExportError:
         candidate.replace(dst.with_suffix(".rejected.onnx"))  # kept for inspection; the deployed file untouched
         raise
+    stamp(candidate, describe(data, run.recipe.task))  # class names, input shape and preprocessing travel with the file
     candidate.replace(dst)
     log(f"export: {dst} ({dst.stat().st_size / 1024:.1f} kB), max |ONNX - PyTorch| = {diff:.2e} on {min(512, len(data.test))} test inputs")
     return dst
@@ -183,11 +188,11 @@ def _load_pruned(run: Run, data: DataSplits) -> Optional[nn.Module]:
     return resize_to(model, run.pruned_weights, groups).eval()
 
 
-def _latency(run: Run, fn) -> dict[str, float]:
+def _latency(run: Run, timers: dict[str, Timer]) -> dict[str, Measurement]:
+    """One interleaved measurement of every stage per batch size: label ("b1", "b32") -> Measurement."""
     e = run.recipe.eval
-    b1 = fn(1, e.repeats_b1)
-    b32 = fn(32, e.repeats_b32)
-    return {"latency_ms_b1": b1["p50"], "latency_ms_b1_p95": b1["p95"], "latency_ms_b32": b32["p50"], "latency_ms_b32_p95": b32["p95"]}
+    return {f"b{b}": measure({name: t(b) for name, t in timers.items()}, e.rounds, n, e.warmup, e.threads)
+            for b, n in ((1, e.repeats_b1), (32, e.repeats_b32))}
 
 
 def _timing_inputs(data: DataSplits):
@@ -195,34 +200,76 @@ def _timing_inputs(data: DataSplits):
     return data.test.x[:1] if data.is_text else data.input_shape
 
 
-def _torch_entry(run: Run, model: nn.Module, data: DataSplits, weights: Path, teacher_logits) -> dict:
-    e, shape = run.recipe.eval, _timing_inputs(data)
+def _torch_entry(run: Run, model: nn.Module, data: DataSplits, weights: Path, teacher_logits) -> tuple[dict, Timer]:
+    """A PyTorch stage's metrics, params and bytes, and its timer (an ONNX teacher is an ONNX stage)."""
     if isinstance(model, OnnxModule):
         return _onnx_entry(run, model.path, data, teacher_logits)
     logits = predict_logits(model, data.test.x)
-    lat = _latency(run, lambda b, n: torch_latency(model, shape, b, e.threads, e.warmup, n))
-    return {"runtime": "pytorch", **classification_metrics(logits, data.test.y, teacher_logits),
-            "params": num_params(model), "bytes": weights.stat().st_size, **lat}
+    return ({"runtime": "pytorch", **classification_metrics(logits, data.test.y, teacher_logits),
+             "params": num_params(model), "bytes": weights.stat().st_size}, torch_timer(model, _timing_inputs(data)))
 
 
-def _onnx_entry(run: Run, path: Path, data: DataSplits, teacher_logits) -> dict:
+def _onnx_entry(run: Run, path: Path, data: DataSplits, teacher_logits) -> tuple[dict, Timer]:
+    """An ONNX file's metrics, params and bytes, and its timer (the same ONNX Runtime session)."""
     import onnx
 
-    e, shape = run.recipe.eval, _timing_inputs(data)
-    logits = ort_logits(ort_session(path, e.threads), data.test.x)
+    session = ort_session(path, run.recipe.eval.threads)
+    logits = ort_logits(session, data.test.x)
     params = int(sum(int(torch.tensor(t.dims).prod()) for t in onnx.load(str(path)).graph.initializer))
-    lat = _latency(run, lambda b, n: ort_latency(path, shape, b, e.threads, e.warmup, n))
-    return {"runtime": "onnxruntime", **classification_metrics(logits, data.test.y, teacher_logits),
-            "params": params, "bytes": path.stat().st_size, **lat}
+    return ({"runtime": "onnxruntime", **classification_metrics(logits, data.test.y, teacher_logits),
+             "params": params, "bytes": path.stat().st_size}, ort_timer(session, _timing_inputs(data)))
+
+
+def _stages(run: Run, data: DataSplits) -> tuple[list[dict], dict[str, Timer], dict]:
+    """Every stage the run has (teacher, student, its ONNX file, pruned, int8) scored on the test split, each
+    stage's timer, and the report's other facts (ONNX parity, pruning, quantization)."""
+    teachers, student = _load_models(run, data)
+    t_logits = predict_logits(teachers[0], data.test.x)
+    stages, timers, report = [], {}, {}
+
+    def add(name: str, file: str, entry: tuple[dict, Timer], **extra) -> None:
+        stages.append({"name": name, "file": file, **extra, **entry[0]})
+        timers[name] = entry[1]
+
+    add("teacher", _rel(run, teacher_file(run)), _torch_entry(run, teachers[0], data, teacher_file(run), None))
+    if t_logits.shape[-1] != data.num_classes:  # cross-task: the teacher answers another question
+        stages[0].update(accuracy=None, macro_f1=None, note=f"the teacher scores {t_logits.shape[-1]} other classes "
+                         "(cross-task): no accuracy or agreement on this data")
+        t_logits = None
+    add("student", _rel(run, run.student_weights), _torch_entry(run, student, data, run.student_weights, t_logits))
+    if run.onnx_path.is_file():
+        add("student_onnx", run.onnx_path.name, _onnx_entry(run, run.onnx_path, data, t_logits))
+        report["onnx_max_abs_diff"] = onnx_parity(student, run.onnx_path, data.test.x[:512], run.recipe.export.tolerance)
+    pruned = _load_pruned(run, data)
+    if pruned is not None:
+        report["pruning"] = info = json.loads((run.path / "pruned" / "config.json").read_text())
+        note = next((st.get("note") for st in info["steps"] if st.get("note")), "")
+        add("pruned", _rel(run, run.pruned_weights), _torch_entry(run, pruned, data, run.pruned_weights, t_logits), note=note)
+        if run.pruned_onnx.is_file():
+            add("pruned_onnx", run.pruned_onnx.name, _onnx_entry(run, run.pruned_onnx, data, t_logits), note=note)
+    choice_file = run.quant_dir / "choice.json"
+    if choice_file.is_file():
+        choice = json.loads(choice_file.read_text())
+        report["quantization"] = {**choice, "candidates": [{"name": k, **v} for k, v in choice["candidates"].items()]}
+        if run.int8_path.is_file():
+            add(f"int8 ({choice['chosen']})", run.int8_path.name, _onnx_entry(run, run.int8_path, data, t_logits),
+                note=int8_note(choice.get("scheme"), choice.get("verification")))
+    return stages, timers, report
+
+
+def _speedups(measured: dict[str, Measurement], deployed: str) -> dict:
+    """speedup_b1 / _b32 (deployed vs teacher) and speedup_b1_pytorch (student vs teacher), paired by round, each
+    with a _reliable flag."""
+    out: dict = {}
+    for key, label, fast in (("speedup_b1", "b1", deployed), ("speedup_b32", "b32", deployed),
+                             ("speedup_b1_pytorch", "b1", "student")):
+        out[key], out[f"{key}_reliable"] = measured[label].ratio("teacher", fast)
+    return out
 
 
 def evaluate(run: Run | str | Path, *, data: Optional[DataSplits] = None, show: bool = True) -> dict:
-    """Measure every stage the run has (teacher, student, its ONNX file, pruned, int8) on the test split;
-    write report.json and report.html."""
-    import platform
-
-    import onnxruntime
-
+    """Measure every stage the run has (teacher, student, its ONNX file, pruned, int8) on the test split, time them
+    all in interleaved rounds; write report.json and report.html."""
     from .evaluate.html import write_html
 
     run = run if isinstance(run, Run) else Run.load(run)
@@ -231,54 +278,25 @@ def evaluate(run: Run | str | Path, *, data: Optional[DataSplits] = None, show: 
         from .lm import reevaluate_lm
 
         return reevaluate_lm(run, data)
-    teachers, student = _load_models(run, data)
-    teacher_model = teachers[0]
-    t_logits = predict_logits(teacher_model, data.test.x)
-    t_entry = _torch_entry(run, teacher_model, data, teacher_file(run), None)
-    if t_logits.shape[-1] != data.num_classes:  # cross-task: the teacher answers another question
-        t_entry.update(accuracy=None, macro_f1=None, note=f"the teacher scores {t_logits.shape[-1]} other classes (cross-task): "
-                       "no accuracy or agreement on this data")
-        t_logits = None
-    stages = [{"name": "teacher", "file": _rel(run, teacher_file(run)), **t_entry},
-              {"name": "student", "file": _rel(run, run.student_weights), **_torch_entry(run, student, data, run.student_weights, t_logits)}]
-    report: dict = {"name": run.recipe.name, "data": data.description, "test_examples": len(data.test)}
-    if run.onnx_path.is_file():
-        stages.append({"name": "student_onnx", "file": run.onnx_path.name, **_onnx_entry(run, run.onnx_path, data, t_logits)})
-        report["onnx_max_abs_diff"] = onnx_parity(student, run.onnx_path, data.test.x[:512], run.recipe.export.tolerance)
-    final_torch = student
-    pruned = _load_pruned(run, data)
-    if pruned is not None:
-        final_torch = pruned
-        info = json.loads((run.path / "pruned" / "config.json").read_text())
-        report["pruning"] = info
-        note = next((st.get("note") for st in info["steps"] if st.get("note")), "")
-        stages.append({"name": "pruned", "file": _rel(run, run.pruned_weights), "note": note,
-                       **_torch_entry(run, pruned, data, run.pruned_weights, t_logits)})
-        if run.pruned_onnx.is_file():
-            stages.append({"name": "pruned_onnx", "file": run.pruned_onnx.name, "note": note,
-                           **_onnx_entry(run, run.pruned_onnx, data, t_logits)})
-    choice_file = run.quant_dir / "choice.json"
-    if choice_file.is_file():
-        choice = json.loads(choice_file.read_text())
-        report["quantization"] = {**choice, "candidates": [{"name": k, **v} for k, v in choice["candidates"].items()]}
-        if run.int8_path.is_file():
-            stages.append({"name": f"int8 ({choice['chosen']})", "file": run.int8_path.name,
-                           **_onnx_entry(run, run.int8_path, data, t_logits)})
+    stages, timers, facts = _stages(run, data)
+    measured = _latency(run, timers)
+    for st in stages:
+        st.update(stage_fields(measured, st["name"]))
     by_name = {st["name"]: st for st in stages}
+    report: dict = {"name": run.recipe.name, "data": data.description, "test_examples": len(data.test), **facts}
     report.update({k: by_name[k] for k in ("teacher", "student", "student_onnx") if k in by_name})
-    deployed, t = stages[-1], stages[0]
+    deployed, t, e = stages[-1], stages[0], run.recipe.eval
     report.update({
         "stages": stages,
         "deployed": deployed["name"],
-        "compression_ratio": t["params"] / num_params(final_torch),
+        "compression_ratio": t["params"] / by_name.get("pruned", by_name["student"])["params"],
         "bytes_ratio": t["bytes"] / deployed["bytes"],
-        "speedup_b1": t["latency_ms_b1"] / deployed["latency_ms_b1"],
-        "speedup_b32": t["latency_ms_b32"] / deployed["latency_ms_b32"],
-        "speedup_b1_pytorch": t["latency_ms_b1"] / report["student"]["latency_ms_b1"],
+        **_speedups(measured, deployed["name"]),
+        "latency": latency_section(measured, rounds=e.rounds, warmup=e.warmup, threads=e.threads),
         "notes": "compression_ratio = teacher params / final student params (pruned if pruned); bytes_ratio and speedup_* "
-                 "compare the deployed file (the last stage) with the teacher as loaded; latency = p50 ms, accuracy on the test split",
-        "environment": {"cpu": _cpu_model(), "threads": run.recipe.eval.threads, "torch": torch.__version__,
-                        "onnxruntime": onnxruntime.__version__, "python": platform.python_version()},
+                 "compare the deployed file (the last stage) with the teacher as loaded; latency = p50 ms over interleaved "
+                 "rounds, speedups = median of per-round ratios; accuracy on the test split",
+        "environment": environment(e.threads),
     })
     write_report(run.report_path, report)
     write_html(run.path / "report.html", report)
@@ -292,15 +310,3 @@ def _rel(run: Run, path: Path) -> str:
         return str(Path(path).resolve().relative_to(run.path.resolve()))
     except ValueError:
         return str(path)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()

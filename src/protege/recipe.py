@@ -116,10 +116,14 @@ class DistillConfig(_Strict):
 
 
 class EvalConfig(_Strict):
+    """Latency: every stage timed in `rounds` interleaved rounds after `warmup` calls each; repeats_b1 / repeats_b32
+    timed calls per stage in all, split over the rounds (at least one per round)."""
+
     threads: int = Field(2, ge=1)
     warmup: int = Field(5, ge=0)
     repeats_b1: int = Field(50, ge=1)
     repeats_b32: int = Field(10, ge=1)
+    rounds: int = Field(5, ge=1)
 
 
 class ExportConfig(_Strict):
@@ -155,6 +159,7 @@ class QuantizeConfig(_Strict):
     """int8 in ONNX Runtime: static (QDQ, calibrated), dynamic, quantization-aware training, or auto (measured)."""
 
     mode: Literal["auto", "int8", "static", "dynamic", "qat"] = "auto"  # int8: the faster of static/dynamic; auto: fp32 too
+    target: Literal["portable", "this_cpu"] = "portable"  # portable: 7-bit weights, exact on every CPU; this_cpu: full range
     calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
     calibration_size: int = Field(512, ge=1)  # training examples used to calibrate static int8
     calibration_data: Optional[str] = None  # a .npy file of inputs to calibrate on instead

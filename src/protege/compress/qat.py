@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import logging
 import math
@@ -26,6 +27,7 @@ from torch import nn
 from ..data import Split
 from ..errors import CompressError
 from ..export.onnx import _first_arg, ort_logits, ort_session
+from .verify import PORTABLE_MAX
 
 Log = Callable[[str], None]
 
@@ -42,7 +44,7 @@ def _quiet():
             logging.disable(old)
 
 
-def _pt2e():
+def _pt2e(portable: bool = True):
     try:
         with _quiet():
             from torchao.quantization import pt2e
@@ -51,7 +53,10 @@ def _pt2e():
                 X86InductorQuantizer, get_default_x86_inductor_quantization_config)
     except ImportError as e:
         raise CompressError(f"quantize.mode qat needs torchao's PT2E ({e}); reinstall protege (`make install`)") from None
-    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config(is_qat=True))
+    config = get_default_x86_inductor_quantization_config(is_qat=True)
+    if portable:  # the same 7-bit weights (|w| <= 64) as ONNX Runtime's reduce_range: exact on every CPU (verify.py)
+        config = dataclasses.replace(config, weight=dataclasses.replace(config.weight, quant_min=-PORTABLE_MAX, quant_max=PORTABLE_MAX))
+    quantizer = X86InductorQuantizer().set_global(config)
     # The conv(+BN)+add(+ReLU) patterns are annotated for Inductor's fused int8 conv-add kernels: they leave the
     # conv output unquantized. ONNX Runtime has no such fusion, so in a ResNet those convs ran in float between
     # layout transposes (ResNet-20 was 2.5x slower than fp32). Without them every conv is a QLinearConv and the
@@ -91,13 +96,15 @@ def _batches(n: int, batch_size: int, seed: int) -> list[torch.Tensor]:
 
 
 def qat_to_onnx(student: nn.Module, loss_fn, train: Split, val: Split, out: Path, *, epochs: int, lr: float,
-                batch_size: int, seed: int, log: Log = print) -> dict:
+                batch_size: int, seed: int, portable: bool = True, log: Log = print) -> dict:
     """Fine-tune a copy of ``student`` with fake-quant and ``loss_fn`` (the Distiller); write int8 ONNX to ``out``.
 
     The last epoch runs with frozen observers and BatchNorm statistics at a tenth of the learning rate, so
-    the exported scales are the ones the weights adapted to. Returns measurements of the export.
+    the exported scales are the ones the weights adapted to. ``portable``: 7-bit weights (see verify.py).
+    The export is checked against the PyTorch int8 model through the file's exact QDQ arithmetic (graph
+    optimisations off), so the check does not depend on this CPU's int8 kernels. Returns measurements of the export.
     """
-    pt2e, prepare_qat_pt2e, convert_pt2e, quantizer = _pt2e()
+    pt2e, prepare_qat_pt2e, convert_pt2e, quantizer = _pt2e(portable)
     torch.manual_seed(seed)
     model = copy.deepcopy(student).train().requires_grad_(True)  # a teacher-frozen copy must train
     batch = torch.export.Dim("batch", min=1, max=65536)
@@ -149,12 +156,12 @@ def qat_to_onnx(student: nn.Module, loss_fn, train: Split, val: Split, out: Path
         raise CompressError(f"exporting the QAT model to ONNX failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
     with torch.no_grad():
         expected = torch.cat([converted(val.x[i:i + 256]) for i in range(0, len(val.x), 256)])
-    got = ort_logits(ort_session(tmp), val.x)
+    got = ort_logits(ort_session(tmp, optimize=False), val.x)
     agree = float((expected.argmax(-1) == got.argmax(-1)).float().mean())
     if not math.isfinite(float(got.abs().max())) or agree < 0.98:
         tmp.replace(out.with_suffix(".rejected.onnx"))
-        raise CompressError(f"the QAT ONNX file agrees with the PyTorch int8 model on only {agree:.1%} of validation "
-                            f"examples; kept as {out.with_suffix('.rejected.onnx').name} for inspection")
+        raise CompressError(f"the QAT ONNX file (its QDQ arithmetic, no int8 kernels) agrees with the PyTorch int8 model on only "
+                            f"{agree:.1%} of validation examples; kept as {out.with_suffix('.rejected.onnx').name} for inspection")
     os.replace(tmp, out)
     return {"val_agreement_torch_int8": agree, "max_abs_diff_torch_int8": float((expected - got).abs().max())}
 

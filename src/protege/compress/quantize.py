@@ -4,6 +4,10 @@ Static quantization stores int8 weights and calibrated activation scales (Quanti
 DequantizeLinear pairs that ONNX Runtime fuses into int8 kernels); dynamic quantization stores int8
 weights and computes activation scales at run time. Which one is faster depends on the model and the
 CPU (VNNI or not), so ``choose`` measures instead of assuming.
+
+``target: portable`` (the default) stores weights in 7 bits (|w| <= 64, ONNX Runtime's ``reduce_range``), so the
+file computes the same on CPUs whose int8 kernels saturate (x86 without VNNI; see verify.py); ``this_cpu`` uses
+the full int8 range, exact on VNNI and ARM CPUs only.
 """
 from __future__ import annotations
 
@@ -59,6 +63,11 @@ def check_calibration(calib: np.ndarray, model: Path | tuple, source: str) -> np
         want = tuple("N" if s is None else s for s in shape)
         raise CompressError(f"calibration set {source} has examples of shape {got}, the model expects {want}; "
                             f"save inputs as an array of shape (N, {', '.join(map(str, want))})")
+    if not np.issubdtype(calib.dtype, np.number) or not np.isfinite(calib).all():
+        raise CompressError(f"calibration set {source} holds values that are not finite numbers; save real model inputs")
+    if float(calib.max()) == float(calib.min()):
+        raise CompressError(f"calibration set {source}: every value is {float(calib.min()):g}, so int8 scales cannot be set "
+                            f"(zero range); calibrate on real inputs (quantize.calibration_data: a .npy of varied examples)")
     return np.ascontiguousarray(calib, dtype=np.float32)
 
 
@@ -173,7 +182,8 @@ def quantize_static(fp32: Path, out: Path, calib: np.ndarray, cfg: QuantizeConfi
         try:
             with _quiet():
                 ort_static(str(pre), str(tmp), _Reader(name, calib), quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
-                           activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method)
+                           activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method,
+                           reduce_range=cfg.target == "portable")
         except Exception as e:
             tmp.unlink(missing_ok=True)
             raise CompressError(f"static int8 failed in ONNX Runtime ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
@@ -190,7 +200,8 @@ def quantize_dynamic(fp32: Path, out: Path, cfg: QuantizeConfig) -> Path:
         tmp = out.with_suffix(".tmp.onnx")
         try:
             with _quiet():
-                ort_dynamic(str(pre), str(tmp), per_channel=cfg.per_channel, weight_type=QuantType.QInt8)
+                ort_dynamic(str(pre), str(tmp), per_channel=cfg.per_channel, weight_type=QuantType.QInt8,
+                            reduce_range=cfg.target == "portable")
         except Exception as e:
             tmp.unlink(missing_ok=True)
             raise CompressError(f"dynamic int8 failed in ONNX Runtime ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
@@ -219,6 +230,10 @@ def choose(candidates: dict[str, dict], cfg: QuantizeConfig) -> tuple[str, str]:
               f"{', '.join(sorted(ok))}, within {100 * cfg.tolerance:.2g} point(s) of fp32 validation accuracy")
     if dropped:
         reason += f"; rejected for accuracy: {', '.join(dropped)}"
+    shaky = sorted(k for k, c in ok.items() if not c.get(f"latency_b{cfg.latency_batch}_reliable", True))
+    if shaky:
+        reason += (f"; the latency of {', '.join(shaky)} was flagged unreliable (busy machine or large spread), so on a quiet "
+                   f"machine the choice may differ")
     return best, reason
 
 

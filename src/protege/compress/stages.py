@@ -17,13 +17,15 @@ from torch import nn
 
 from ..data import DataSplits
 from ..errors import CompressError
-from ..evaluate.profile import ort_latency
+from ..evaluate.profile import measure as measure_interleaved, ort_timer
+from ..export.metadata import describe, stamp
 from ..export.onnx import ort_logits, ort_session
 from ..models import save_weights
 from ..run import Run
 from ..train import fit
 from .prune import conv_groups, make_permanent, plan, prune_
 from .quantize import check_calibration, choose, load_calibration, quantize_dynamic, quantize_static
+from .verify import scheme, verify
 
 Log = Callable[[str], None]
 
@@ -90,24 +92,60 @@ def _calibration(run: Run, data: DataSplits, src) -> np.ndarray:
     return check_calibration(data.train.x[idx].numpy(), src, f"(training split, {len(idx)} examples)")
 
 
-def measure(path, data: DataSplits, threads: int, warmup: int, repeats: tuple[int, int],
-            reference: Optional[torch.Tensor] = None) -> dict:
-    """Validation accuracy, agreement with the fp32 file's predictions, size and p50 latency of one ONNX file."""
-    logits = ort_logits(ort_session(path, threads), data.val.x)
-    pred = logits.argmax(-1)
+def val_metrics(path, data: DataSplits, threads: int, reference: Optional[torch.Tensor] = None) -> dict:
+    """Validation accuracy, agreement with the fp32 file's predictions (``reference``) and size of one ONNX file."""
+    pred = ort_logits(ort_session(path, threads), data.val.x).argmax(-1)
     out = {"file": path.name, "bytes": path.stat().st_size, "val_accuracy": float((pred == data.val.y).float().mean())}
     if reference is not None:
         out["val_agreement_fp32"] = float((pred == reference).float().mean())
-    for b, n in zip((1, 32), repeats):
-        out[f"latency_ms_b{b}"] = ort_latency(path, data.test.x[:1] if data.is_text else data.input_shape, b, threads, warmup, n)["p50"]
     return out
+
+
+def latencies(files: dict, data: DataSplits, threads: int, warmup: int, repeats: tuple[int, int], rounds: int = 5) -> dict:
+    """Batch-1 and batch-32 latency of several ONNX files, measured side by side in interleaved rounds: name -> the
+    median (latency_ms_b1 / _b32) and whether the measurement stands (latency_b1_reliable / _b32_reliable)."""
+    inputs = data.test.x[:1] if data.is_text else data.input_shape
+    out: dict = {name: {} for name in files}
+    for b, n in zip((1, 32), repeats):
+        m = measure_interleaved({k: ort_timer(ort_session(p, threads), inputs)(b) for k, p in files.items()},
+                                rounds=min(rounds, n), total_calls=n, warmup=warmup, threads=threads)
+        for name in files:
+            st = m.stats(name)
+            out[name].update({f"latency_ms_b{b}": st["median"], f"latency_ms_b{b}_iqr": st["iqr"],
+                              f"latency_b{b}_reliable": st["reliable"]})
+            if st["reasons"]:
+                out[name][f"latency_b{b}_reasons"] = st["reasons"]
+    return out
+
+
+def measure(path, data: DataSplits, threads: int, warmup: int, repeats: tuple[int, int],
+            reference: Optional[torch.Tensor] = None) -> dict:
+    """val_metrics and latencies of one ONNX file."""
+    return {**val_metrics(path, data, threads, reference), **latencies({"f": path}, data, threads, warmup, repeats)["f"]}
+
+
+def _make(mode: str, src, dst, run: Run, data: DataSplits, qat: Optional[Callable]) -> dict:
+    """Write one int8 candidate, read its scheme, check its kernels against its exact arithmetic, label the file."""
+    cfg = run.recipe.quantize
+    extra = None
+    if mode == "static":
+        quantize_static(src, dst, _calibration(run, data, src), cfg)
+    elif mode == "dynamic":
+        quantize_dynamic(src, dst, cfg)
+    else:
+        if qat is None:
+            raise CompressError("quantize.mode qat needs the teacher; run it through `protege compress` or the recipe")
+        extra = qat(dst)
+    checked = {"scheme": scheme(dst, mode), "verification": verify(dst, data.val.x, src, threads=run.recipe.eval.threads)}
+    stamp(dst, describe(data, run.recipe.task), int8=checked["scheme"])
+    return {**(extra or {}), **checked}
 
 
 def quantize_stage(run: Run, data: DataSplits, log: Log, qat: Optional[Callable] = None) -> dict:
     """Make the int8 candidates the recipe asks for, measure them on the validation split, keep one.
 
-    ``auto`` compares fp32, static and dynamic int8 on this machine and keeps the fastest within
-    ``quantize.tolerance`` of fp32 validation accuracy (the test split is not used to choose).
+    ``auto`` compares fp32, static and dynamic int8 on this machine (latency in interleaved rounds) and keeps the
+    fastest within ``quantize.tolerance`` of fp32 validation accuracy (the test split is not used to choose).
     """
     cfg = run.recipe.quantize
     src = run.pruned_onnx if run.pruned_onnx.is_file() else run.onnx_path
@@ -118,34 +156,21 @@ def quantize_stage(run: Run, data: DataSplits, log: Log, qat: Optional[Callable]
     wanted = {"auto": ["static", "dynamic"], "int8": ["static", "dynamic"], "static": ["static"], "dynamic": ["dynamic"], "qat": ["qat"]}[cfg.mode]
     if data.is_text:  # token ids cannot be calibrated like activations; the int8 route for transformers is dynamic
         wanted = [m for m in wanted if m == "dynamic"]
-    repeats = (e.repeats_b1, e.repeats_b32)
-    fp32 = measure(src, data, e.threads, e.warmup, repeats)
     reference = ort_logits(ort_session(src, e.threads), data.val.x).argmax(-1)
-    candidates, failed = {"fp32": {**fp32, "file": src.name}}, {}
+    candidates, failed, files = {"fp32": {**val_metrics(src, data, e.threads), "file": src.name}}, {}, {"fp32": src}
     for mode in wanted:
-        dst, extra = run.quant_dir / f"{mode}.onnx", None
+        dst = run.quant_dir / f"{mode}.onnx"
         try:
-            if mode == "static":
-                quantize_static(src, dst, _calibration(run, data, src), cfg)
-            elif mode == "dynamic":
-                quantize_dynamic(src, dst, cfg)
-            else:
-                if qat is None:
-                    raise CompressError("quantize.mode qat needs the teacher; run it through `protege compress` or the recipe")
-                extra = qat(dst)
-            measured = measure(dst, data, e.threads, e.warmup, repeats, reference)
+            candidates[mode] = {**_make(mode, src, dst, run, data, qat), **val_metrics(dst, data, e.threads, reference)}
+            files[mode] = dst
         except Exception as err:  # ONNX Runtime raises its own types for a file it cannot run
             if cfg.mode not in ("auto", "int8") or not isinstance(err, (CompressError, RuntimeError, ValueError)):
                 raise
             failed[mode] = str(err)
             log(f"quantize: {mode} int8 skipped: {err}")
-            continue
-        candidates[mode] = measured
-        if mode == "qat":
-            candidates[mode].update(extra or {})
-        c = candidates[mode]
-        log(f"quantize: {mode} int8 {c['bytes'] / 1024:.1f} kB, val acc {c['val_accuracy']:.4f} (fp32 {fp32['val_accuracy']:.4f}), "
-            f"p50 b1 {c['latency_ms_b1']:.3f} ms / b32 {c['latency_ms_b32']:.3f} ms (fp32 {fp32['latency_ms_b1']:.3f} / {fp32['latency_ms_b32']:.3f})")
+    for name, lat in latencies(files, data, e.threads, e.warmup, (e.repeats_b1, e.repeats_b32), e.rounds).items():
+        candidates[name].update(lat)
+    _log_candidates(candidates, len(data.val), log)
     if cfg.mode in ("auto", "int8"):
         chosen, reason = choose(candidates, cfg)
     else:
@@ -157,9 +182,23 @@ def quantize_stage(run: Run, data: DataSplits, log: Log, qat: Optional[Callable]
         _copy(run.quant_dir / f"{chosen}.onnx", run.int8_path)
         log(f"quantize: chose {chosen} int8 -> {run.int8_path} ({reason})")
     choice = {"mode": cfg.mode, "chosen": chosen, "reason": reason, "source": src.name, "candidates": candidates,
-              "failed": failed, "selected_on": "validation split", "config": cfg.model_dump()}
+              "failed": failed, "selected_on": "validation split", "config": cfg.model_dump(), "target": cfg.target}
+    if chosen != "fp32":
+        choice.update(scheme=candidates[chosen]["scheme"], verification=candidates[chosen]["verification"])
     _write_json(run.quant_dir / "choice.json", choice)
     return choice
+
+
+def _log_candidates(candidates: dict, n_val: int, log: Log) -> None:
+    fp32 = candidates["fp32"]
+    mark = lambda c, b: "" if c.get(f"latency_b{b}_reliable", True) else "?"  # noqa: E731
+    for mode, c in candidates.items():
+        if mode == "fp32":
+            continue
+        log(f"quantize: {mode} int8 ({c['scheme']['weights']}) {c['bytes'] / 1024:.1f} kB, val acc {c['val_accuracy']:.4f} "
+            f"(fp32 {fp32['val_accuracy']:.4f}), p50 b1 {c['latency_ms_b1']:.3f}{mark(c, 1)} ms / b32 {c['latency_ms_b32']:.3f}{mark(c, 32)} ms "
+            f"(fp32 {fp32['latency_ms_b1']:.3f}{mark(fp32, 1)} / {fp32['latency_ms_b32']:.3f}{mark(fp32, 32)}); int8 kernels match "
+            f"the exact QDQ arithmetic on {n_val} validation examples")
 
 
 def _copy(src, dst) -> None:

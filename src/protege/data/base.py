@@ -29,6 +29,7 @@ class DataSplits:
     vocab_size: Optional[int] = None  # text only
     pad_id: int = 0  # text only: the id padded positions hold (models mask them)
     is_lm: bool = False  # a language-modelling corpus: x and y are (N, block) token ids, num_classes the vocabulary
+    preprocessing: dict = field(default_factory=dict)  # how raw data became x (scaling, encoders, tokenizer): for users of the files
 
     @property
     def is_text(self) -> bool:

@@ -100,7 +100,8 @@ def load_lm_corpus(cfg: DataConfig, seed: int) -> DataSplits:
                       description=f"corpus {cfg.path} ({len(docs)} documents"
                       + (f"; test: {cfg.test_path}, {len(test_docs)} documents" if test_docs is not None else "")
                       + f", blocks of {cfg.block_size} tokens)",
-                      vocab_size=info["vocab_size"], pad_id=info["pad_id"], is_lm=True)
+                      vocab_size=info["vocab_size"], pad_id=info["pad_id"], is_lm=True,
+                      preprocessing={"tokenizer": cfg.tokenizer, "block_size": cfg.block_size, "dtype": "int64 token ids"})
 
 
 def split_at(ids: list[int], sep: int) -> list[list[int]]:

@@ -55,7 +55,9 @@ def load_digits_data(cfg: DataConfig, seed: int) -> DataSplits:
     x_train, x_val, y_train, y_val = _split(x_rest, y_rest, cfg.val_fraction, seed)
     x_train, y_train = _limit(x_train, y_train, cfg.limit, seed)
     return _splits(x_train, y_train, x_val, y_val, x_test, y_test, num_classes=10, input_shape=(1, 8, 8),
-                   class_names=[str(i) for i in range(10)], is_image=True, description="sklearn digits 8x8")
+                   class_names=[str(i) for i in range(10)], is_image=True, description="sklearn digits 8x8",
+                   preprocessing={"raw": "8x8 grayscale, values 0..16 (scikit-learn digits)", "layout": "N, 1, 8, 8",
+                                  "steps": ["x / 16", "(x - 0.3) / 0.4"]})
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -85,7 +87,9 @@ def load_fashion_mnist(cfg: DataConfig, seed: int) -> DataSplits:
     x_train, x_val, y_train, y_val = _split(norm(xs), ys.astype(np.int64), cfg.val_fraction, seed)
     x_train, y_train = _limit(x_train, y_train, cfg.limit, seed)
     return _splits(x_train, y_train, x_val, y_val, norm(xt), yt.astype(np.int64), num_classes=10,
-                   input_shape=(1, 28, 28), class_names=FASHION_CLASSES, is_image=True, description="Fashion-MNIST 28x28")
+                   input_shape=(1, 28, 28), class_names=FASHION_CLASSES, is_image=True, description="Fashion-MNIST 28x28",
+                   preprocessing={"raw": "28x28 grayscale, values 0..255", "layout": "N, 1, 28, 28",
+                                  "steps": ["x / 255", f"(x - {FASHION_MEAN}) / {FASHION_STD}"]})
 
 
 def load_csv(cfg: DataConfig, seed: int) -> DataSplits:
@@ -102,7 +106,7 @@ def load_csv(cfg: DataConfig, seed: int) -> DataSplits:
     enc = table.fit_encoder(train, cfg.numeric, cfg.categorical)
     y = table.labels
     return _splits(enc(train), y[train], enc(val), y[val], enc(test), y[test], num_classes=len(table.classes),
-                   input_shape=(enc.width,), class_names=table.classes, description=f"CSV {cfg.path}")
+                   input_shape=(enc.width,), class_names=table.classes, description=f"CSV {cfg.path}", preprocessing=enc.describe)
 
 
 def load_text(cfg: DataConfig, seed: int) -> DataSplits:
@@ -131,7 +135,9 @@ def load_text(cfg: DataConfig, seed: int) -> DataSplits:
 
     return DataSplits(train=t(x_train, y_train), val=t(x_val, y_val), test=t(x_test, y_test), num_classes=len(classes),
                       input_shape=(width,), class_names=classes, description=f"text {cfg.path} ({width} tokens)",
-                      vocab_size=info["vocab_size"], pad_id=info["pad_id"])
+                      vocab_size=info["vocab_size"], pad_id=info["pad_id"],
+                      preprocessing={"tokenizer": cfg.tokenizer, "text_column": cfg.text, "length": width, "pad_id": info["pad_id"],
+                                     "too_long": cfg.too_long, "dtype": "int64 token ids, padded on the right to length"})
 
 
 def load_data(cfg: DataConfig, seed: int) -> DataSplits:

@@ -25,6 +25,7 @@ def _is_number(v: str) -> bool:
 class Encoder:
     width: int
     transform: Callable[[np.ndarray], np.ndarray]
+    describe: dict  # the fitted encoding, for users of the exported files
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
         return self.transform(rows)
@@ -84,7 +85,12 @@ class Table:
                 parts.append(onehot)
             return np.concatenate(parts, axis=1).astype(np.float32) if parts else np.zeros((len(rows), 0), np.float32)
 
-        return Encoder(width, transform)
+        describe = {"features_in_order": [f"{self.columns[j]} (numeric)" for j, _, _ in stats]
+                    + [f"{self.columns[j]} = {v!r} (one-hot)" for j, values in vocab for v in values],
+                    "numeric": {self.columns[j]: {"mean": mean, "std": std} for j, mean, std in stats},
+                    "steps": ["numeric: (x - mean) / std, a missing value becomes the mean",
+                              "categorical: one-hot in the listed order, an unseen value all zeros"]}
+        return Encoder(width, transform, describe)
 
 
 def read_csv_table(path: Path, target: str) -> Table:

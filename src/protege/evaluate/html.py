@@ -7,6 +7,8 @@ from html import escape
 from pathlib import Path
 from typing import Any, Callable
 
+from .report import speedup_text
+
 W, H = 560, 380                      # svg size
 ML, MR, MT, MB = 62, 20, 52, 52      # margins: left, right, top, bottom
 
@@ -24,6 +26,7 @@ svg { background: #fff; border: 1px solid #ddd; font-size: 11px; }
 .grid { stroke: #eee; } .axis { stroke: #444; } .front-line { stroke: #1f6feb; stroke-width: 2; fill: none; }
 circle.point, circle.legend { fill: #fff; stroke: #888; stroke-width: 1.5; }
 circle.pareto, circle.legend-front { fill: #1f6feb; stroke: #1f6feb; }
+.unreliable { color: #b45309; } .warn { color: #b45309; }
 footer { margin-top: 28px; padding-top: 8px; border-top: 1px solid #ddd; color: #555; font-size: 13px; }
 """
 
@@ -63,13 +66,40 @@ COLUMNS = [("accuracy", "accuracy %", "pct"), ("macro_f1", "macro-F1 %", "pct"),
            ("latency_ms_b32", "b32 p50 ms", "ms"), ("latency_ms_b32_p95", "b32 p95 ms", "ms")]
 
 
+def _cell(s: dict[str, Any], key: str, kind: str) -> str:
+    """One table cell; a latency the measurement marked unreliable gets a "?" and the class "unreliable"."""
+    text = _fmt(s.get(key), kind)
+    if key.startswith("latency_ms_") and s.get(f"latency_{key.split('_')[2]}_reliable") is False:
+        return f'<td class="unreliable" title="unreliable: see the latency note below the table">{text}?</td>'
+    return f"<td>{text}</td>"
+
+
+def _latency_note(report: dict[str, Any]) -> str:
+    """How latency was measured, the two speedups (or "unreliable"), and why figures marked ? are unreliable."""
+    lat = report.get("latency")
+    if not isinstance(lat, dict):
+        return '<p class="note">Latency: wall-clock per batch, p50 and p95.</p>'
+    calls = [(lat.get(b) or {}).get("calls_per_stage", "?") for b in ("b1", "b32")]
+    how = (f"Latency: wall-clock per batch in {escape(str(lat.get('rounds')))} interleaved rounds (every stage in turn, "
+           f"then again), {escape(str(calls[0]))} calls per stage at batch 1 and {escape(str(calls[1]))} at batch 32, "
+           f"{escape(str(lat.get('threads')))} threads; p50 and p95 over all calls. Speedup of the deployed stage over "
+           f"the teacher (median of per-round ratios): batch 1 <strong>{escape(speedup_text(report, 'speedup_b1'))}"
+           f"</strong>, batch 32 <strong>{escape(speedup_text(report, 'speedup_b32'))}</strong>.")
+    out = f'<p class="note">{how}</p>'
+    if lat.get("reliable") is False:
+        reasons = "; ".join(str(r) for r in lat.get("reasons") or [])
+        out += (f'<p class="warn" id="latency-warning"><strong>Figures marked ? are unreliable</strong>: '
+                f"{escape(reasons)}. Measure again on a quiet machine (<code>protege evaluate RUN</code>) before quoting them.</p>")
+    return out
+
+
 def _table(stages: list[dict[str, Any]]) -> str:
     head = '<th class="l">stage</th><th class="l">runtime</th>'
     head += "".join(f"<th>{escape(t)}</th>" for _, t, _ in COLUMNS)
     rows = []
     for s in stages:
         note = f'<div class="note">{escape(str(s["note"]))}</div>' if s.get("note") else ""
-        cells = "".join(f"<td>{_fmt(s.get(k), kind)}</td>" for k, _, kind in COLUMNS)
+        cells = "".join(_cell(s, k, kind) for k, _, kind in COLUMNS)
         rows.append(f'<tr><td class="l">{escape(str(s.get("name", "?")))}{note}</td>'
                     f'<td class="l">{escape(str(s.get("runtime") or "-"))}</td>{cells}</tr>')
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
@@ -152,11 +182,29 @@ def _plot(pid: str, title: str, xlabel: str, stages: list[dict[str, Any]],
 
 
 def _quantization(q: dict[str, Any]) -> str:
+    nested = ("candidates", "scheme", "verification", "config", "failed")
     facts = ", ".join(f"{escape(str(k))}: <strong>{escape(str(v))}</strong>" for k, v in q.items()
-                      if k != "candidates" and v is not None)
+                      if k not in nested and v is not None)
     cands = q.get("candidates") or []
     table = _table([c for c in cands if isinstance(c, dict)]) if cands else ""
-    return f"<h2>Quantization</h2><p>{facts}</p>{table}"
+    return f"<h2>Quantization</h2><p>{facts}</p>{_int8_file(q)}{table}"
+
+
+def _int8_file(q: dict[str, Any]) -> str:
+    """The deployed int8 file's scheme, whether it is portable, and the CPU its kernels were checked on."""
+    sch, ver = q.get("scheme"), q.get("verification")
+    if not isinstance(sch, dict):
+        return ""
+    mark = "portable" if sch.get("portable") else "not portable"
+    out = (f'<p class="int8">int8 file: {escape(str(sch.get("mode")))}, {escape(str(sch.get("weights")))}, uint8 activations: '
+           f'<strong>{mark}</strong> ({escape(str(sch.get("portable_why")))}).')
+    if isinstance(ver, dict):
+        q_err = _num(ver.get("max_abs_diff_fp32"))
+        out += (f" Its int8 kernels were checked against the exact arithmetic of its QDQ graph on {escape(str(ver.get('cpu')))} "
+                f"({escape(' '.join(map(str, ver.get('cpu_flags') or [])))}; {escape(str(ver.get('int8_kernels')))}): "
+                f"{ver.get('predictions_changed')} of {ver.get('predictions')} validation predictions changed, largest output "
+                f"difference {_fmt(ver.get('max_abs_diff'), 'ms')}" + (f" (its quantization error: {_fmt(q_err, 'ms')})" if q_err is not None else "") + ".")
+    return out + "</p>"
 
 
 def render_html(report: dict[str, Any]) -> str:
@@ -179,8 +227,8 @@ def render_html(report: dict[str, Any]) -> str:
         f"<title>protege report: {name}</title><style>{CSS}</style></head><body>",
         f"<h1>protege report: {name}</h1>", f'<p class="sub">{sub}</p>',
         "<h2>Stages</h2>", _table(stages),
-        '<p class="note">Agreement: share of test examples where the stage predicts the same class as the teacher. '
-        "Latency: wall-clock per batch, p50 and p95.</p>",
+        '<p class="note">Agreement: share of test examples where the stage predicts the same class as the teacher.</p>',
+        _latency_note(report),
         "<h2>Trade-offs</h2>",
         f'<div class="plots"><figure>{plots[0]}</figure><figure>{plots[1]}</figure></div>',
         '<p class="note">Filled points joined by the step line are the Pareto front: no other stage is at least as '

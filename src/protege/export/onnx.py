@@ -15,14 +15,18 @@ from torch import nn
 from ..errors import ExportError
 
 
-def ort_session(path: str | Path, threads: int = 0):
+def ort_session(model: str | Path | bytes, threads: int = 0, optimize: bool = True):
+    """A CPU session on a file (or serialized model); ``optimize=False`` runs the graph as written (no fusions,
+    so no int8 kernels for QDQ graphs)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts, providers=["CPUExecutionProvider"])
 
 
 def ort_logits(session, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
