@@ -69,7 +69,7 @@ def scheme(path: str | Path, mode: str) -> dict:
     portable = widest <= PORTABLE_MAX
     kind = ("uint8 weights" if not signed else
             f"int8 weights, 7-bit (|w| <= {PORTABLE_MAX})" if portable else f"int8 weights, full range (|w| up to {widest})")
-    why = (f"exact on every CPU: no pair of uint8 x int8 products exceeds 16 bits" if portable else
+    why = ("exact on every CPU: no pair of uint8 x int8 products exceeds 16 bits" if portable else
            "exact on CPUs with VNNI and on ARM; x86 CPUs without VNNI (AVX2 only) can saturate and change outputs")
     return {"mode": mode, "weights": kind, "activations": "uint8", "max_abs_weight": widest, "portable": portable,
             "portable_why": why, "tensors": len(weights)}

@@ -1,15 +1,11 @@
-"""Language-model metrics: perplexity on held-out blocks, and generation speed in tokens per second."""
+"""Language-model metrics: perplexity on held-out blocks (generation speed is timed in lm.py, interleaved)."""
 from __future__ import annotations
 
 import math
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from .profile import torch_threads
 
 
 @torch.no_grad()
@@ -26,19 +22,3 @@ def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, devi
     model.train(was_training)
     loss = total / max(count, 1)
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": count}
-
-
-@torch.no_grad()
-def generation_speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int, threads: int, repeats: int = 3) -> dict:
-    """Greedy decoding of ``new_tokens`` after ``prompt`` (1, P) at batch 1 with the KV cache: median tokens / s."""
-    model.eval()
-    with torch_threads(threads):
-        model.generate(prompt, 4, sample=False)  # warm-up
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model.generate(prompt, new_tokens, sample=False)
-            times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    return {"tokens_per_s": new_tokens / med, "ms_per_token": 1e3 * med / new_tokens, "new_tokens": new_tokens,
-            "prompt_tokens": int(prompt.shape[1])}
