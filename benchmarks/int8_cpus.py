@@ -9,7 +9,7 @@ in ONNX Runtime (interleaved rounds, median, 2 threads; protege.evaluate.profile
 run; then how its int8 kernels compare with the exact QDQ arithmetic (protege.compress.verify), on this CPU and on an
 emulated AVX2 CPU without VNNI (QEMU's EPYC-Milan model, protege.compress.emulate; the first --emulated test images).
 Emulation checks what the kernels compute, never how fast. Writes benchmarks/results/int8_cpus.{json,md}.
-Also run at the end of benchmarks/compress.py.
+`make bench` runs it after benchmarks/compress.py.
 """
 from __future__ import annotations
 

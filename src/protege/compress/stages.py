@@ -197,8 +197,9 @@ def _log_candidates(candidates: dict, n_val: int, log: Log) -> None:
             continue
         log(f"quantize: {mode} int8 ({c['scheme']['weights']}) {c['bytes'] / 1024:.1f} kB, val acc {c['val_accuracy']:.4f} "
             f"(fp32 {fp32['val_accuracy']:.4f}), p50 b1 {c['latency_ms_b1']:.3f}{mark(c, 1)} ms / b32 {c['latency_ms_b32']:.3f}{mark(c, 32)} ms "
-            f"(fp32 {fp32['latency_ms_b1']:.3f}{mark(fp32, 1)} / {fp32['latency_ms_b32']:.3f}{mark(fp32, 32)}); int8 kernels match "
-            f"the exact QDQ arithmetic on {n_val} validation examples")
+            f"(fp32 {fp32['latency_ms_b1']:.3f}{mark(fp32, 1)} / {fp32['latency_ms_b32']:.3f}{mark(fp32, 32)}); "
+            + (f"int8 kernels match the exact QDQ arithmetic on {n_val} validation examples" if c["verification"]["independent"]
+               else c["verification"]["note"]))
 
 
 def _copy(src, dst) -> None:

@@ -45,8 +45,11 @@ def stamp(path: str | Path, card: dict[str, Any], int8: Optional[dict] = None) -
     for key, value in keep + [(PREFIX + k, json.dumps(v)) for k, v in entries.items()]:
         model.metadata_props.add(key=key, value=value)
     tmp = path.with_suffix(".meta.tmp")
-    onnx.save(model, str(tmp))
-    os.replace(tmp, path)
+    try:
+        onnx.save(model, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read(path: str | Path) -> dict[str, Any]:
@@ -54,4 +57,11 @@ def read(path: str | Path) -> dict[str, Any]:
     import onnx
 
     props = onnx.load(str(path), load_external_data=False).metadata_props
-    return {p.key[len(PREFIX):]: json.loads(p.value) for p in props if p.key.startswith(PREFIX)}
+    out: dict[str, Any] = {}
+    for p in props:
+        if p.key.startswith(PREFIX):
+            try:
+                out[p.key[len(PREFIX):]] = json.loads(p.value)
+            except ValueError:  # written by something else: keep the text
+                out[p.key[len(PREFIX):]] = p.value
+    return out
