@@ -3,6 +3,7 @@ for the deployed KD student, the teacher-sized CNN and ResNet-20.
 
     python benchmarks/int8_cpus.py            # about 15 minutes on 2 cores (plus 8 to train the student if missing)
     python benchmarks/int8_cpus.py --quick    # smoke test: 2,000 training images, 300 test images
+    python benchmarks/int8_cpus.py --demo runs/demo   # the demo run's deployed int8 file on the emulated AVX2 CPU
 
 For every file: test accuracy, agreement with the fp32 file's test predictions, bytes, and batch-1 / batch-32 latency
 in ONNX Runtime (interleaved rounds, median, 2 threads; protege.evaluate.profile.measure), all side by side in one
@@ -109,11 +110,33 @@ def models(recipe, data, quick: bool) -> dict:
     return {"student (KD)": student, "teacher CNN": teacher, "ResNet-20": resnet}
 
 
+def demo(run_dir: Path) -> None:
+    """A finished run's student.int8.onnx against its student.onnx on the test split: here and on the emulated AVX2 CPU."""
+    from protege import Run
+
+    run = Run.load(run_dir)
+    data = load_data(run.recipe.data, run.recipe.seed)
+    x, y = data.test.x, data.test.y.numpy()
+    fp32 = ort_logits(ort_session(run.onnx_path, THREADS), x).numpy().argmax(-1)
+    here = ort_logits(ort_session(run.int8_path, THREADS), x).numpy().argmax(-1)
+    emulated = run_emulated({"int8": run.int8_path}, x.numpy())["int8"].argmax(-1)
+    out = {"run": str(run_dir), "environment": environment(THREADS), "emulated_cpu": f"QEMU {CPUS['avx2']}", "test_examples": len(y),
+           "scheme": V.scheme(run.int8_path, "static"), "fp32_accuracy": float((fp32 == y).mean())}
+    for name, pred in (("this_cpu", here), ("emulated_avx2", emulated)):
+        out[name] = {"agreement_fp32": float((pred == fp32).mean()), "accuracy": float((pred == y).mean())}
+    print(json.dumps(out, indent=2))
+    (ROOT / "results").mkdir(exist_ok=True)
+    (ROOT / "results" / "int8_demo_avx2.json").write_text(json.dumps(out, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--emulated", type=int, default=2000, help="test images run on the emulated AVX2 CPU")
+    ap.add_argument("--demo", type=Path, help="only check this finished run's int8 file (e.g. runs/demo)")
     args = ap.parse_args()
+    if args.demo:
+        return demo(args.demo)
     torch.set_num_threads(THREADS)
     recipe = load_recipe(ROOT.parent / "recipes" / "fashion_mnist.yaml", ["data.limit=2000"] if args.quick else [])
     data = load_data(recipe.data, recipe.seed)
