@@ -40,6 +40,15 @@ def test_record_warms_up_each_stage_then_calls_them_round_robin():
     assert samples == {n: [[1e3, 1e3], [1e3]] for n in stages}  # milliseconds, grouped by round
 
 
+def test_record_without_priming_makes_no_untimed_calls():
+    """Slow calls (text generation, seconds each) are not primed: every call after the warm-up is timed."""
+    calls: list[str] = []
+    stages = {n: (lambda n=n: calls.append(n)) for n in ("teacher", "student")}
+    ticks = itertools.count()
+    samples = record(stages, [1, 1], warmup=0, settle=lambda: None, clock=lambda: float(next(ticks)), prime=False)
+    assert calls == ["teacher", "student", "teacher", "student"] and samples == {n: [[1e3], [1e3]] for n in stages}
+
+
 def test_measure_times_every_stage_in_every_round_and_probes_the_load():
     calls: list[str] = []
     m = measure({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3, total_calls=3, warmup=0,

@@ -210,7 +210,7 @@ def _lm_speed(run: Run, data: DataSplits, models: dict[str, nn.Module], prompts:
     int8). Fills the entries' speed keys; returns label -> Measurement for the report's latency section."""
     e = run.recipe.eval
     gen = {n: (lambda m=m.eval(), p=prompts[n]: m.generate(p, gen_tokens, sample=False)) for n, m in models.items()}
-    out = {"generation": measure(gen, e.rounds, e.rounds, min(e.warmup, 1), e.threads)}
+    out = {"generation": measure(gen, e.rounds, e.rounds, min(e.warmup, 1), e.threads, prime=False)}  # seconds per call
     for name in models:
         st = out["generation"].stats(name)
         entries[name].update(tokens_per_s=gen_tokens / (st["median"] / 1e3), ms_per_token=st["median"] / gen_tokens,

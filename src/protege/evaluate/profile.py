@@ -91,10 +91,10 @@ def settle_threads(max_s: float = SETTLE_MAX_S, step_s: float = 0.002) -> None:
 
 
 def record(stages: Mapping[str, Call], calls: Sequence[int], warmup: int, settle: Callable[[], None] = settle_threads,
-           clock: Callable[[], float] = time.perf_counter) -> dict[str, Rounds]:
+           clock: Callable[[], float] = time.perf_counter, prime: bool = True) -> dict[str, Rounds]:
     """Warm every stage up, then one round per entry of ``calls``: each stage in turn, after ``settle()`` (the previous
-    stage's threads stop spinning) and one untimed call (this stage's threads wake up), ``calls[r]`` timed calls.
-    Returns stage -> round -> milliseconds per call."""
+    stage's threads stop spinning) and, with ``prime``, one untimed call (this stage's threads wake up; not worth a
+    call that takes seconds, like generating text), ``calls[r]`` timed calls. Returns stage -> round -> ms per call."""
     for fn in stages.values():
         for _ in range(warmup):
             fn()
@@ -102,7 +102,8 @@ def record(stages: Mapping[str, Call], calls: Sequence[int], warmup: int, settle
     for n in calls:
         for name, fn in stages.items():
             settle()
-            fn()
+            if prime:
+                fn()
             times = []
             for _ in range(n):
                 t0 = clock()
@@ -217,11 +218,12 @@ class Measurement:
 
 
 def measure(stages: Mapping[str, Call], rounds: int, total_calls: int, warmup: int, threads: int,
-            read_stat: StatReader = proc_stat_times, settle: Callable[[], None] = settle_threads) -> Measurement:
+            read_stat: StatReader = proc_stat_times, settle: Callable[[], None] = settle_threads,
+            prime: bool = True) -> Measurement:
     """Time every stage in ``rounds`` interleaved rounds (``total_calls`` per stage in all, at least one per round;
     see record), with ``threads`` PyTorch threads, under a load probe."""
     with torch_threads(threads), torch.no_grad(), LoadProbe(read_stat) as probe:
-        samples = record(stages, split_calls(total_calls, rounds), warmup, settle)
+        samples = record(stages, split_calls(total_calls, rounds), warmup, settle, prime=prime)
     return Measurement(samples, probe.result)
 
 
