@@ -383,3 +383,28 @@ def test_choice_says_when_the_deciding_latency_is_unreliable():
     name, reason = choose(c, QuantizeConfig(latency_batch=1))
     assert name == "static" and "static was flagged unreliable" in reason
     assert "unreliable" not in choose(c, QuantizeConfig(latency_batch=32))[1]
+
+
+def test_an_int8_file_onnx_runtime_cannot_run_is_a_one_line_error(compressed, tmp_path, monkeypatch):
+    """ONNX Runtime's own exception types are not RuntimeError: they must still become protege's error, not a traceback."""
+    import importlib
+    import shutil
+
+    st = importlib.import_module("protege.compress.stages")  # (protege.compress is also the compress() function)
+
+    class Fail(Exception):
+        pass
+
+    Fail.__module__ = "onnxruntime.capi.onnxruntime_pybind11_state"
+    real = st.val_metrics
+
+    def broken(path, *a, **k):
+        if "quantized" in str(path):
+            raise Fail("[ONNXRuntimeError] : 1 : FAIL : simulated")
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(st, "val_metrics", broken)
+    run_dir = tmp_path / "ortfail"
+    shutil.copytree(compressed.path, run_dir)
+    with pytest.raises(CompressError, match="static int8: ONNX Runtime cannot run static.onnx"):
+        compress(run_dir, quantize=QuantizeConfig(mode="static"), log=lambda *_: None)

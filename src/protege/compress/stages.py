@@ -163,8 +163,12 @@ def quantize_stage(run: Run, data: DataSplits, log: Log, qat: Optional[Callable]
         try:
             candidates[mode] = {**_make(mode, src, dst, run, data, qat), **val_metrics(dst, data, e.threads, reference)}
             files[mode] = dst
-        except Exception as err:  # ONNX Runtime raises its own types for a file it cannot run
-            if cfg.mode not in ("auto", "int8") or not isinstance(err, (CompressError, RuntimeError, ValueError)):
+        except Exception as err:  # ONNX Runtime raises its own types (not RuntimeError) for a file it cannot run
+            ort_error = type(err).__module__.startswith("onnxruntime")
+            if ort_error and cfg.mode not in ("auto", "int8"):
+                raise CompressError(f"{mode} int8: ONNX Runtime cannot run {dst.name} ({type(err).__name__}: "
+                                    f"{str(err).splitlines()[0][:160] if str(err) else ''}); try another quantize.mode") from None
+            if cfg.mode not in ("auto", "int8") or not (ort_error or isinstance(err, (CompressError, RuntimeError, ValueError))):
                 raise
             failed[mode] = str(err)
             log(f"quantize: {mode} int8 skipped: {err}")
