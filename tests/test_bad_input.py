@@ -253,3 +253,29 @@ def test_unknown_quantize_target_in_the_recipe(distill, tmp_path):
     code, err = distill(lambda r: r.update(quantize={"mode": "static", "target": "avx512"}))
     assert_clean_error(code, err, "quantize.target", "'avx512'", "'portable'", "'this_cpu'")
     assert not (tmp_path / "out").exists()
+
+
+def test_overwrite_removes_only_what_protege_wrote(distill, tmp_path):
+    def short(r):
+        r["train"].update(epochs=1)
+        r["teacher"]["train"].update(epochs=1)
+
+    assert distill(short)[0] == 0
+    out = tmp_path / "out"
+    assert (out / "teacher_cache").is_dir()
+    mine = {"student/genome.txt": "g", "student/generated_by_me/data.csv": "a,b", "teacher_cache/my_features.npy": "x",
+            "student/gen1_notes.txt": "n"}
+    for rel, text in mine.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(text)
+    code, err = distill(short, "--overwrite")
+    assert code == 0, err
+    assert all((out / rel).read_text() == text for rel, text in mine.items())
+    assert any((p / "meta.json").is_file() for p in (out / "teacher_cache").iterdir())  # the cache was rebuilt beside them
+
+
+@pytest.mark.parametrize("name", ["../../x", "/tmp/abs", "a/b", ".."])
+def test_recipe_name_must_be_a_plain_folder_name(distill, tmp_path, name):
+    code, err = distill(lambda r: r.update(name=name))
+    assert_clean_error(code, err, "must be a plain folder name", "runs/<name>")
+    assert not (tmp_path / "out").exists()

@@ -188,6 +188,15 @@ class Recipe(_Strict):
     prune: Optional[PruneConfig] = None
     quantize: Optional[QuantizeConfig] = None
 
+    @model_validator(mode="after")
+    def _plain_name(self) -> "Recipe":
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", self.name) or ".." in self.name:
+            raise ValueError(f"name {self.name[:60]!r} must be a plain folder name (letters, digits, '.', '_', '-'; at most 100 "
+                             f"characters, no '/' or '..'): a run without --out goes to runs/<name>")
+        return self
+
     @property
     def teachers(self) -> list[TeacherConfig]:
         return [self.teacher, *self.more_teachers]

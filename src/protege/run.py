@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -108,7 +109,6 @@ class Run:
                  "student.onnx", "student.rejected.onnx", "report.json", "metrics.jsonl", "report.html",
                  *COMPRESS_ARTIFACTS)
 
-    ARTIFACT_DIRS = ("teacher_cache",)  # folders wholly written by protege (see knowledge/cache.py)
 
     def clear_compressed(self, keep_pruned: bool = False) -> None:
         """A new compress pass: drop what an earlier one wrote, so no stale file is mistaken for this one's."""
@@ -142,16 +142,38 @@ class Run:
         nothing of it can be mistaken for this run's work; other files in the folder are left alone."""
         for rel in self.ARTIFACTS:
             (self.path / rel).unlink(missing_ok=True)
-        for rel in self.ARTIFACT_DIRS:
-            shutil.rmtree(self.path / rel, ignore_errors=True)
-        for old in (self.path / "student").glob("gen*"):  # born-again generations: files and checkpoint folders
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        cache = self.path / "teacher_cache"
+        for sub in sorted(cache.iterdir()) if cache.is_dir() else []:  # only cache folders protege wrote, file by file
+            if sub.is_dir() and (sub / "meta.json").is_file():
+                try:
+                    files = [e["file"] for e in json.loads((sub / "meta.json").read_text())["entries"].values()]
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    files = []
+                for name in [*files, "meta.json"]:
+                    if re.fullmatch(r"\d+\.npy|meta\.json", str(name)):
+                        (sub / name).unlink(missing_ok=True)
+                _rmdir_if_empty(sub)
+        _rmdir_if_empty(cache)
+        for old in (self.path / "student").glob("gen*"):  # born-again generations: gen{k}.safetensors, gen{k}_checkpoints/
+            if old.is_file() and re.fullmatch(r"gen\d+\.safetensors", old.name):
+                old.unlink()
+            elif old.is_dir() and re.fullmatch(r"gen\d+_checkpoints", old.name):
+                for name in ("last.safetensors", "best.safetensors"):
+                    (old / name).unlink(missing_ok=True)
+                _rmdir_if_empty(old)
 
     def write_recipe(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "teacher").mkdir(exist_ok=True)
         (self.path / "student").mkdir(exist_ok=True)
         dump_recipe(self.recipe, self.path / "recipe.yaml")
+
+
+def _rmdir_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:  # missing, or holds files protege did not write: left alone
+        pass
 
 
 def file_digest(path: Path) -> str:
