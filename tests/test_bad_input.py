@@ -279,3 +279,10 @@ def test_recipe_name_must_be_a_plain_folder_name(distill, tmp_path, name):
     code, err = distill(lambda r: r.update(name=name))
     assert_clean_error(code, err, "must be a plain folder name", "runs/<name>")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, words", [(["distill", "r.yaml", "--bogus"], ["No such option: --bogus", "protege distill --help"]),
+                                         (["compress", "runs/x", "--resume"], ["No such option: --resume", "protege compress --help"]),
+                                         (["distill"], ["Missing argument", "protege distill --help"])])
+def test_usage_errors_are_one_line_without_traceback(capsys, args, words):
+    assert_clean_error(*run_cli(args, capsys), *words)

@@ -137,6 +137,21 @@ def demo_cmd(out: Path = typer.Option(Path("runs/demo"), "--out", help="Run fold
 INTERRUPTED = "interrupted: the last finished epoch is saved; continue with the same command plus --resume"
 
 
+def _usage_errors() -> tuple:
+    """click's usage errors, and typer's vendored copy of them (typer >= 0.16 ships its own click)."""
+    errors = [click.ClickException]
+    try:
+        from typer._click.exceptions import ClickException as TyperClickException
+
+        errors.append(TyperClickException)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+USAGE_ERRORS = _usage_errors()
+
+
 def main() -> None:
     try:
         rc = app(standalone_mode=False)  # typer turns Ctrl-C into a return value of 130
@@ -147,8 +162,8 @@ def main() -> None:
         sys.exit(2)
     except KeyboardInterrupt:
         rc = 130
-    except click.ClickException as e:  # usage errors: bad option, missing argument
-        e.show()
+    except USAGE_ERRORS as e:  # usage errors: unknown option, missing argument, bad value
+        print(f"error: {e.format_message().rstrip('.')}; see `protege {sys.argv[1] if len(sys.argv) > 1 else ''} --help`", file=sys.stderr)
         sys.exit(2)
     if rc == 130:
         print(INTERRUPTED, file=sys.stderr)
