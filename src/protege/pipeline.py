@@ -16,7 +16,7 @@ from .export.metadata import describe, stamp
 from .machine import environment
 from .export.onnx import export_model_onnx, onnx_parity, ort_logits, ort_session
 from .evaluate.metrics import classification_metrics
-from .evaluate.profile import Measurement, Timer, latency_section, measure, ort_timer, stage_fields, torch_timer
+from .evaluate.profile import Measurement, Timer, latency_section, measure, ort_timer, stage_fields, timing_inputs, torch_timer
 from .evaluate.report import print_report, write_report
 from .knowledge import predict_logits
 from .compress.stages import precheck, prune_stage, quantize_stage
@@ -195,18 +195,13 @@ def _latency(run: Run, timers: dict[str, Timer]) -> dict[str, Measurement]:
             for b, n in ((1, e.repeats_b1), (32, e.repeats_b32))}
 
 
-def _timing_inputs(data: DataSplits):
-    """What latency is measured on: random inputs of the example shape, or a real test example for token ids."""
-    return data.test.x[:1] if data.is_text else data.input_shape
-
-
 def _torch_entry(run: Run, model: nn.Module, data: DataSplits, weights: Path, teacher_logits) -> tuple[dict, Timer]:
     """A PyTorch stage's metrics, params and bytes, and its timer (an ONNX teacher is an ONNX stage)."""
     if isinstance(model, OnnxModule):
         return _onnx_entry(run, model.path, data, teacher_logits)
     logits = predict_logits(model, data.test.x)
     return ({"runtime": "pytorch", **classification_metrics(logits, data.test.y, teacher_logits),
-             "params": num_params(model), "bytes": weights.stat().st_size}, torch_timer(model, _timing_inputs(data)))
+             "params": num_params(model), "bytes": weights.stat().st_size}, torch_timer(model, timing_inputs(data)))
 
 
 def _onnx_entry(run: Run, path: Path, data: DataSplits, teacher_logits) -> tuple[dict, Timer]:
@@ -217,7 +212,7 @@ def _onnx_entry(run: Run, path: Path, data: DataSplits, teacher_logits) -> tuple
     logits = ort_logits(session, data.test.x)
     params = int(sum(int(torch.tensor(t.dims).prod()) for t in onnx.load(str(path)).graph.initializer))
     return ({"runtime": "onnxruntime", **classification_metrics(logits, data.test.y, teacher_logits),
-             "params": params, "bytes": path.stat().st_size}, ort_timer(session, _timing_inputs(data)))
+             "params": params, "bytes": path.stat().st_size}, ort_timer(session, timing_inputs(data)))
 
 
 def _stages(run: Run, data: DataSplits) -> tuple[list[dict], dict[str, Timer], dict]:

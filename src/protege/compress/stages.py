@@ -17,7 +17,7 @@ from torch import nn
 
 from ..data import DataSplits
 from ..errors import CompressError
-from ..evaluate.profile import measure as measure_interleaved, ort_timer
+from ..evaluate.profile import measure as measure_interleaved, ort_timer, timing_inputs
 from ..export.metadata import describe, stamp
 from ..export.onnx import ort_logits, ort_session
 from ..models import save_weights
@@ -104,15 +104,15 @@ def val_metrics(path, data: DataSplits, threads: int, reference: Optional[torch.
 def latencies(files: dict, data: DataSplits, threads: int, warmup: int, repeats: tuple[int, int], rounds: int = 5) -> dict:
     """Batch-1 and batch-32 latency of several ONNX files, measured side by side in interleaved rounds: name -> the
     median (latency_ms_b1 / _b32) and whether the measurement stands (latency_b1_reliable / _b32_reliable)."""
-    inputs = data.test.x[:1] if data.is_text else data.input_shape
+    inputs = timing_inputs(data)
     out: dict = {name: {} for name in files}
     for b, n in zip((1, 32), repeats):
         m = measure_interleaved({k: ort_timer(ort_session(p, threads), inputs)(b) for k, p in files.items()},
                                 rounds=min(rounds, n), total_calls=n, warmup=warmup, threads=threads)
         for name in files:
             st = m.stats(name)
-            out[name].update({f"latency_ms_b{b}": st["median"], f"latency_ms_b{b}_iqr": st["iqr"],
-                              f"latency_b{b}_reliable": st["reliable"]})
+            out[name].update({f"latency_ms_b{b}": st["median"], f"latency_ms_b{b}_p95": st["p95"],
+                              f"latency_ms_b{b}_iqr": st["iqr"], f"latency_b{b}_reliable": st["reliable"]})
             if st["reasons"]:
                 out[name][f"latency_b{b}_reasons"] = st["reasons"]
     return out

@@ -52,6 +52,12 @@ def example_batch(inputs: Inputs, batch: int) -> torch.Tensor:
     return torch.randn(batch, *inputs, generator=torch.Generator().manual_seed(0))
 
 
+def timing_inputs(data) -> Inputs:
+    """What latency is measured on for a DataSplits: random inputs of the example shape, or a real test example for
+    token ids (they must be real ids)."""
+    return data.test.x[:1] if data.is_text else data.input_shape
+
+
 def torch_timer(model: nn.Module, inputs: Inputs) -> Timer:
     """batch -> a call of ``model`` (eval mode) on a batch of that size (see example_batch)."""
     model = model.eval()
