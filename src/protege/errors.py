@@ -31,3 +31,7 @@ class ExportError(ProtegeError):
 
 class CompressError(ProtegeError):
     """Pruning or quantization that cannot be done as asked."""
+
+
+class StorageError(ProtegeError):
+    """A file that cannot be written (full disk, no permission) or read back (truncated, corrupted)."""
