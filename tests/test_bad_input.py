@@ -178,11 +178,11 @@ def test_existing_run_is_refused_and_kept(distill, tmp_path):
     tiny_run = distill(lambda r: (r["train"].update(epochs=1), r["teacher"]["train"].update(epochs=1)))
     assert tiny_run[0] == 0
     out = tmp_path / "out"
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".protege.lock"}
     (out / "my_notes.txt").write_text("mine")
     code, err = distill()
     assert_clean_error(code, err, "already holds a run", "--resume", "--overwrite")
-    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "my_notes.txt"}
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name not in ("my_notes.txt", ".protege.lock")}
     assert after == before
     assert (out / "my_notes.txt").read_text() == "mine"
 

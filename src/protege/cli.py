@@ -134,7 +134,30 @@ def demo_cmd(out: Path = typer.Option(Path("runs/demo"), "--out", help="Run fold
     api.distill(demo_recipe(), out, overwrite=overwrite)
 
 
-INTERRUPTED = "interrupted: the last finished epoch is saved; continue with the same command plus --resume"
+INTERRUPTED = {
+    "distill": "interrupted: the last finished epoch is saved; continue with the same command plus --resume",
+    "compress": "interrupted: the run is as it was before this compress (its files, recipe.yaml, reports and metrics "
+                "put back); run the command again",
+}
+
+
+def _interrupted() -> str:
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+    return INTERRUPTED.get(command, "interrupted: files protege was writing were left as they were")
+
+
+def _os_error(e: OSError) -> str:
+    """A failed read or write (full disk, no permission, read-only disk) as one line that names the file."""
+    import errno
+
+    where = f"{e.filename}: " if e.filename else ""
+    fix = {errno.ENOSPC: "free disk space (or choose another --out), then continue with --resume",
+           errno.EDQUOT: "free space in your quota, then continue with --resume",
+           errno.EFBIG: "the file is larger than this system allows; free space or raise the limit, then --resume",
+           errno.EACCES: "check the permissions of that path or choose another --out",
+           errno.EPERM: "check the permissions of that path or choose another --out",
+           errno.EROFS: "the disk is read-only; choose another --out"}.get(e.errno, "check the disk and the path, then retry")
+    return f"{where}{e.strerror or e}; {fix}"
 
 
 def _usage_errors() -> tuple:
@@ -165,8 +188,13 @@ def main() -> None:
     except USAGE_ERRORS as e:  # usage errors: unknown option, missing argument, bad value
         print(f"error: {e.format_message().rstrip('.')}; see `protege {sys.argv[1] if len(sys.argv) > 1 else ''} --help`", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # a full disk, a permission, a read-only disk: the file and the fix, no traceback
+        if DEBUG["on"]:
+            raise
+        print(f"error: {_os_error(e)}", file=sys.stderr)
+        sys.exit(2)
     if rc == 130:
-        print(INTERRUPTED, file=sys.stderr)
+        print(_interrupted(), file=sys.stderr)
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

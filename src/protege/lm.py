@@ -23,6 +23,7 @@ from .knowledge.features import unwrap
 from .knowledge.topk import TopKCache, load_or_build_topk
 from .losses.token import causal_lm_loss, token_kd, token_kd_topk, uld
 from .models import build_model, num_params, save_weights
+from .train.guard import require_finite
 from .recipe import DistillConfig, Recipe
 from .run import Run, file_digest, weights_bytes
 from .train import fit
@@ -273,6 +274,7 @@ def export_lm(run: Run, data: DataSplits, log: Log = print) -> Path:
         raise RunError(f"{run.path} has no finished student ({run.student_weights} missing); finish it with --resume")
     student = build_model(r.student.model_copy(update={"weights": None}), data.input_shape, data.num_classes, data.model_args)
     load_weights(student, run.student_weights)
+    require_finite(student, run.student_weights, "student")
     student.eval()
     candidate = run.onnx_path.with_suffix(".candidate.onnx")
     export_model_onnx(student, data.test.x[:2], candidate, r.export.opset)
@@ -322,6 +324,7 @@ def reevaluate_lm(run: Run, data: DataSplits) -> dict:
     teacher = build_model(r.teacher, data.input_shape, data.num_classes, data.model_args).eval()
     student = build_model(r.student.model_copy(update={"weights": None}), data.input_shape, data.num_classes, data.model_args)
     load_weights(student, run.student_weights)
+    require_finite(student, run.student_weights, "student")
     run.report = evaluate_lm(run, data, teacher, teacher_file(run), student.eval(), teacher_ppl=not teacher_reads_other_text(r))
     return run.report
 

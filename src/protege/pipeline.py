@@ -1,7 +1,6 @@
 """The stages, in the one direction data flows: data -> teacher -> student (teaching.py) -> compress -> export -> evaluate."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -23,7 +22,8 @@ from .compress.stages import precheck, prune_stage, quantize_stage
 from .models import OnnxModule, build_model, load_weights, num_params
 from .models.loading import resize_to
 from .recipe import PruneConfig, QuantizeConfig, Recipe
-from .run import Run
+from .run import Run, locked, read_json
+from .train.guard import require_finite
 from .teaching import build_models, prepare_teacher, student_loss, teacher_file, train_student
 
 Log = Callable[[str], None]
@@ -31,8 +31,15 @@ Log = Callable[[str], None]
 
 def distill(recipe: Recipe, out: str | Path, *, resume: bool = False, overwrite: bool = False,
             export: bool = True, evaluate_: bool = True, log: Log = print) -> Run:
-    """Run a recipe end to end into the folder ``out``; returns the Run (with its report)."""
+    """Run a recipe end to end into the folder ``out``; returns the Run (with its report). The folder is locked
+    for the duration: a second protege writing to it is refused."""
     acc = Accelerator(cpu=not torch.cuda.is_available())
+    with locked(out, "distill", enabled=acc.is_main_process, create=True):
+        return _distill(acc, recipe, out, resume=resume, overwrite=overwrite, export=export, evaluate_=evaluate_, log=log)
+
+
+def _distill(acc: Accelerator, recipe: Recipe, out: str | Path, *, resume: bool, overwrite: bool, export: bool,
+             evaluate_: bool, log: Log) -> Run:
     run = Run.create(out, recipe, overwrite=overwrite, resume=resume)
     if not acc.is_main_process:
         log = lambda *_: None  # noqa: E731
@@ -77,7 +84,11 @@ def compress(run: Run | str | Path, *, prune: Optional[PruneConfig] = None, quan
     (its files and recipe section); a new pruning replaces the earlier pass. If a stage fails, the earlier
     pass, recipe.yaml and the reports are put back as they were. The teacher and student are never touched.
     """
-    run = run if isinstance(run, Run) else Run.load(run)
+    with locked(run.path if isinstance(run, Run) else run, "compress"):
+        return _compress(run if isinstance(run, Run) else Run.load(run, read_report=False), prune, quantize, log)
+
+
+def _compress(run: Run, prune: Optional[PruneConfig], quantize: Optional[QuantizeConfig], log: Log) -> Run:
     _classify_only(run, "compress")
     if not run.student_weights.is_file():
         raise RunError(f"{run.path} has no finished student ({run.student_weights} missing); finish it with "
@@ -143,9 +154,12 @@ def _load_models(run: Run, data: DataSplits) -> tuple[list[nn.Module], nn.Module
         t = build_model(spec, data.input_shape, data.num_classes, data.model_args)
         if i == 0 and not isinstance(t, OnnxModule) and not spec.weights and (r.ema_teacher or spec.train is not None):
             load_weights(t, run.teacher_weights)
+        require_finite(t, run.teacher_weights if i == 0 and (r.ema_teacher or spec.train is not None) else spec.weights or spec.model,
+                       "teacher")
         teachers.append(t.eval())
     student = build_model(r.student.model_copy(update={"weights": None}), data.input_shape, data.num_classes, data.model_args)
     load_weights(student, run.student_weights)
+    require_finite(student, run.student_weights, "student")
     return teachers, student.eval()
 
 
@@ -166,7 +180,11 @@ def _export_checked(model: nn.Module, run: Run, data: DataSplits, dst: Path, log
 
 def export_onnx(run: Run | str | Path, *, data: Optional[DataSplits] = None, log: Log = print) -> Path:
     """Export the run's student (and its pruned version, if any) to ONNX, each checked against PyTorch."""
-    run = run if isinstance(run, Run) else Run.load(run)
+    with locked(run.path if isinstance(run, Run) else run, "export"):
+        return _export_onnx(run if isinstance(run, Run) else Run.load(run, read_report=False), data, log)
+
+
+def _export_onnx(run: Run, data: Optional[DataSplits], log: Log) -> Path:
     data = data or load_data(run.recipe.data, run.recipe.seed)
     if run.recipe.task == "causal_lm":
         from .lm import export_lm
@@ -184,8 +202,18 @@ def _load_pruned(run: Run, data: DataSplits) -> Optional[nn.Module]:
     if not run.pruned_weights.is_file():
         return None
     model = build_model(run.recipe.student.model_copy(update={"weights": None}), data.input_shape, data.num_classes, data.model_args)
-    groups = json.loads((run.path / "pruned" / "config.json").read_text()).get("conv_groups")
-    return resize_to(model, run.pruned_weights, groups).eval()
+    groups = _pruned_info(run).get("conv_groups")
+    model = resize_to(model, run.pruned_weights, groups).eval()
+    require_finite(model, run.pruned_weights, "pruned student")
+    return model
+
+
+def _pruned_info(run: Run) -> dict:
+    info = read_json(run.path / "pruned" / "config.json", f"redo the pruning with `protege compress {run.path} --prune RATIO`")
+    if not isinstance(info, dict):
+        raise RunError(f"{run.path / 'pruned' / 'config.json'} is damaged (not a mapping); redo the pruning with "
+                       f"`protege compress {run.path} --prune RATIO`")
+    return info
 
 
 def _latency(run: Run, timers: dict[str, Timer]) -> dict[str, Measurement]:
@@ -237,14 +265,14 @@ def _stages(run: Run, data: DataSplits) -> tuple[list[dict], dict[str, Timer], d
         report["onnx_max_abs_diff"] = onnx_parity(student, run.onnx_path, data.test.x[:512], run.recipe.export.tolerance)
     pruned = _load_pruned(run, data)
     if pruned is not None:
-        report["pruning"] = info = json.loads((run.path / "pruned" / "config.json").read_text())
+        report["pruning"] = info = _pruned_info(run)
         note = next((st.get("note") for st in info["steps"] if st.get("note")), "")
         add("pruned", _rel(run, run.pruned_weights), _torch_entry(run, pruned, data, run.pruned_weights, t_logits), note=note)
         if run.pruned_onnx.is_file():
             add("pruned_onnx", run.pruned_onnx.name, _onnx_entry(run, run.pruned_onnx, data, t_logits), note=note)
     choice_file = run.quant_dir / "choice.json"
     if choice_file.is_file():
-        choice = json.loads(choice_file.read_text())
+        choice = read_json(choice_file, f"redo the quantization with `protege compress {run.path} --quantize MODE`")
         report["quantization"] = {**choice, "candidates": [{"name": k, **v} for k, v in choice["candidates"].items()]}
         if run.int8_path.is_file():
             add(f"int8 ({choice['chosen']})", run.int8_path.name, _onnx_entry(run, run.int8_path, data, t_logits),
@@ -265,9 +293,13 @@ def _speedups(measured: dict[str, Measurement], deployed: str) -> dict:
 def evaluate(run: Run | str | Path, *, data: Optional[DataSplits] = None, show: bool = True) -> dict:
     """Measure every stage the run has (teacher, student, its ONNX file, pruned, int8) on the test split, time them
     all in interleaved rounds; write report.json and report.html."""
+    with locked(run.path if isinstance(run, Run) else run, "evaluate"):
+        return _evaluate(run if isinstance(run, Run) else Run.load(run, read_report=False), data, show)
+
+
+def _evaluate(run: Run, data: Optional[DataSplits], show: bool) -> dict:
     from .evaluate.html import write_html
 
-    run = run if isinstance(run, Run) else Run.load(run)
     data = data or load_data(run.recipe.data, run.recipe.seed)
     if run.recipe.task == "causal_lm":
         from .lm import reevaluate_lm

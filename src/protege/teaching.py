@@ -148,7 +148,7 @@ def prepare_teacher(run: Run, model: nn.Module, data: DataSplits, acc: Accelerat
     log(f"teacher: training {r.teacher.model} ({num_params(model):,} params) for {r.teacher.train.epochs} epochs")
     result = fit(model, label_loss(r.teacher.train.label_smoothing), data.train, data.val, r.teacher.train, seed=r.seed,
         ckpt_dir=run.path / "teacher" / "checkpoints", metrics_path=run.metrics_path, stage="teacher",
-        accelerator=acc, augment=r.teacher.train.augment, resume=resume)
+        accelerator=acc, augment=r.teacher.train.augment, resume=resume, lr_field="teacher.train.lr")
     if acc.is_main_process:
         save_weights(model, run.teacher_weights)
         write_config(run.path / "teacher" / "config.json", r.teacher, data, model, result)

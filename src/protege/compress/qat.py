@@ -27,6 +27,7 @@ from torch import nn
 from ..data import Split
 from ..errors import CompressError
 from ..export.onnx import _first_arg, ort_logits, ort_session
+from ..train.guard import check_loss
 from .verify import PORTABLE_MAX
 
 Log = Callable[[str], None]
@@ -129,8 +130,10 @@ def qat_to_onnx(student: nn.Module, loss_fn, train: Split, val: Split, out: Path
             for group in opt.param_groups:
                 group["lr"] = lr / 10
         total, idxs = 0.0, _batches(len(train), batch_size, seed * 7919 + epoch)
-        for idx in idxs:
+        for step, idx in enumerate(idxs, 1):
             losses = loss_fn(prepared, train.x[idx], train.y[idx], idx)
+            check_loss(float(losses["loss"].detach()), stage="qat", epoch=epoch + 1, epochs=epochs, step=step,
+                       lr_field="quantize.qat_lr", lr=lr, kept="no int8 file was written")
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
             opt.step()

@@ -61,7 +61,8 @@ def prune_stage(run: Run, data: DataSplits, student: nn.Module, loss_fn, acc: Ac
         entry = res.as_dict()
         if cfg.finetune_epochs:
             result = fit(model, loss_fn, data.train, data.val, ft, seed=r.seed + i, ckpt_dir=run.path / "pruned" / "checkpoints",
-                         metrics_path=run.metrics_path, stage=f"prune{i}", accelerator=acc, augment=r.train.augment)
+                         metrics_path=run.metrics_path, stage=f"prune{i}", accelerator=acc, augment=r.train.augment,
+                         lr_field="prune.finetune_lr")
             entry["recovery"] = {"epochs": ft.epochs, "lr": ft.lr, "best_epoch": result.best_epoch,
                                  "best_val_accuracy": result.best_val_accuracy}
         steps.append(entry)

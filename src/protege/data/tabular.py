@@ -48,6 +48,9 @@ class Table:
             except ValueError:
                 raise DataError(f"{self.path}: column '{self.columns[j]}' row {r + 2} holds text {v!r} but is numeric; "
                                 f"list it under data.categorical or fix the value") from None
+            if np.isinf(out[k]):
+                raise DataError(f"{self.path}: column '{self.columns[j]}' row {r + 2} holds {v!r}, an infinite number; "
+                                f"replace it with a finite value or leave the cell empty (filled with the column mean)")
         return out
 
     def fit_encoder(self, train: np.ndarray, numeric: Optional[list[str]], categorical: Optional[list[str]]) -> Encoder:

@@ -12,8 +12,11 @@ from rich.table import Table
 
 
 def write_report(path: Path, report: dict[str, Any]) -> None:
+    """Write report.json atomically; a NaN or inf figure becomes null (strict JSON)."""
+    from ..train.guard import finite_json
+
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
+    tmp.write_text(json.dumps(finite_json(report), indent=2, allow_nan=False))
     os.replace(tmp, path)
 
 

@@ -23,6 +23,7 @@ from ..knowledge import predict_logits
 from ..models import load_weights, save_weights
 from ..recipe import TrainConfig
 from .checkpoint import load_checkpoint, save_checkpoint
+from .guard import check_loss, check_weights, finite_json
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
@@ -62,10 +63,18 @@ def _accuracy(model: torch.nn.Module, split: Split, device: torch.device) -> flo
 
 def _append_metrics(path: Path, stage: str, start_epoch: int, row: dict | None = None) -> None:
     """Drop lines of ``stage`` from epochs a resume will redo, then append ``row``."""
-    lines = path.read_text().splitlines() if path.exists() else []
-    keep = [ln for ln in lines if not (json.loads(ln).get("stage") == stage and json.loads(ln)["epoch"] > start_epoch)]
+    keep = []
+    for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if path.exists() else []:
+        try:
+            entry = json.loads(ln)
+            redone = entry.get("stage") == stage and entry["epoch"] > start_epoch
+        except (ValueError, KeyError, TypeError, AttributeError):
+            tqdm.write(f"metrics: dropping a damaged line of {path}: {ln[:60]!r}")
+            continue
+        if not redone:
+            keep.append(json.dumps(finite_json(entry), allow_nan=False))  # old NaN tokens become null
     if row is not None:
-        keep.append(json.dumps(row))
+        keep.append(json.dumps(finite_json(row), allow_nan=False))
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(ln + "\n" for ln in keep))
     os.replace(tmp, path)
@@ -73,8 +82,12 @@ def _append_metrics(path: Path, stage: str, start_epoch: int, row: dict | None =
 
 def fit(model: torch.nn.Module, loss_fn: LossFn, train: Split, val: Split, cfg: TrainConfig, *, seed: int,
         ckpt_dir: Path, metrics_path: Path, stage: str, accelerator: Accelerator, augment: bool = False,
-        resume: bool = False, validate: Optional[Callable[[torch.nn.Module, torch.device], dict]] = None) -> FitResult:
+        resume: bool = False, validate: Optional[Callable[[torch.nn.Module, torch.device], dict]] = None,
+        lr_field: str = "train.lr") -> FitResult:
     """Train ``model`` in place; on return it holds the validation-selected weights.
+
+    A NaN or infinite loss, or weights that became non-finite, stop training at once (``Diverged``, naming
+    ``lr_field``) before anything non-finite is saved: the last checkpoint stays the last finite epoch.
 
     ``validate(model, device)`` returns the epoch's validation metrics with a ``score`` (higher is better) that
     selects the epoch; by default the score is validation accuracy.
@@ -102,11 +115,14 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, train: Split, val: Split, cfg: 
         sums: dict[str, float] = {}
         batches = _epoch_batches(len(train), cfg.batch_size, seed, epoch, rank, world)
         bar = tqdm(batches, desc=f"{stage} {epoch + 1}/{cfg.epochs}", leave=False, disable=None if accelerator.is_main_process else True)
-        for idx in bar:
+        guard = dict(stage=stage, epochs=cfg.epochs, lr_field=lr_field, lr=cfg.lr,
+                     kept=f"the last finite checkpoint (epoch {loop['epoch']}) is kept in {last}" if loop["epoch"] else "nothing of this stage was saved")
+        for step, idx in enumerate(bar, 1):
             x, y = train.x[idx], train.y[idx]
             if augment:
                 x = augment_images(x)
             losses = loss_fn(wrapped, x.to(device), y.to(device), idx)
+            check_loss(float(losses["loss"].detach()), epoch=epoch + 1, step=step, **guard)
             opt.zero_grad(set_to_none=True)
             accelerator.backward(losses["loss"])
             opt.step()
@@ -120,6 +136,7 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, train: Split, val: Split, cfg: 
         else:
             shown = validate(accelerator.unwrap_model(wrapped), device)
             val_acc = shown.pop("score")
+        check_weights(accelerator.unwrap_model(wrapped), epoch=epoch + 1, **guard)
         row = {"stage": stage, "epoch": epoch + 1, **{k: v / len(batches) for k, v in sums.items()},
                **shown, "lr": sched.get_last_lr()[0], "epoch_time_s": time.perf_counter() - t0, "processes": world}
         loop["epoch"] = epoch + 1
