@@ -211,13 +211,22 @@ def read_manifest(path: Path) -> Optional[list[str]]:
     return safe if len(safe) == len(files) else None
 
 
-def _write_manifest(path: Path, since: float) -> None:
-    """Record the files protege wrote here: those listed before that still exist, and files at protege's own
-    names written since ``since`` (this command's start)."""
-    before = [f for f in read_manifest(path) or [] if (path / f).is_file()]
-    new = [f for f in own_files(path) if (path / f).stat().st_mtime >= since - 1]
+def _stats(path: Path) -> dict[str, tuple]:
+    """Identity of each file at protege's names: (inode, size, mtime in ns)."""
+    out = {}
+    for rel in own_files(path):
+        st = (path / rel).stat()
+        out[rel] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    return out
+
+
+def _write_manifest(path: Path, before: dict[str, tuple]) -> None:
+    """Record the files protege wrote here: those the manifest listed that still exist, and files at protege's
+    own names that this command created or changed (``before``: their identities when it started)."""
+    listed = [f for f in read_manifest(path) or [] if (path / f).is_file()]
+    written = [rel for rel, st in _stats(path).items() if before.get(rel) != st]
     tmp = path / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"files": sorted(set(before + new))}, indent=1))
+    tmp.write_text(json.dumps({"files": sorted(set(listed + written))}, indent=1))
     os.replace(tmp, path / MANIFEST)
 
 
@@ -262,14 +271,17 @@ def locked(path: str | Path, command: str, enabled: bool = True, create: bool = 
     handle.write(f"PID {os.getpid()}: protege {command}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
     handle.flush()
     _HELD[key] = [handle, 1]
-    start = time.time()
+    try:
+        before = _stats(path)
+    except OSError:
+        before = {}
     try:
         yield
     finally:
         del _HELD[key]
         try:
             if (path / "recipe.yaml").is_file():
-                _write_manifest(path, start)
+                _write_manifest(path, before)
         except OSError:
             pass  # a full disk: the manifest keeps its last state; --overwrite then falls back to protege's own names
         if made and [p.name for p in path.iterdir()] == [LOCK]:  # nothing else was written: leave no trace
