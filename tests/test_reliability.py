@@ -286,3 +286,50 @@ def test_ctrl_c_during_compress_puts_the_run_back_with_its_metrics(tmp_path):
     err = proc.stderr.read()
     assert "interrupted" in err and "put back" in err and "Traceback" not in err, err
     assert _digests(run) == before
+
+
+# --- where the user is probably wrong -------------------------------------------------------------------------------
+
+def test_student_larger_than_teacher_is_warned(tmp_path):
+    import protege
+
+    lines: list[str] = []
+    recipe = protege.load_recipe(_recipe(tmp_path, lambda r: (r["student"].update(kwargs={"hidden": [256]}),
+                                                               r["train"].update(epochs=1))))
+    protege.distill(recipe, tmp_path / "out", evaluate_=False, export=False, log=lines.append)
+    warned = [ln for ln in lines if ln.startswith("warning: the student (")]
+    assert len(warned) == 1 and "not smaller than the teacher" in warned[0] and "student.kwargs" in warned[0], lines
+    lines.clear()
+    protege.distill(protege.load_recipe(_recipe(tmp_path, name="small.yaml")), tmp_path / "small", evaluate_=False,
+                    export=False, log=lines.append)
+    assert not [ln for ln in lines if ln.startswith("warning")], lines
+
+
+def test_hooking_a_container_that_is_never_called_is_one_line(tmp_path, capsys):
+    mod = tmp_path / "staged.py"
+    mod.write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        class Staged(nn.Module):
+            def __init__(self, in_shape, num_classes):
+                super().__init__()
+                self.stages = nn.ModuleDict({"a": nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU()),
+                                             "b": nn.Linear(32, num_classes)})
+            def forward(self, x):
+                for stage in self.stages.values():
+                    x = stage(x)
+                return x
+
+        def build(in_shape, num_classes):
+            return Staged(in_shape, num_classes)
+    """))
+    recipe = _recipe(tmp_path, lambda r: (r["student"].update(model=f"{mod}:build", kwargs={}),
+                                          r["distill"].update(features=[{"student": "stages", "teacher": "body.0", "loss": "hint"}])))
+    code, err = run_cli(["distill", recipe, "--out", tmp_path / "out"], capsys)
+    assert_clean_error(code, err, "'stages'", "never called", "protege inspect")
+
+
+def test_input_shape_with_a_letter_is_refused(capsys):
+    code, err = run_cli(["inspect", "mlp", "--input-shape", "1,x,28"], capsys)
+    assert_clean_error(code, err, "--input-shape '1,x,28'", "positive integers")

@@ -51,9 +51,10 @@ def inspect(model: str, input_shape: Optional[str | list[int]] = None, *, classe
     shape = None
     if isinstance(input_shape, str):
         try:
-            shape = [int(v) for v in input_shape.replace("x", ",").split(",") if v.strip()]
+            shape = [int(v) for v in input_shape.replace("x", ",").split(",")]
         except ValueError:
-            raise RecipeError(f"--input-shape '{input_shape}' must be integers separated by commas, e.g. 1,28,28") from None
+            raise RecipeError(f"--input-shape '{input_shape}' must be positive integers separated by commas (or x), "
+                              f"e.g. 1,28,28 or 1x28x28") from None
         if not shape or min(shape) < 1:
             raise RecipeError(f"--input-shape '{input_shape}' must be positive integers separated by commas, e.g. 1,28,28")
     elif input_shape is not None:

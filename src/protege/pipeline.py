@@ -51,6 +51,7 @@ def _distill(acc: Accelerator, recipe: Recipe, out: str | Path, *, resume: bool,
         return distill_lm(run, recipe, data, acc, resume, log, evaluate_)
     log(f"data: {data.description}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, {data.num_classes} classes")
     teachers, student = build_models(recipe, data)
+    _warn_if_not_smaller(recipe, teachers, student, log)
     precheck(run, data, student)
     acc.wait_for_everyone()  # every process has checked the folder before the first write
     if acc.is_main_process:
@@ -118,6 +119,16 @@ def _compress(run: Run, prune: Optional[PruneConfig], quantize: Optional[Quantiz
             quantize_stage(run, data, log, qat=_qat_fn(run, data, teachers, acc, log))
         run.report = evaluate(run, data=data)
     return run
+
+
+def _warn_if_not_smaller(recipe: Recipe, teachers: list[nn.Module], student: nn.Module, log: Log) -> None:
+    """A student as large as its teacher is usually a slip in student.kwargs (born-again generations are meant to be)."""
+    if not teachers or recipe.distill.generations > 1:
+        return
+    s, t = num_params(student), num_params(teachers[0])
+    if s >= t:
+        log(f"warning: the student ({s:,} params) is not smaller than the teacher ({t:,}): the compression ratio will be "
+            f"{t / s:.2f}x; make the student smaller in student.kwargs if you meant to compress")
 
 
 def _classify_only(run: Run, what: str) -> None:

@@ -89,5 +89,10 @@ def extract(model: nn.Module, x: torch.Tensor, paths: Sequence[str], who: str = 
     """One forward pass returning the logits and the features at ``paths`` (hooks removed afterwards)."""
     with hooked(model, paths, who) as store:
         logits = model(x)
+    for p in paths:
+        if p != LOGITS and not isinstance(store.get(p), torch.Tensor):
+            raise RecipeError(f"{who} module '{p}' gave no tensor in the forward pass (a container such as a ModuleDict or "
+                              f"ModuleList that is never called, or a module whose output is not a tensor); hook one of "
+                              f"its children instead (`protege inspect` lists them with their output shapes)")
     feats = {p: (logits if p == LOGITS else store[p]) for p in paths}
     return ModelOutput(logits, feats)
