@@ -35,8 +35,8 @@ def compress_cli(run_dir, capsys):
 
 
 def test_prune_ratio_outside_open_interval(compress_cli):
-    assert_clean_error(*compress_cli("--prune", "1.5"), "pruning options", "ratio", "less than 1")
-    assert_clean_error(*compress_cli("--prune", "0"), "pruning options", "ratio", "greater than 0")
+    assert_clean_error(*compress_cli("--prune", "1.5"), "pruning options", "--prune is", "less than 1")
+    assert_clean_error(*compress_cli("--prune", "0"), "pruning options", "--prune is", "greater than 0")
 
 
 def test_options_that_would_be_ignored(compress_cli, tmp_path):

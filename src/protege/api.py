@@ -17,13 +17,24 @@ def distill_file(recipe: str | Path, out: Optional[str | Path] = None, overrides
     return distill(r, out or Path("runs") / r.name, **kw)
 
 
+OPTIONS = {"ratio": "--prune", "target_params": "--target-params", "scope": "--scope", "keep": "--keep", "steps": "--steps",
+           "finetune_epochs": "--finetune-epochs", "mode": "--quantize", "target": "--target", "calibration": "--calibration",
+           "calibration_data": "--calibration-data"}
+
+
 def _config(cls, source: str, **fields):
+    """A typed config from CLI options; a bad value is blamed on its option (--prune, --quantize, ...)."""
     from pydantic import ValidationError
 
     try:
         return cls(**fields)
     except ValidationError as e:
-        raise RecipeError(f"{source}: {_describe(e.errors()[0], cls)}") from None
+        err = e.errors()[0]
+        option = OPTIONS.get(str(err["loc"][0])) if err["loc"] else None
+        text = _describe(err, cls)
+        if option:
+            text = text.replace(f"field '{err['loc'][0]}'", option).replace(f"{err['loc'][0]}: ", f"{option}: ", 1)
+        raise RecipeError(f"{source}: {text}") from None
 
 
 def compress_cli(run: str | Path, *, prune: Optional[float], structured: bool, target_params: Optional[int], scope: str,

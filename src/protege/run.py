@@ -253,6 +253,7 @@ def locked(path: str | Path, command: str, enabled: bool = True, create: bool = 
     if path.exists() and not path.is_dir():
         raise RunError(f"output path '{path}' is a file; choose a folder for --out")
     made = [p for p in [path, *path.parents] if not p.exists()]  # folders this command creates
+    fresh = not (path / LOCK).exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
         handle = open(path / LOCK, "a+")
@@ -284,10 +285,15 @@ def locked(path: str | Path, command: str, enabled: bool = True, create: bool = 
                 _write_manifest(path, before)
         except OSError:
             pass  # a full disk: the manifest keeps its last state; --overwrite then falls back to protege's own names
-        if made and [p.name for p in path.iterdir()] == [LOCK]:  # nothing else was written: leave no trace
+        if fresh and [p.name for p in path.iterdir()] == [LOCK]:  # nothing else was written: leave no trace
             (path / LOCK).unlink(missing_ok=True)
             for folder in made:
                 _rmdir_if_empty(folder)
+        else:
+            try:
+                handle.truncate(0)  # empty at rest: only a held lock names its holder
+            except OSError:
+                pass
         handle.close()
 
 
