@@ -109,7 +109,7 @@ def test_inspect_a_run_and_bad_shapes(tmp_path, tiny):
     out = subprocess.run([PROTEGE, "inspect", str(run.path), "--teacher"], capture_output=True, text=True)
     assert out.returncode == 0 and "body.1" in out.stdout and "64" in out.stdout
     bad = subprocess.run([PROTEGE, "inspect", "cnn", "--input-shape", "1,a"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "--input-shape '1,a' must be integers" in bad.stderr
+    assert bad.returncode == 2 and "--input-shape '1,a' must be positive integers" in bad.stderr
     with pytest.raises(ProtegeError, match="cannot run on input shape"):
         from protege.api import inspect
 

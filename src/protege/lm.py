@@ -23,6 +23,7 @@ from .knowledge.features import unwrap
 from .knowledge.topk import TopKCache, load_or_build_topk
 from .losses.token import causal_lm_loss, token_kd, token_kd_topk, uld
 from .models import build_model, num_params, save_weights
+from .files import write_atomic
 from .train.guard import require_finite
 from .recipe import DistillConfig, Recipe
 from .run import Run, file_digest, weights_bytes
@@ -153,7 +154,7 @@ def train_lm_student(run: Run, data: DataSplits, teacher: nn.Module, teacher_fil
         save_weights(student, run.student_weights)
         cfg = {"model": r.student.model, "kwargs": r.student.kwargs, "model_args": data.model_args, "params": num_params(student),
                "epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "best_val_loss": -result.best_val_accuracy}
-        (run.path / "student" / "config.json").write_text(json.dumps(cfg, indent=2))
+        write_atomic(run.path / "student" / "config.json", json.dumps(cfg, indent=2), "then continue with --resume")
     acc.wait_for_everyone()
     return student
 

@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from .errors import RunError
+from .errors import RunError, StorageError
+from .files import write_atomic
 from .recipe import Recipe, dump_recipe, parse_recipe
 
 
-CHECKPOINT_FILES = ("last.safetensors", "best.safetensors")
+CHECKPOINT_FILES = ("last.safetensors", "last.prev.safetensors", "best.safetensors")
 COMPRESS_ARTIFACTS = ("pruned/model.safetensors", "pruned/config.json", "pruned/checkpoints/last.safetensors",
+                      "pruned/checkpoints/last.prev.safetensors",
                       "pruned/checkpoints/best.safetensors", "pruned.onnx", "pruned.rejected.onnx", "quantized/static.onnx",
                       "quantized/dynamic.onnx", "quantized/qat.onnx", "quantized/qat.rejected.onnx", "quantized/choice.json",
                       "student.int8.onnx")
@@ -119,8 +121,9 @@ class Run:
         return cls(path, recipe)
 
     ARTIFACTS = ("teacher/model.safetensors", "teacher/config.json", "teacher/checkpoints/last.safetensors",
-                 "teacher/checkpoints/best.safetensors", "student/model.safetensors", "student/config.json",
-                 "student/checkpoints/last.safetensors", "student/checkpoints/best.safetensors",
+                 "teacher/checkpoints/last.prev.safetensors", "teacher/checkpoints/best.safetensors",
+                 "student/model.safetensors", "student/config.json", "student/checkpoints/last.safetensors",
+                 "student/checkpoints/last.prev.safetensors", "student/checkpoints/best.safetensors",
                  "student.onnx", "student.rejected.onnx", "report.json", "metrics.jsonl", "report.html", "recipe.yaml",
                  *COMPRESS_ARTIFACTS)
 
@@ -225,9 +228,7 @@ def _write_manifest(path: Path, before: dict[str, tuple]) -> None:
     own names that this command created or changed (``before``: their identities when it started)."""
     listed = [f for f in read_manifest(path) or [] if (path / f).is_file()]
     written = [rel for rel, st in _stats(path).items() if before.get(rel) != st]
-    tmp = path / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"files": sorted(set(listed + written))}, indent=1))
-    os.replace(tmp, path / MANIFEST)
+    write_atomic(path / MANIFEST, json.dumps({"files": sorted(set(listed + written))}, indent=1))
 
 
 @contextlib.contextmanager
@@ -268,13 +269,17 @@ def locked(path: str | Path, command: str, enabled: bool = True, create: bool = 
         raise RunError(f"'{path}' is in use by another protege process ({holder}); wait for it to finish, or use another "
                        f"folder") from None
     handle.seek(0)
+    killed = bool(handle.read().strip())  # the last holder never emptied the file: it was killed (SIGKILL, power)
+    handle.seek(0)
     handle.truncate()
     handle.write(f"PID {os.getpid()}: protege {command}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
     handle.flush()
     _HELD[key] = [handle, 1]
     try:
+        if killed and (path / "recipe.yaml").is_file():  # what the killed command wrote goes into the manifest now
+            _write_manifest(path, {})
         before = _stats(path)
-    except OSError:
+    except (OSError, StorageError):
         before = {}
     try:
         yield
@@ -283,8 +288,8 @@ def locked(path: str | Path, command: str, enabled: bool = True, create: bool = 
         try:
             if (path / "recipe.yaml").is_file():
                 _write_manifest(path, before)
-        except OSError:
-            pass  # a full disk: the manifest keeps its last state; --overwrite then falls back to protege's own names
+        except (OSError, StorageError):
+            pass  # a full disk: the manifest keeps its last state
         if fresh and [p.name for p in path.iterdir()] == [LOCK]:  # nothing else was written: leave no trace
             (path / LOCK).unlink(missing_ok=True)
             for folder in made:

@@ -15,6 +15,7 @@ from torch import nn
 
 from .data import DataSplits
 from .errors import DataError, RecipeError
+from .files import write_atomic
 from .knowledge import Teacher, load_or_build_cache
 from .knowledge.features import LOGITS, extract, resolve as resolve_path
 from .models import OnnxModule, build_model, load_weights, num_params, save_weights
@@ -280,4 +281,4 @@ def write_config(path: Path, spec, data: DataSplits, model: nn.Module, result: O
     if result is not None:
         cfg.update(epochs_run=result.epochs_run, best_epoch=result.best_epoch, best_val_accuracy=result.best_val_accuracy)
     cfg.update(extra)
-    path.write_text(json.dumps(cfg, indent=2))
+    write_atomic(path, json.dumps(cfg, indent=2), "then continue with --resume")

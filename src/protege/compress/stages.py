@@ -79,9 +79,9 @@ def prune_stage(run: Run, data: DataSplits, student: nn.Module, loss_fn, acc: Ac
 
 
 def _write_json(path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    from ..files import write_atomic
+
+    write_atomic(path, json.dumps(obj, indent=2))
 
 
 def _calibration(run: Run, data: DataSplits, src) -> np.ndarray:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 from html import escape
 from pathlib import Path
 from typing import Any, Callable
@@ -239,9 +238,9 @@ def render_html(report: dict[str, Any]) -> str:
 
 
 def write_html(path: Path, report: dict[str, Any]) -> Path:
-    """Write render_html(report) to path atomically (a .tmp file, then os.replace)."""
+    """Write render_html(report) to path atomically (a .tmp file, then a rename)."""
+    from ..files import write_atomic
+
     path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(render_html(report), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, render_html(report))
     return path

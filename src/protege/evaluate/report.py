@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +12,10 @@ from rich.table import Table
 
 def write_report(path: Path, report: dict[str, Any]) -> None:
     """Write report.json atomically; a NaN or inf figure becomes null (strict JSON)."""
+    from ..files import write_atomic
     from ..train.guard import finite_json
 
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(finite_json(report), indent=2, allow_nan=False))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(finite_json(report), indent=2, allow_nan=False))
 
 
 def _fmt(v: Any, kind: str) -> str:

@@ -48,6 +48,11 @@ def stamp(path: str | Path, card: dict[str, Any], int8: Optional[dict] = None) -
     try:
         onnx.save(model, str(tmp))
         os.replace(tmp, path)
+    except OSError as e:
+        from ..errors import StorageError
+        from ..models.loading import write_error, write_fix
+
+        raise StorageError(f"cannot write {path} ({write_error(e)}); {write_fix(e, path)}, then run the command again") from None
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import os
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ExportError
+from ..errors import ExportError, ModelError, StorageError
 
 
 def ort_session(model: str | Path | bytes, threads: int = 0, optimize: bool = True):
@@ -26,7 +28,26 @@ def ort_session(model: str | Path | bytes, threads: int = 0, optimize: bool = Tr
     opts.log_severity_level = 3
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts, providers=["CPUExecutionProvider"])
+    if isinstance(model, bytes):
+        return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    path = Path(model)
+    if not path.is_file():
+        raise ModelError(f"ONNX file {path} not found; {_remake(path)}")
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ONNX Runtime's own exception types (InvalidProtobuf, Fail, InvalidGraph, ...)
+        why = (str(e).splitlines() or [""])[0].split(" failed:")[-1].strip()[:160] or type(e).__name__
+        if type(e).__name__ == "InvalidProtobuf" or "Protobuf parsing failed" in str(e):
+            raise StorageError(f"{path} is not a readable ONNX file ({why}): it is truncated or damaged; {_remake(path)}") from None
+        raise ModelError(f"ONNX Runtime cannot load {path} ({type(e).__name__}: {why}); {_remake(path)}") from None
+
+
+def _remake(path: Path) -> str:
+    """How to make an ONNX file again: the command for a run's own file, else re-export it."""
+    from ..models.loading import remake_hint, run_folder
+
+    run = run_folder(path)
+    return remake_hint(path, run) if run is not None else "export the model to ONNX again"
 
 
 def ort_logits(session, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
@@ -52,11 +73,38 @@ def export_model_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset
                                      verbose=False)
             prog.save(str(tmp))
         _strip_debug_info(tmp)
-    except Exception as e:
+        os.replace(tmp, path)
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise ExportError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-    os.replace(tmp, path)
+        interrupt = _in_chain(e, KeyboardInterrupt)
+        if interrupt is e:
+            raise
+        if interrupt is not None:  # Ctrl-C that the exporter wrapped in its own error: propagate the interrupt itself
+            raise interrupt from None
+        if not isinstance(e, Exception):  # SystemExit and the like: not an export failure
+            raise
+        err = _in_chain(e, OSError)
+        if err is not None and err.errno in WRITE_ERRNOS:
+            from ..models.loading import write_error, write_fix
+
+            raise StorageError(f"cannot write the ONNX file {path} ({write_error(err)}); {write_fix(err, path)}, then run "
+                               f"the command again (with --resume for `protege distill`)") from None
+        raise ExportError(f"ONNX export failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}") from None
     return path
+
+
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO}
+
+
+def _in_chain(e: BaseException, kind: type) -> Optional[BaseException]:
+    """The first exception of type ``kind`` among ``e`` and its causes / contexts (exporters wrap what they catch)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, kind):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _strip_debug_info(path: Path) -> None:

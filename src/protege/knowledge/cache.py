@@ -1,28 +1,37 @@
 """The teacher-output cache: logits and hooked features for every training example, on disk, memory-mapped.
 
-Layout of a cache folder: ``meta.json`` (what it was made from) and one ``.npy`` file per output
-(``logits.npy`` in float32; features in float16 to halve the disk and page-cache cost; the loss
-sees float32). Arrays are read with ``np.load(mmap_mode="r")``, never unpickled. The cache is reused
-only when the teacher file, the data, the hooked paths and the input transform all match; anything
-else rebuilds it with a message that says what changed.
+Layout of a cache folder: ``meta.json`` (what it was made from, and a sha256 of each file) and one ``.npy``
+file per output (``logits.npy`` in float32; features in float16 to halve the disk and page-cache cost; the
+loss sees float32). The files are written with ordinary writes (a full disk is an error that names the file,
+not a SIGBUS from a memory map) and read with ``np.load(mmap_mode="r")``, never unpickled. The cache is reused
+only when the teacher file, the data, the hooked paths and the input transform all match and every file still
+has the checksum it was written with; anything else rebuilds it with a message that says why.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import math
+import re
 import shutil
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import BinaryIO, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import StorageError
 from .features import extract
 from .output import ModelOutput
 from .teacher import model_device
 
 Log = Callable[[str], None]
+
+FORMAT = 2  # 2: files written with plain writes, a sha256 per file in meta.json (1: memory-mapped writes, no checksums)
+CHUNK = 1 << 20
 
 
 class TeacherCache:
@@ -32,6 +41,10 @@ class TeacherCache:
         meta = json.loads((folder / "meta.json").read_text())
         self.folder, self.meta = folder, meta
         self.arrays = {name: np.load(folder / e["file"], mmap_mode="r", allow_pickle=False) for name, e in meta["entries"].items()}
+        for name, e in meta["entries"].items():
+            a = self.arrays[name]
+            if list(a.shape) != list(e["shape"]) or a.dtype != np.dtype(e["dtype"]):
+                raise ValueError(f"{folder / e['file']} holds {a.dtype}{list(a.shape)}, meta.json says {e['dtype']}{e['shape']}")
 
     @property
     def paths(self) -> list[str]:
@@ -47,55 +60,153 @@ class TeacherCache:
         return sum(a.nbytes for a in self.arrays.values())
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB chunks (about 0.13 s per 100 MiB on a CPU with SHA extensions)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class _NpyWriter:
+    """A ``.npy`` file written front to back with plain writes: the header for the final shape, then each batch."""
+
+    def __init__(self, path: Path, dtype: np.dtype, shape: tuple[int, ...]):
+        self.path, self.dtype, self.shape = path, np.dtype(dtype), tuple(shape)
+        self.rows = 0
+        self.hash = hashlib.sha256()
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                      "fortran_order": False, "shape": self.shape})
+        self.f: Optional[BinaryIO] = open(path, "wb")
+        self._write(header.getvalue())
+
+    def _write(self, data) -> None:
+        self.f.write(data)
+        self.hash.update(data)
+
+    def append(self, values: np.ndarray) -> None:
+        a = np.ascontiguousarray(values, dtype=self.dtype)
+        if a.shape[1:] != self.shape[1:] or self.rows + len(a) > self.shape[0]:
+            raise ValueError(f"{self.path}: a batch of shape {a.shape} does not fit the array {self.shape}")
+        self._write(memoryview(a).cast("B"))
+        self.rows += len(a)
+
+    def close(self) -> str:
+        """Close the file (flushing it); its sha256. Every row must have been written."""
+        f, self.f = self.f, None
+        f.close()
+        if self.rows != self.shape[0]:
+            raise ValueError(f"{self.path}: {self.rows} of {self.shape[0]} rows written")
+        return self.hash.hexdigest()
+
+    def abandon(self) -> None:
+        if self.f is not None:
+            f, self.f = self.f, None
+            try:
+                f.close()
+            except OSError:  # the flush of a file being thrown away failed too (full disk): nothing to keep
+                pass
+
+
 def _differs(old: dict, new: dict) -> str:
     names = {"teacher": "the teacher weights", "data": "the data", "paths": "the hooked feature paths", "transform": "the input transform"}
     changed = [names[k] for k in names if old.get(k) != new.get(k)]
     return ", ".join(changed) or "its format"
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{max(n, 1) / 2**10:.0f} kB"
+
+
 @torch.no_grad()
 def build_cache(folder: Path, key: dict, model: nn.Module, x: torch.Tensor, paths: Sequence[str], batch_size: int = 256) -> TeacherCache:
-    """Run the teacher once over ``x`` and write the cache folder atomically (a temporary folder, then a rename)."""
+    """Run the teacher once over ``x`` and write the cache folder atomically (a temporary folder, then a rename).
+
+    A failed write (full disk, no permission) raises StorageError naming the file; the temporary folder is
+    removed and an earlier cache in ``folder`` is left as it was.
+    """
     tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     was_training = model.training
-    model.eval()
-    arrays: dict[str, np.ndarray] = {}
+    writers: dict[str, _NpyWriter] = {}
     entries: dict[str, dict] = {}
+    current, need = tmp, 0
     try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        model.eval()
         for start in tqdm(range(0, len(x), batch_size), desc="teacher cache", leave=False, disable=None):
             out = extract(model, x[start:start + batch_size].to(model_device(model)), paths, "teacher")
             for name, t in {"logits": out.logits, **out.features}.items():
-                if name not in arrays:
-                    dtype = np.float32 if name == "logits" else np.float16
-                    entries[name] = {"file": f"{len(entries)}.npy", "shape": [len(x), *t.shape[1:]], "dtype": np.dtype(dtype).name}
-                    arrays[name] = np.lib.format.open_memmap(tmp / entries[name]["file"], mode="w+", dtype=dtype,
-                                                             shape=(len(x), *t.shape[1:]))
-                arrays[name][start:start + len(t)] = t.detach().float().cpu().numpy()
+                if name not in writers:
+                    dtype = np.dtype(np.float32 if name == "logits" else np.float16)
+                    shape = (len(x), *t.shape[1:])
+                    entries[name] = {"file": f"{len(entries)}.npy", "shape": list(shape), "dtype": dtype.name}
+                    need += math.prod(shape) * dtype.itemsize
+                    current = tmp / entries[name]["file"]
+                    writers[name] = _NpyWriter(current, dtype, shape)
+                current = writers[name].path
+                writers[name].append(t.detach().float().cpu().numpy())
+        for name, w in writers.items():
+            current = w.path
+            entries[name]["sha256"] = w.close()
+        current = tmp / "meta.json"
+        current.write_text(json.dumps({**key, "format": FORMAT, "entries": entries}, indent=1))
+        current = folder
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    except OSError as e:
+        for w in writers.values():
+            w.abandon()
+        shutil.rmtree(tmp, ignore_errors=True)
+        from ..models.loading import write_error, write_fix
+
+        size = f"; the cache needs about {_size(need)}" if need else ""
+        raise StorageError(f"cannot write the teacher cache file {e.filename or current} ({write_error(e)}{size}); "
+                           f"{write_fix(e, folder)} (or set distill.cache_teacher: false), then run the command again "
+                           f"(with --resume for `protege distill`)") from None
+    except BaseException:
+        for w in writers.values():
+            w.abandon()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     finally:
         model.train(was_training)
-    for a in arrays.values():
-        a.flush()
-    del arrays
-    (tmp / "meta.json").write_text(json.dumps({**key, "entries": entries}, indent=1))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
     return TeacherCache(folder)
+
+
+def _damage(folder: Path, meta: dict) -> Optional[str]:
+    """Why the cache's files are not the ones meta.json describes (a checksum that no longer matches), or None."""
+    for e in meta["entries"].values():
+        if not re.fullmatch(r"\d+\.npy", str(e["file"])):
+            return f"meta.json names a file {e['file']!r} protege does not write"
+        file = folder / e["file"]
+        if not file.is_file():
+            return f"{file} is missing"
+        if file_sha256(file) != e["sha256"]:
+            return f"{file} does not match its checksum (damaged on disk)"
+    return None
 
 
 def load_or_build_cache(folder: Path, key: dict, model: nn.Module, x: torch.Tensor, paths: Sequence[str] = (),
                         log: Log = print) -> TeacherCache:
-    """Reuse ``folder`` if it was made from the same teacher, data, paths and transform (``key``); else rebuild it."""
+    """Reuse ``folder`` if it was made from the same teacher, data, paths and transform (``key``) and its files
+    still match their checksums; else rebuild it."""
     key = {**key, "paths": sorted(set(paths)), "transform": key.get("transform", "none")}
     meta_file = folder / "meta.json"
     if meta_file.is_file():
         try:
             old = json.loads(meta_file.read_text())
-            if all(old.get(k) == v for k, v in key.items()):
+            if not all(old.get(k) == v for k, v in key.items()):
+                log(f"teacher cache {folder} was made for other inputs ({_differs(old, key)} changed); rebuilding it")
+            elif old.get("format") != FORMAT or not all("sha256" in e for e in old["entries"].values()):
+                log(f"teacher cache {folder} was written by an older protege (no checksums); rebuilding it")
+            elif (why := _damage(folder, old)) is not None:
+                log(f"teacher cache {folder}: {why}; rebuilding it")
+            else:
                 return TeacherCache(folder)
-            log(f"teacher cache {folder} was made for other inputs ({_differs(old, key)} changed); rebuilding it")
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             log(f"teacher cache {folder} is unreadable; rebuilding it")
     cache = build_cache(folder, key, model, x, key["paths"])
     log(f"teacher cache: {len(x)} examples, logits{' and ' + str(len(cache.paths)) + ' feature map(s)' if cache.paths else ''}, "

@@ -72,18 +72,23 @@ class TopKCache:
 def build_topk_cache(folder: Path, key: dict, model: nn.Module, blocks: torch.Tensor, k: int, temperature: float,
                      batch_size: int = 8) -> TopKCache:
     """Run the teacher LM once over ``blocks`` (N, L) token ids; write the top-k folder atomically."""
+    from ..errors import StorageError
+    from ..models.loading import write_error, write_fix
+    from .cache import _NpyWriter
+
     tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     n, length = blocks.shape
-    ids = np.lib.format.open_memmap(tmp / "ids.npy", mode="w+", dtype=np.int32, shape=(n, length, k))
-    logp = np.lib.format.open_memmap(tmp / "logp.npy", mode="w+", dtype=np.float16, shape=(n, length, k))
-    tail = np.lib.format.open_memmap(tmp / "tail.npy", mode="w+", dtype=np.float32, shape=(n, length))
     was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     vocab = None
-    try:
+    writers: list[_NpyWriter] = []
+    try:  # plain writes, not a writable memory map: a full disk is an error naming the file, never a SIGBUS
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        model.eval()
+        writers = [_NpyWriter(tmp / "ids.npy", np.int32, (n, length, k)), _NpyWriter(tmp / "logp.npy", np.float16, (n, length, k)),
+                   _NpyWriter(tmp / "tail.npy", np.float32, (n, length))]
+        ids, logp, tail = writers
         for start in tqdm(range(0, n, batch_size), desc=f"teacher top-{k} cache", leave=False, disable=None):
             z = model(blocks[start:start + batch_size].to(device)).float()  # (B, L, V)
             vocab = z.shape[-1]
@@ -92,21 +97,23 @@ def build_topk_cache(folder: Path, key: dict, model: nn.Module, blocks: torch.Te
             log_p = torch.log_softmax(z / temperature, dim=-1)
             top = log_p.topk(k, dim=-1)
             covered = torch.logsumexp(top.values, dim=-1).clamp(max=0.0)
-            end = start + len(z)
-            ids[start:end] = top.indices.cpu().numpy()
-            logp[start:end] = top.values.cpu().numpy()
-            tail[start:end] = (-torch.expm1(covered)).clamp_min(TAIL_FLOOR).log().cpu().numpy()
-    except BaseException:
-        del ids, logp, tail
+            ids.append(top.indices.cpu().numpy())
+            logp.append(top.values.cpu().numpy())
+            tail.append((-torch.expm1(covered)).clamp_min(TAIL_FLOOR).log().cpu().numpy())
+        for w in writers:
+            w.close()
+        (tmp / "meta.json").write_text(json.dumps({**key, "k": k, "temperature": temperature, "vocab_size": vocab,
+                                                   "shape": [n, length]}, indent=1))
+    except BaseException as e:
+        for w in writers:
+            w.abandon()
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise StorageError(f"cannot write the top-k cache {tmp} ({write_error(e)}); {write_fix(e, folder)}, then run "
+                               f"the command again (with --resume)") from None
         raise
     finally:
         model.train(was_training)
-    for a in (ids, logp, tail):
-        a.flush()
-    del ids, logp, tail
-    (tmp / "meta.json").write_text(json.dumps({**key, "k": k, "temperature": temperature, "vocab_size": vocab,
-                                               "shape": [n, length]}, indent=1))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return TopKCache(folder)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -14,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import ModelError
+from ..errors import ModelError, StorageError
 from ..recipe import ModelSpec
 from .text import hf_classifier, is_hf_folder
 from .zoo import ZOO
@@ -137,7 +138,45 @@ def read_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, t
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise ModelError(f"'{path}' is not a readable safetensors file ({e}); re-save the weights") from None
+        why = str(e).splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        run = run_folder(path)
+        if run is None:  # the user's own file
+            raise ModelError(f"'{path}' is not a readable safetensors file ({why}); re-save the weights") from None
+        raise StorageError(f"'{path}' is not a readable safetensors file ({why}): it is truncated or damaged; "
+                           f"{remake_hint(path, run)}") from None
+
+
+RUN_FILES = re.compile(r"(teacher|student|pruned)/(model|gen\d+)\.safetensors|(teacher|student|pruned)/(gen\d+_)?checkpoints/"
+                       r"(last|best)(\.prev)?\.safetensors|(student|pruned)(\.int8|\.candidate|\.rejected)?\.onnx|quantized/[^/]+\.onnx")
+
+
+def run_folder(path: str | Path) -> Optional[Path]:
+    """The run folder ``path`` is one of protege's own files of (an ancestor holding recipe.yaml, with ``path``
+    at a place protege writes to), or None for any other file."""
+    path = Path(path)
+    for parent in list(path.parents)[:3]:
+        if (parent / "recipe.yaml").is_file():
+            return parent if RUN_FILES.fullmatch(path.relative_to(parent).as_posix()) else None
+    return None
+
+
+def remake_hint(path: str | Path, run: Path) -> str:
+    """How to make a damaged file of the run folder ``run`` again."""
+    path = Path(path)
+    rel = path.relative_to(run)
+    if rel.parts[:1] == ("pruned",) or rel.name in ("pruned.onnx",):
+        return f"delete it and redo the pruning with `protege compress {run} --prune RATIO`"
+    if rel.parts[:1] == ("quantized",):
+        return f"delete it and redo the quantization with `protege compress {run} --quantize MODE`"
+    if rel.name.endswith(".int8.onnx"):
+        return (f"delete it and redo the quantization with `protege compress {run} --quantize MODE` (`protege export {run}` "
+                f"for a causal-LM run)")
+    if rel.suffix == ".onnx":
+        return f"make it again with `protege export {run}`"
+    if path.name == "best.safetensors":  # the best epoch's weights cannot be recovered from the last checkpoint
+        return (f"delete the folder {path.parent} and continue with `protege distill RECIPE --out {run} --resume` "
+                f"(that stage trains again from the start)")
+    return f"delete it and continue with `protege distill RECIPE --out {run} --resume` to make it again"
 
 
 def load_weights(model: nn.Module, path: str | Path, allow_pickle: bool = False) -> None:
@@ -235,8 +274,45 @@ def save_weights(model: nn.Module, path: str | Path) -> None:
     """Atomic safetensors save (write to a temporary file, then rename)."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(unshared(model.state_dict()), str(tmp))
-    os.replace(tmp, path)
+    state = unshared(model.state_dict())
+    try:
+        save_file(state, str(tmp))
+        os.replace(tmp, path)
+    except (SafetensorError, OSError) as e:  # safetensors reports a full disk as SafetensorError, not OSError
+        tmp.unlink(missing_ok=True)
+        raise StorageError(f"cannot write the weights file {path} ({write_error(e)}); {write_fix(e, path)}, then run the "
+                           f"command again (with --resume for `protege distill`)") from None
+
+
+def _errno(e: BaseException) -> Optional[int]:
+    if isinstance(e, OSError):
+        return e.errno
+    code = re.search(r"os error (\d+)", str(e))  # safetensors: 'I/O error: No space left on device (os error 28)'
+    return int(code.group(1)) if code else None
+
+
+def write_error(e: BaseException) -> str:
+    """A failed write in a few words: the system's text for it, else the first line of the error."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    code = _errno(e)
+    if code is not None:
+        return os.strerror(code)
+    return (str(e).splitlines() or [""])[0][:160] or type(e).__name__
+
+
+def write_fix(e: BaseException, path: Path) -> str:
+    """What to do about a failed write of ``path``."""
+    import errno
+
+    code = _errno(e)
+    if code == errno.EFBIG:
+        return "raise the file-size limit (ulimit -f) or write to another disk"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"make {Path(path).parent} writable or write elsewhere"
+    if code == errno.EROFS:
+        return "the disk is read-only: write elsewhere"
+    return f"free space on the disk that holds {Path(path).parent}"
 
 
 def num_params(model: nn.Module) -> int:

@@ -1,24 +1,64 @@
 """Training checkpoints as one safetensors file: model, optimizer, scheduler, RNG and loop state.
 
-One file written to a temporary name and renamed, so a kill at any moment leaves the previous
-checkpoint intact and ``--resume`` continues bit-exactly on CPU.
+``save_checkpoint`` writes the new checkpoint to a temporary name, keeps the one it replaces as
+``last.prev.safetensors`` (a hard link, so no copy), then renames the new one into place: a kill at any
+moment leaves ``last.safetensors`` complete, and ``--resume`` continues bit-exactly on CPU. Each file
+carries a sha256 of its tensors and state; ``load_checkpoint`` falls back to the previous checkpoint
+(one epoch earlier) when the last one is truncated or damaged, and says so.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..errors import StorageError
+
+Log = Callable[[str], None]
+
+
+def previous(path: Path) -> Path:
+    """Where the checkpoint before ``path`` is kept: last.safetensors -> last.prev.safetensors."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def temporary_files(path: Path) -> list[Path]:
+    """The temporary names ``save_checkpoint`` writes beside ``path`` (left behind only by a kill)."""
+    path = Path(path)
+    return [path.with_suffix(".tmp"), previous(path).with_suffix(".tmp")]
+
+
+def _digest(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    """sha256 over the state (JSON) and every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous().reshape(-1)
+        h.update(f"\0{k}\0{t.dtype}\0{tuple(tensors[k].shape)}\0".encode())
+        h.update(t.view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, _Missing):
+        return "missing"
+    text = str(e).splitlines()[0][:160] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, loop: dict[str, Any]) -> None:
-    from ..models.loading import unshared
+    """Write the checkpoint; the one it replaces becomes ``previous(path)``. A failed write (full disk, no
+    permission) raises StorageError naming the file and leaves the earlier checkpoints as they were."""
+    from ..models.loading import unshared, write_error, write_fix
 
+    path = Path(path)
     tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in unshared(model.state_dict()).items()}
     opt = optimizer.state_dict()
     opt_meta: dict[str, Any] = {"param_groups": opt["param_groups"], "state": {}}
@@ -32,23 +72,99 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
                 opt_meta["state"][str(pid)][k] = v
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {"loop": json.dumps(loop), "optim": json.dumps(opt_meta), "sched": json.dumps(scheduler.state_dict())}
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    meta["sha256"] = _digest(tensors, meta)
+    tmp, prev_tmp = temporary_files(path)
+    prev = previous(path)
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        # The previous file must be this checkpoint's predecessor (one epoch earlier, same training): keep the one
+        # being replaced if it is that, else any older one if that is; never a damaged or stale one.
+        if _epoch_of(path) == loop["epoch"] - 1:  # last stays complete throughout: link, then rename over it
+            prev_tmp.unlink(missing_ok=True)
+            try:
+                os.link(path, prev_tmp)
+            except OSError:  # no hard links on this file system: a copy instead
+                import shutil
+
+                shutil.copyfile(path, prev_tmp)
+            os.replace(prev_tmp, prev)
+        elif _epoch_of(prev) != loop["epoch"] - 1:
+            prev.unlink(missing_ok=True)
+        os.replace(tmp, path)
+    except (SafetensorError, OSError) as e:  # safetensors reports a full disk as SafetensorError, not OSError
+        tmp.unlink(missing_ok=True)
+        prev_tmp.unlink(missing_ok=True)
+        raise StorageError(f"cannot write the checkpoint {path} ({write_error(e)}; the checkpoint saved before is intact); "
+                           f"{write_fix(e, path)}, then continue with --resume") from None
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
+def _epoch_of(path: Path) -> Optional[int]:
+    """The epoch a checkpoint file says it holds (its header only, no checksum), or None if it has none."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            epoch = json.loads((f.metadata() or {})["loop"])["epoch"]
+        return epoch if isinstance(epoch, int) else None
+    except Exception:  # missing, truncated, not safetensors, no loop state: not a usable predecessor
+        return None
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The checkpoint's tensors and decoded state, checked against its sha256 (files written before the
+    checksum existed are taken as they are)."""
     with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
+        meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    expected = meta.pop("sha256", None)
+    if expected is not None and _digest(tensors, meta) != expected:
+        raise ValueError("its contents do not match the checksum it was written with")
+    state = {"loop": json.loads(meta["loop"]), "optim": json.loads(meta["optim"]), "sched": json.loads(meta["sched"])}
+    if "rng.torch" not in tensors or not isinstance(state["loop"].get("epoch"), int):
+        raise ValueError("it lacks the RNG or loop state")
+    return tensors, state
+
+
+def _apply(tensors: dict[str, torch.Tensor], state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+           scheduler: Any) -> dict[str, Any]:
     from ..models.loading import with_tied
 
     model.load_state_dict(with_tied(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}))
-    opt_meta = json.loads(meta["optim"])
-    state = {}
-    for pid, st in opt_meta["state"].items():
-        state[int(pid)] = {k: (tensors[f"optim.{pid}.{k}"] if v == "tensor" else v) for k, v in st.items()}
-    optimizer.load_state_dict({"state": state, "param_groups": opt_meta["param_groups"]})
-    scheduler.load_state_dict(json.loads(meta["sched"]))
+    opt_state = {}
+    for pid, st in state["optim"]["state"].items():
+        opt_state[int(pid)] = {k: (tensors[f"optim.{pid}.{k}"] if v == "tensor" else v) for k, v in st.items()}
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state["optim"]["param_groups"]})
+    scheduler.load_state_dict(state["sched"])
     torch.set_rng_state(tensors["rng.torch"])
-    return json.loads(meta["loop"])
+    return state["loop"]
+
+
+class _Missing(OSError):
+    def __str__(self) -> str:
+        return "missing"
+
+
+def _load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
+    if not path.is_file():
+        raise _Missing()
+    return _apply(*_read(path), model, optimizer, scheduler)
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *,
+                    log: Log = print) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler and RNG from ``path``; returns the loop state.
+
+    If ``path`` is missing, truncated or damaged, the previous checkpoint (one epoch earlier) is used and
+    ``log`` says so; if that one cannot be used either, StorageError names both files and the fix.
+    """
+    path = Path(path)
+    try:
+        return _load(path, model, optimizer, scheduler)
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, IndexError) as e:
+        why = _reason(e)
+    prev = previous(path)
+    try:
+        loop = _load(prev, model, optimizer, scheduler)
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, IndexError) as e:
+        raise StorageError(f"cannot resume: the checkpoint {path} is unusable ({why}) and so is the previous one, {prev} "
+                           f"({_reason(e)}); start again without --resume (with --overwrite)") from None
+    log(f"checkpoint {path} is unusable ({why}); resuming from the previous one, {prev} (epoch {loop['epoch']})")
+    return loop

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -18,11 +17,12 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from ..data import Split
+from ..files import write_atomic
 from ..data.base import augment_images
 from ..knowledge import predict_logits
 from ..models import load_weights, save_weights
 from ..recipe import TrainConfig
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, previous, save_checkpoint
 from .guard import check_loss, check_weights, finite_json
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
@@ -75,9 +75,7 @@ def _append_metrics(path: Path, stage: str, start_epoch: int, row: dict | None =
             keep.append(json.dumps(finite_json(entry), allow_nan=False))  # old NaN tokens become null
     if row is not None:
         keep.append(json.dumps(finite_json(row), allow_nan=False))
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(ln + "\n" for ln in keep), "then continue with --resume")
 
 
 def fit(model: torch.nn.Module, loss_fn: LossFn, train: Split, val: Split, cfg: TrainConfig, *, seed: int,
@@ -99,7 +97,7 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, train: Split, val: Split, cfg: 
     opt = _optimizer(model, cfg)
     sched = _scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
     loop = {"epoch": 0, "best_val": float("-inf"), "best_epoch": 0, "history": []}
-    if resume and last.is_file():
+    if resume and (last.is_file() or previous(last).is_file()):  # a damaged or lost last falls back to the one before
         loop = load_checkpoint(last, model, opt, sched)
     else:
         # A stage's randomness (dropout, augmentation) must not depend on what ran before it in this
