@@ -2,31 +2,78 @@
 from __future__ import annotations
 
 import difflib
+import math
+import os
+import stat
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError
 
+MAX_DEPTH = 50  # nesting levels a recipe (or a --set value) may have; real recipes use four or five
+MAX_VALUES = 100_000  # values a recipe may hold once YAML aliases are expanded
+MAX_BYTES = 1 << 20  # size of a recipe file
+
+
+def _usable_path(value: str) -> str:
+    """A string that names a file or folder must be one the system can look up (else Path checks raise OSError)."""
+    try:
+        raw = os.fsencode(value)
+    except UnicodeEncodeError:
+        raise ValueError(f"'{_show(value)}' holds characters no file name can have; fix the name") from None
+    if b"\0" in raw:
+        raise ValueError(f"'{_show(value)}' holds a NUL character, which no file name can have; fix the name")
+    if len(raw) > 4095 or any(len(part) > 255 for part in raw.split(b"/")):
+        raise ValueError(f"'{_show(value)}' is too long for a file name (at most 255 bytes per name, 4095 in all); "
+                         f"shorten it")
+    return value
+
+
+PathStr = Annotated[str, AfterValidator(_usable_path)]  # a file, folder or model name that may be a path
+
+
+def _is_dir(path: str) -> bool:
+    """Whether ``path`` is a folder; False for a name the system cannot even look up."""
+    try:
+        return Path(path).is_dir()
+    except (OSError, ValueError):
+        return False
+
+
+def _show(text: Any, limit: int = 80) -> str:
+    """``text`` fit for a one-line message: control characters escaped, the middle of a long text cut out."""
+    s = repr(str(text))[1:-1]
+    return s if len(s) <= limit else f"{s[:limit // 2]}...{s[-(limit // 2):]}"
+
+
+def _value(value: Any, limit: int = 80) -> str:
+    """A value from a recipe as it would be written in Python, on one line and shortened."""
+    try:
+        s = repr(value)
+    except ValueError:  # an integer beyond Python's 4300-digit string limit
+        return "a number too long to show"
+    return s if len(s) <= limit else f"{s[:limit // 2]}...{s[-(limit // 2):]}"
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # every float is finite
 
 
 class DataConfig(_Strict):
     """Where the examples come from and how they are split."""
 
     source: Literal["digits", "fashion_mnist", "csv", "text", "lm_text"] = "digits"
-    path: Optional[str] = None  # csv file, text .csv/.jsonl file, or a folder holding the Fashion-MNIST idx.gz files
+    path: Optional[PathStr] = None  # csv file, text .csv/.jsonl file, or a folder holding the Fashion-MNIST idx.gz files
     target: Optional[str] = None  # csv / text: the label column (text default: label)
     text: str = "text"  # text: the column holding the text
-    test_path: Optional[str] = None  # text / lm_text: a separate test file (default: a test_fraction split of `path`)
-    tokenizer: Optional[str] = None  # text: a Hugging Face folder with the tokenizer (default: the teacher's folder)
-    max_length: int = Field(128, ge=2)  # text: tokens per example at most
+    test_path: Optional[PathStr] = None  # text / lm_text: a separate test file (default: a test_fraction split of `path`)
+    tokenizer: Optional[PathStr] = None  # text: a Hugging Face folder with the tokenizer (default: the teacher's folder)
+    max_length: int = Field(128, ge=2, le=1_000_000)  # text: tokens per example at most
     too_long: Literal["truncate", "error"] = "truncate"  # text: cut longer examples (with a warning) or refuse them
-    block_size: int = Field(128, ge=2)  # lm_text: tokens per training sequence (documents are joined, then cut)
+    block_size: int = Field(128, ge=2, le=1_000_000)  # lm_text: tokens per training sequence (documents are joined, then cut)
     eval_limit: Optional[int] = Field(None, ge=1)  # lm_text: at most this many validation and test blocks (a seeded subset)
     categorical: Optional[list[str]] = None  # csv: columns to one-hot encode (default: inferred)
     numeric: Optional[list[str]] = None  # csv: columns that must be numbers (default: inferred)
@@ -38,10 +85,10 @@ class DataConfig(_Strict):
 class TrainConfig(_Strict):
     """How one model is optimised."""
 
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(128, ge=1)
+    epochs: int = Field(10, ge=1, le=100_000)
+    batch_size: int = Field(128, ge=1, le=1_000_000)
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(3e-3, gt=0)
+    lr: float = Field(3e-3, gt=0, le=100)  # float32 overflows in the optimizer far above this
     weight_decay: float = Field(1e-4, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     schedule: Literal["cosine", "constant"] = "cosine"
@@ -52,17 +99,41 @@ class TrainConfig(_Strict):
 class ModelSpec(_Strict):
     """A model: zoo name, ``file.py:factory``, or an ``.onnx`` file; optional weights."""
 
-    model: str
+    model: PathStr
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    weights: Optional[str] = None  # .safetensors (or a pickle file with allow_pickle)
+    weights: Optional[PathStr] = None  # .safetensors (or a pickle file with allow_pickle)
     allow_pickle: bool = False
+
+    @field_validator("kwargs")
+    @classmethod
+    def _plain_kwargs(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """kwargs go to the model's factory and into the run's recipe.yaml, which must read back the same (to resume):
+        plain YAML values only, numbers finite."""
+        stack = [(_show(k, 40), v, 1) for k, v in kwargs.items()]
+        while stack:
+            where, value, depth = stack.pop()
+            if depth > MAX_DEPTH:
+                raise ValueError(f"'{where}' is nested more than {MAX_DEPTH} levels deep; kwargs need only a few levels")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"'{where}' is {value}; a number in kwargs must be finite")
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    if not isinstance(k, str):
+                        raise ValueError(f"'{where}' has the key {_value(k, 40)}; keys in kwargs must be strings")
+                    stack.append((f"{where}.{_show(k, 40)}", v, depth + 1))
+            elif isinstance(value, (list, tuple)):
+                stack += [(f"{where}[{i}]", v, depth + 1) for i, v in enumerate(value)]
+            elif not (value is None or isinstance(value, (bool, int, float, str))):
+                raise ValueError(f"'{where}' is {_value(value, 40)} (a {type(value).__name__}); kwargs hold numbers, "
+                                 f"strings, booleans, lists and mappings")
+        return kwargs
 
 
 class TeacherConfig(ModelSpec):
     """The teacher: loaded from weights / ONNX, or trained with ``train``."""
 
     train: Optional[TrainConfig] = None
-    weight: float = Field(1.0, gt=0, allow_inf_nan=False)  # share in the combined soft targets (several teachers)
+    weight: float = Field(1.0, gt=0, le=1e6)  # share in the combined soft targets (several teachers)
 
 
 class StudentConfig(ModelSpec):
@@ -85,7 +156,7 @@ class FeatureTerm(_Strict):
     loss: Literal["hint", "at", "rkd_distance", "rkd_angle", "sp", "attention_kl", "cosine"]
     student: str
     teacher: str
-    weight: float = Field(1.0, ge=0, allow_inf_nan=False)
+    weight: float = Field(1.0, ge=0, le=1e6)
     teacher_index: int = Field(0, ge=0)  # 0: `teacher`; 1, 2, ...: the entries of `more_teachers`
 
 
@@ -98,32 +169,32 @@ class DistillConfig(_Strict):
 
     response: Literal["kl", "mse_prob", "mse_logits", "dkd", "none", "forward_kl", "reverse_kl", "jsd", "skew_forward_kl",
                       "skew_reverse_kl", "uld"] = "kl"  # kl = forward_kl; token losses: losses/token.py (uld: causal_lm only)
-    temperature: float = Field(4.0, gt=0, allow_inf_nan=False)
-    alpha: float = Field(0.5, ge=0, le=1, allow_inf_nan=False)
-    dkd_alpha: float = Field(1.0, ge=0, allow_inf_nan=False)  # DKD target-class weight (Zhao et al. 2022)
-    dkd_beta: float = Field(8.0, ge=0, allow_inf_nan=False)  # DKD non-target-class weight
+    temperature: float = Field(4.0, gt=0, le=1000)  # far above, the softened targets are uniform (or NaN)
+    alpha: float = Field(0.5, ge=0, le=1)
+    dkd_alpha: float = Field(1.0, ge=0, le=1e6)  # DKD target-class weight (Zhao et al. 2022)
+    dkd_beta: float = Field(8.0, ge=0, le=1e6)  # DKD non-target-class weight
     features: list[FeatureTerm] = Field(default_factory=list)
     combine: Literal["weights", "confidence"] = "weights"  # several teachers: fixed weights or per-sample confidence
-    generations: int = Field(1, ge=1)  # born-again: each further generation is taught by the previous student
+    generations: int = Field(1, ge=1, le=100)  # born-again: each further generation is taught by the previous student
     ema_decay: Optional[float] = Field(None, gt=0, lt=1)  # teacher.model: ema only: the running-average decay (default 0.999)
     cache_teacher: bool = True  # compute teacher outputs once when inputs do not change between epochs
-    beta: float = Field(0.5, ge=0, le=1, allow_inf_nan=False)  # jsd: the mixture weight (0: forward KL, 1: reverse KL)
-    skew: float = Field(0.1, ge=0, le=1, allow_inf_nan=False)  # skew_*_kl: the skew alpha (DistiLLM)
+    beta: float = Field(0.5, ge=0, le=1)  # jsd: the mixture weight (0: forward KL, 1: reverse KL)
+    skew: float = Field(0.1, ge=0, le=1)  # skew_*_kl: the skew alpha (DistiLLM)
     topk: Optional[int] = Field(None, ge=1)  # causal_lm: cache the teacher's top-k logits per token (None: full logits, live)
-    topk_cache: Optional[str] = None  # causal_lm: a top-k cache folder to reuse (an error if made for another teacher or corpus)
-    on_policy: float = Field(0.0, ge=0, le=1, allow_inf_nan=False)  # causal_lm: share of batches on student-generated text (GKD)
-    prompt_tokens: int = Field(16, ge=1)  # causal_lm on-policy: tokens of each training sequence kept as the prompt
+    topk_cache: Optional[PathStr] = None  # causal_lm: a top-k cache folder to reuse (an error if made for another teacher or corpus)
+    on_policy: float = Field(0.0, ge=0, le=1)  # causal_lm: share of batches on student-generated text (GKD)
+    prompt_tokens: int = Field(16, ge=1, le=1_000_000)  # causal_lm on-policy: tokens of each training sequence kept as the prompt
 
 
 class EvalConfig(_Strict):
     """Latency: every stage timed in `rounds` interleaved rounds after `warmup` calls each; repeats_b1 / repeats_b32
     timed calls per stage in all, split over the rounds (at least one per round)."""
 
-    threads: int = Field(2, ge=1)
-    warmup: int = Field(5, ge=0)
-    repeats_b1: int = Field(50, ge=1)
-    repeats_b32: int = Field(10, ge=1)
-    rounds: int = Field(5, ge=1)
+    threads: int = Field(2, ge=1, le=1024)
+    warmup: int = Field(5, ge=0, le=10_000)
+    repeats_b1: int = Field(50, ge=1, le=100_000)
+    repeats_b32: int = Field(10, ge=1, le=100_000)
+    rounds: int = Field(5, ge=1, le=1000)
 
 
 class ExportConfig(_Strict):
@@ -140,9 +211,9 @@ class PruneConfig(_Strict):
     target_params: Optional[int] = Field(None, ge=1)  # structured only: prune until at most this many parameters
     scope: Literal["layer", "global"] = "layer"  # the same ratio in every layer, or one threshold across layers
     keep: list[str] = Field(default_factory=list)  # module paths left unpruned (the output layer always is)
-    steps: int = Field(1, ge=1)  # iterative: prune a share in each of `steps` rounds, distilling after each
-    finetune_epochs: int = Field(0, ge=0)  # recovery epochs per step (0: no recovery)
-    finetune_lr: Optional[float] = Field(None, gt=0)  # default: train.lr / 5
+    steps: int = Field(1, ge=1, le=100)  # iterative: prune a share in each of `steps` rounds, distilling after each
+    finetune_epochs: int = Field(0, ge=0, le=100_000)  # recovery epochs per step (0: no recovery)
+    finetune_lr: Optional[float] = Field(None, gt=0, le=100)  # default: train.lr / 5
 
     @model_validator(mode="after")
     def _one_amount(self) -> "PruneConfig":
@@ -162,13 +233,13 @@ class QuantizeConfig(_Strict):
     target: Literal["portable", "this_cpu"] = "portable"  # portable: 7-bit weights, exact on every CPU; this_cpu: full range
     calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
     calibration_size: int = Field(512, ge=1)  # training examples used to calibrate static int8
-    calibration_data: Optional[str] = None  # a .npy file of inputs to calibrate on instead
+    calibration_data: Optional[PathStr] = None  # a .npy file of inputs to calibrate on instead
     per_channel: bool = True
     tolerance: float = Field(0.005, ge=0, le=1)  # auto: largest validation-accuracy drop accepted (0.005 = 0.5 point)
     latency_batch: Literal[1, 32] = 1  # auto: the batch size whose latency decides
     allow_fallback: bool = False  # leave ops ONNX Runtime cannot quantize in fp32 instead of failing
-    qat_epochs: int = Field(3, ge=1)
-    qat_lr: Optional[float] = Field(None, gt=0)  # default: train.lr / 10
+    qat_epochs: int = Field(3, ge=1, le=100_000)
+    qat_lr: Optional[float] = Field(None, gt=0, le=100)  # default: train.lr / 10
 
 
 class Recipe(_Strict):
@@ -176,7 +247,7 @@ class Recipe(_Strict):
 
     name: str = "run"
     task: Literal["classify", "causal_lm"] = "classify"  # causal_lm: next-token distillation of a language model
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # the range numpy and scikit-learn accept
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig
     student: StudentConfig
@@ -234,7 +305,7 @@ class Recipe(_Strict):
     def _text_has_a_tokenizer(self) -> "Recipe":
         d = self.data
         if d.source in ("text", "lm_text") and d.tokenizer is None:
-            if not Path(self.teacher.model).is_dir():
+            if not _is_dir(self.teacher.model):
                 raise ValueError("data.source is text: set data.tokenizer to a Hugging Face folder holding the tokenizer "
                                  "(it defaults to the teacher's folder only when the teacher is one)")
             d.tokenizer = self.teacher.model
@@ -244,10 +315,10 @@ class Recipe(_Strict):
     def _teacher_has_a_source(self) -> "Recipe":
         t = self.teacher
         if self.ema_teacher:
-            if t.weights or t.train or self.more_teachers or self.distill.generations > 1:
+            if t.weights or t.train or t.kwargs or self.more_teachers or self.distill.generations > 1:
                 raise ValueError("teacher.model: ema is the student's own running average: give it no weights, train, "
-                                 "more_teachers or generations")
-        elif t.weights is None and t.train is None and not t.model.endswith(".onnx") and not Path(t.model).is_dir():
+                                 "kwargs, more_teachers or generations")
+        elif t.weights is None and t.train is None and not t.model.endswith(".onnx") and not _is_dir(t.model):
             raise ValueError("teacher needs `weights`, an .onnx `model`, a Hugging Face model folder, or a `train` section to train it")
         for i, m in enumerate(self.more_teachers):
             if m.weights is None and not m.model.endswith(".onnx"):
@@ -268,81 +339,295 @@ class Recipe(_Strict):
             raise ValueError("student.init copies weights from a PyTorch teacher; it cannot start from an .onnx or ema teacher")
         return self
 
+    @model_validator(mode="after")
+    def _nothing_ignored(self) -> "Recipe":
+        """Fields the run would silently ignore are errors that say which field to remove."""
+        for i, t in enumerate(self.teachers):
+            who = "teacher" if i == 0 else f"more_teachers[{i - 1}]"
+            if t.model.endswith(".onnx"):
+                for field in ("train", "weights", "kwargs"):
+                    if getattr(t, field):
+                        raise ValueError(f"{who}.{field} is ignored: {who}.model is an .onnx file, run as it is (its own "
+                                         f"weights, never trained); remove {who}.{field}")
+            elif i > 0 and t.train:
+                raise ValueError(f"{who}.train is ignored (only the first teacher is trained by a recipe); remove {who}.train "
+                                 f"and give {who}.weights")
+        if self.teacher.weights and self.teacher.train:
+            raise ValueError("teacher.train is ignored when teacher.weights is given (the teacher is loaded, not trained); "
+                             "remove teacher.train, or remove teacher.weights to train the teacher here")
+        if self.student.model.endswith(".onnx"):
+            raise ValueError("student.model is an .onnx file, which cannot be trained; use a zoo name, file.py:factory or "
+                             "a Hugging Face model folder")
+        if self.student.init_every is not None and self.student.init is None:
+            raise ValueError("student.init_every is used only with student.init (select or average); set student.init "
+                             "or remove student.init_every")
+        return self
 
-def _describe(err: dict[str, Any], model: type[BaseModel]) -> str:
-    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-    kind, value = err["type"], err.get("input")
-    if kind == "extra_forbidden":
-        allowed = _allowed_keys(model, err["loc"][:-1])
-        near = difflib.get_close_matches(str(err["loc"][-1]), allowed, n=1)
-        hint = f"did you mean '{near[0]}'? " if near else ""
-        return f"unknown field '{loc}'; {hint}allowed: {', '.join(allowed)}"
-    if kind == "literal_error":
-        return f"field '{loc}' is {value!r}; allowed values: {err['ctx']['expected']}"
-    if kind == "value_error":
-        return f"{loc}: {err['msg'].removeprefix('Value error, ')}"
-    if kind == "missing":
-        return f"field '{loc}' is required"
-    return f"field '{loc}' is {value!r}: {err['msg'][0].lower() + err['msg'][1:]}"
+
+def _section(annotation: Any) -> Optional[type[BaseModel]]:
+    """The model class a field holds (``TrainConfig``, ``Optional[TrainConfig]``, ``list[FeatureTerm]``), or None."""
+    inner = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return inner[0] if inner else None
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     for part in loc:
-        field = model.model_fields.get(str(part))
-        ann = getattr(field, "annotation", None)
-        inner = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
-        if not inner:
+        if isinstance(part, int):  # an item of a list: the list's model applies
+            continue
+        inner = _section(getattr(model.model_fields.get(str(part)), "annotation", None))
+        if inner is None:
             return []
-        model = inner[0]
+        model = inner
     return sorted(model.model_fields)
 
 
-def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
-    """Validate a mapping into a Recipe; raise RecipeError naming the source, field and fix."""
+def _field_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every field of ``model`` as a dotted path (``train.epochs``), sections included, list items not."""
+    paths = []
+    for name, field in model.model_fields.items():
+        paths.append(prefix + name)
+        inner = _section(field.annotation)
+        if inner is not None and get_origin(field.annotation) is not list:
+            paths += _field_paths(inner, f"{prefix}{name}.")
+    return paths
+
+
+def _nearest(loc: tuple, model: type[BaseModel], dotted: bool) -> Optional[str]:
+    """The field an unknown one probably meant: a sibling spelled alike (by its name, or its dotted path when
+    ``dotted``), else a field of that very name elsewhere, else the dotted path spelled most alike."""
+    parent, key = [str(p) for p in loc[:-1]], str(loc[-1])
+    near = difflib.get_close_matches(key, _allowed_keys(model, loc[:-1]), n=1)
+    if near:
+        return ".".join([*parent, near[0]]) if dotted else near[0]
+    paths = _field_paths(model)
+    same_name = sorted((p for p in paths if p.rsplit(".", 1)[-1] == key), key=len)
+    near = same_name or difflib.get_close_matches(".".join([*parent, key]), paths, n=1)
+    return near[0] if near else None
+
+
+def _describe(err: dict[str, Any], model: type[BaseModel], dotted: bool = False) -> str:
+    """One pydantic error as one line naming the field (``dotted``: suggest full dotted paths, as --set takes)."""
+    loc = ".".join(_show(p) for p in err["loc"]) if err["loc"] else "(top level)"
+    kind, value = err["type"], _value(err.get("input"))
+    if kind == "extra_forbidden":
+        near = _nearest(err["loc"], model, dotted)
+        hint = f"did you mean '{near}'? " if near else ""
+        return f"unknown field '{loc}'; {hint}allowed: {', '.join(_allowed_keys(model, err['loc'][:-1]))}"
+    if kind == "literal_error":
+        return f"field '{loc}' is {value}; allowed values: {err['ctx']['expected']}"
+    if kind == "value_error":  # a check of a section (or of the whole recipe: no loc), its message names the fields
+        why = err["msg"].removeprefix("Value error, ")
+        return f"{loc}: {why}" if err["loc"] else why
+    if kind == "missing":
+        return f"field '{loc}' is required"
+    return f"field '{loc}' is {value}: {err['msg'][0].lower() + err['msg'][1:]}"
+
+
+def _blame(loc: tuple, source: str, overrides: list[str]) -> tuple[str, bool]:
+    """Who an error at ``loc`` is put down to: the last --set item that set that field or a section holding it;
+    the file "with" a --set item that set a field inside it (a check of the whole section); else the file.
+    Also whether suggestions should be dotted paths (as --set takes them)."""
+    at = [str(p) for p in loc]
+    for item in reversed(overrides):
+        key = _override_key(item)
+        if at and at[:len(key)] == key:
+            return f"--set {_show(item)}", True
+        if at and key[:len(at)] == at:
+            return f"{source} with --set {_show(item)}", False
+    return source, False
+
+
+def parse_recipe(data: Any, source: str = "<recipe>", overrides: Optional[list[str]] = None) -> Recipe:
+    """Validate a mapping into a Recipe; raise RecipeError naming the source (or the ``--set`` item that gave the
+    bad value), the field and the fix."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe must be a YAML mapping (key: value), got {type(data).__name__}")
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-        raise RecipeError(f"{source}: {_describe(first, Recipe)}{more}") from None
+        errors = e.errors()
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        who, dotted = _blame(errors[0]["loc"], source, overrides or [])
+        raise RecipeError(f"{who}: {_describe(errors[0], Recipe, dotted)}{more}") from None
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """YAML that parses but that a recipe must not hold; ``problem`` says why and what to do."""
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing what it would otherwise let through quietly or crash on: a key given twice in
+    one mapping (the last one would silently win) and nesting deep enough to exhaust Python's stack."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent, index):
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise _Refused(problem=f"nested more than {MAX_DEPTH} levels deep at line {mark.line + 1}; a recipe "
+                                       f"needs only a few levels", problem_mark=mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` keys may be overridden, that is their point
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:  # an unhashable key: the safe loader refuses it below
+                continue
+            if first is not key_node:
+                raise _Refused(problem=f"key {_value(key, 40)} is given twice in one mapping (lines "
+                                       f"{first.start_mark.line + 1} and {key_node.start_mark.line + 1}); keep one "
+                                       f"(YAML would silently use the last)", problem_mark=key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def _parse_yaml(text: str, where: str, bad: str, fix: str) -> Any:
+    """YAML text -> Python values with the recipe loader; any problem is a RecipeError naming ``where``
+    (``bad`` says what is wrong with text that does not parse, ``fix`` what to do)."""
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)
+    except _Refused as e:
+        raise RecipeError(f"{where}: {e.problem}") from None
+    except yaml.reader.ReaderError as e:
+        char = _show(chr(e.character)) if isinstance(e.character, int) else _show(e.character)
+        raise RecipeError(f"{where}: the character '{char}' (position {e.position}) is not allowed in YAML; remove it") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = f" ({_show(e.problem)})" if getattr(e, "problem", None) else ""
+        raise RecipeError(f"{where}: {bad}{at}{problem}; {fix}") from None
+    except RecursionError:  # e.g. a long chain of `<<: *alias` merges
+        raise RecipeError(f"{where}: nested too deeply for YAML to read; a recipe needs only a few levels") from None
+    except (ValueError, OverflowError, TypeError) as e:  # e.g. a date 2024-13-45, an integer of 5000 digits
+        raise RecipeError(f"{where}: a value YAML cannot convert ({_show(e, 60)}); check the numbers and dates") from None
+
+
+def _check_size(data: Any, where: str) -> None:
+    """Refuse values nested too deeply or too many once YAML aliases are expanded (an alias may refer to the
+    mapping that holds it, or repeat a list of lists of ... many times over), which later steps could not handle."""
+    stack, count = [(data, 0)], 0
+    while stack:
+        value, depth = stack.pop()
+        count += 1
+        if depth > MAX_DEPTH:
+            raise RecipeError(f"{where}: nested more than {MAX_DEPTH} levels deep (or a YAML alias refers to itself); "
+                              f"a recipe needs only a few levels")
+        if count > MAX_VALUES:
+            raise RecipeError(f"{where}: holds more than {MAX_VALUES:,} values once YAML aliases are expanded; "
+                              f"a recipe needs a few dozen")
+        if isinstance(value, dict):
+            stack += [(v, depth + 1) for v in value.values()]
+        elif isinstance(value, list):
+            stack += [(v, depth + 1) for v in value]
+
+
+def _override_key(item: str) -> list[str]:
+    """The field path of a ``--set KEY=VALUE`` item (``train.epochs`` -> ['train', 'epochs']), checked."""
+    if not isinstance(item, str):  # the Python API
+        raise RecipeError(f"override {_value(item, 40)} is a {type(item).__name__}; give 'KEY=VALUE' strings, "
+                          f"e.g. 'train.epochs=3'")
+    if "=" not in item:
+        raise RecipeError(f"--set {_show(item)}: expected KEY=VALUE, e.g. --set train.epochs=3")
+    key = item.split("=", 1)[0].strip()
+    if not key:
+        raise RecipeError(f"--set {_show(item)}: no field name before '='; expected KEY=VALUE, e.g. --set train.epochs=3")
+    parts = [p.strip() for p in key.split(".")]
+    if not all(parts):
+        raise RecipeError(f"--set {_show(item)}: the field name '{_show(key)}' has an empty part (a dot at an end, or "
+                          f"two in a row); write it as section.field, e.g. --set train.epochs=3")
+    if len(parts) > MAX_DEPTH:
+        raise RecipeError(f"--set {_show(item)}: the field name has more than {MAX_DEPTH} parts; a recipe needs "
+                          f"only a few levels")
+    return parts
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides; the value is parsed as YAML (numbers, booleans, lists)."""
+    """Apply ``a.b.c=value`` overrides; the value is parsed as YAML (numbers, booleans, lists).
+
+    A number in the path picks an item of a list (``distill.features.0.weight=2``); a missing or empty section
+    is created.
+    """
     for item in overrides:
-        if "=" not in item:
-            raise RecipeError(f"--set '{item}': expected KEY=VALUE, e.g. --set train.epochs=3")
+        parts = _override_key(item)
         key, raw = item.split("=", 1)
-        node = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise RecipeError(f"--set '{item}': '{part}' is not a section")
-        try:
-            node[parts[-1]] = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            raise RecipeError(f"--set '{item}': the value is not valid YAML; quote it, e.g. --set '{key}=\"{raw}\"'") from None
+        where = f"--set {_show(item)}"
+        quoted = f"--set '{_show(key.strip())}=\"{_show(raw, 40)}\"'"
+        value = _parse_yaml(raw, where, "the value is not valid YAML", f"quote the value, e.g. {quoted}")
+        _check_size(value, where)
+        node: Any = data
+        for i, part in enumerate(parts):
+            parent = ".".join(parts[:i])
+            if isinstance(node, list):
+                if not (part.isascii() and part.isdigit() and len(part) < 10 and int(part) < len(node)):
+                    raise RecipeError(f"{where}: '{_show(parent)}' is a list of {len(node)} item(s); '{_show(part)}' is "
+                                      f"not an index of it (0, 1, ...)")
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise RecipeError(f"{where}: '{_show(parent)}' is {_value(node, 40)}, not a section, so it has no field "
+                                  f"'{_show(part)}'; set '{_show(parent)}' itself")
+            if i == len(parts) - 1:
+                node[part] = value
+            else:
+                if isinstance(node, dict) and node.get(part) is None:  # absent, or `prune:` left empty
+                    node[part] = {}
+                node = node[part]
     return data
+
+
+def _read_text(path: Path, name: str) -> str:
+    """The recipe file's text; a missing, unreadable, oversized or non-UTF-8 file is a RecipeError naming it."""
+    try:
+        info = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise RecipeError(f"recipe file '{name}' not found; give the path to a .yaml recipe (see recipes/)") from None
+    except (OSError, ValueError) as e:  # a name too long, a NUL byte, no permission on a folder
+        why = getattr(e, "strerror", None) or str(e)
+        raise RecipeError(f"recipe file '{name}' cannot be looked up ({_show(why)}); give the path to a .yaml recipe "
+                          f"(see recipes/)") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise RecipeError(f"'{name}' is a folder; give the path to a .yaml recipe file (see recipes/)")
+    if not stat.S_ISREG(info.st_mode):
+        raise RecipeError(f"'{name}' is not a regular file; give the path to a .yaml recipe file (see recipes/)")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_BYTES + 1)
+    except OSError as e:
+        raise RecipeError(f"recipe file '{name}' cannot be read ({_show(e.strerror or e)}); check its permissions") from None
+    if len(raw) > MAX_BYTES:
+        raise RecipeError(f"'{name}' is larger than {MAX_BYTES // 1024} KiB, too large for a recipe; give the path to "
+                          f"a .yaml recipe (see recipes/)")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{name}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); a recipe is YAML "
+                          f"text: save it as UTF-8") from None
 
 
 def load_recipe(path: str | Path, overrides: Optional[list[str]] = None) -> Recipe:
     """Read a YAML recipe (safe loader only), apply overrides and validate."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file '{path}' not found; give the path to a .yaml recipe (see recipes/)")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(f"{path}: malformed YAML{where}; fix the syntax (indentation, colons, quotes)") from None
+    name = _show(path, 120)
+    data = _parse_yaml(_read_text(path, name), name, "malformed YAML", "fix the syntax (indentation, colons, quotes)")
+    if data is None:
+        raise RecipeError(f"{name} is empty; a recipe needs at least `teacher` and `student` (see recipes/)")
+    _check_size(data, name)
     if isinstance(data, dict):
         data = apply_overrides(data, overrides or [])
-    return parse_recipe(data, str(path))
+    return parse_recipe(data, name, overrides)
 
 
 def dump_recipe(recipe: Recipe, path: Path) -> None:
-    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    """Write the resolved recipe atomically: a full disk leaves the earlier recipe.yaml (if any) intact."""
+    from .files import write_atomic
+
+    write_atomic(path, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), "then run the command again")
