@@ -142,7 +142,7 @@ def test_pickle_refused_without_flag_and_never_unpickled(distill, tmp_path):
     _Evil.marker = marker
     weights = tmp_path / "teacher.pt"
     weights.write_bytes(pickle.dumps({"x": _Evil()}))
-    code, err = distill(lambda r: r["teacher"].update(weights=str(weights)))
+    code, err = distill(lambda r: (r["teacher"].update(weights=str(weights)), r["teacher"].pop("train")))
     assert_clean_error(code, err, "pickle", "--allow-pickle", ".safetensors")
     assert not marker.exists()
 
@@ -164,7 +164,7 @@ def test_pickle_allowed_with_flag(tmp_path, tiny, write_recipe, capsys):
 def test_corrupt_safetensors(distill, tmp_path):
     bad = tmp_path / "w.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
-    assert_clean_error(*distill(lambda r: r["teacher"].update(weights=str(bad))), "not a readable safetensors")
+    assert_clean_error(*distill(lambda r: (r["teacher"].update(weights=str(bad)), r["teacher"].pop("train"))), "not a readable safetensors")
 
 
 def test_corrupt_onnx(distill, tmp_path):
@@ -240,7 +240,7 @@ def test_csv_not_utf8(distill, tmp_path):
 def test_corrupt_pickle_with_flag(distill, tmp_path):
     bad = tmp_path / "w.pt"
     bad.write_bytes(b"\x80\x04garbage")
-    assert_clean_error(*distill(lambda r: r["teacher"].update(weights=str(bad)), "--allow-pickle"), "could not be unpickled")
+    assert_clean_error(*distill(lambda r: (r["teacher"].update(weights=str(bad)), r["teacher"].pop("train")), "--allow-pickle"), "could not be unpickled")
 
 
 def test_augment_on_a_table(distill, tmp_path):
@@ -286,3 +286,16 @@ def test_recipe_name_must_be_a_plain_folder_name(distill, tmp_path, name):
                                          (["distill"], ["Missing argument", "protege distill --help"])])
 def test_usage_errors_are_one_line_without_traceback(capsys, args, words):
     assert_clean_error(*run_cli(args, capsys), *words)
+
+
+def test_no_arguments_prints_the_help_and_no_empty_error(capsys):
+    old = sys.argv
+    sys.argv = ["protege"]
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main()
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    assert exit_.value.code == 2
+    assert "Usage" in out.out + out.err and "error:" not in out.err and "Traceback" not in out.err

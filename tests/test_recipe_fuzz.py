@@ -347,6 +347,6 @@ def test_cli_raises_only_its_own_or_usage_errors(case, stubbed_api, tmp_path):
             _one_line(e)
         except USAGE_ERRORS as e:
             # `protege` alone prints the help and raises NoArgsIsHelpError, whose message is empty (main() then
-            # prints "error: ; see `protege  --help`": reported, cli.py is not this test's to fix)
+            # prints only the help and exits 2)
             message = e.format_message()
             assert len(message.splitlines()) == 1 or type(e).__name__ == "NoArgsIsHelpError", repr(message)

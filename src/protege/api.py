@@ -64,10 +64,10 @@ def inspect(model: str, input_shape: Optional[str | list[int]] = None, *, classe
         try:
             shape = [int(v) for v in input_shape.replace("x", ",").split(",")]
         except ValueError:
-            raise RecipeError(f"--input-shape '{input_shape}' must be positive integers separated by commas (or x), "
+            raise RecipeError(f"--input-shape {input_shape!r} must be positive integers separated by commas (or x), "
                               f"e.g. 1,28,28 or 1x28x28") from None
         if not shape or min(shape) < 1:
-            raise RecipeError(f"--input-shape '{input_shape}' must be positive integers separated by commas, e.g. 1,28,28")
+            raise RecipeError(f"--input-shape {input_shape!r} must be positive integers separated by commas, e.g. 1,28,28")
     elif input_shape is not None:
         shape = list(input_shape)
     m, in_shape = load_for_inspect(model, shape, classes, which)

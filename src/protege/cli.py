@@ -51,7 +51,7 @@ def export_cmd(run: Path = typer.Argument(..., help="Run folder."),
     from . import api
 
     if format != "onnx":
-        raise ProtegeError(f"--format '{format}' is not supported; allowed: onnx")
+        raise ProtegeError(f"--format {format!r} is not supported; allowed: onnx")
     api.export_onnx(run)
 
 
@@ -186,7 +186,10 @@ def main() -> None:
     except KeyboardInterrupt:
         rc = 130
     except USAGE_ERRORS as e:  # usage errors: unknown option, missing argument, bad value
-        print(f"error: {e.format_message().rstrip('.')}; see `protege {sys.argv[1] if len(sys.argv) > 1 else ''} --help`", file=sys.stderr)
+        message = " ".join(e.format_message().split()).rstrip(".")
+        if message:  # (no arguments at all: the help was printed, nothing more to say)
+            command = f"protege {sys.argv[1]}" if len(sys.argv) > 1 else "protege"
+            print(f"error: {message}; see `{command} --help`", file=sys.stderr)
         sys.exit(2)
     except OSError as e:  # a full disk, a permission, a read-only disk: the file and the fix, no traceback
         if DEBUG["on"]:
