@@ -105,7 +105,7 @@ def test_merge_keys_may_override(tmp_path, tiny):
 
 
 def test_long_model_name(tmp_path, tiny):
-    from protege.recipe import _is_dir
+    from protege.recipe.schema import _is_dir
 
     tiny["teacher"]["model"] = "m" * 300
     _error(lambda: load_recipe(_file(tmp_path, tiny)), "mine.yaml", "teacher.model", "too long")

@@ -24,7 +24,8 @@ import protege.api
 import protege.models.inspect
 from protege.cli import USAGE_ERRORS, app
 from protege.errors import ProtegeError
-from protege.recipe import Recipe, _field_paths, apply_overrides, dump_recipe, load_recipe, parse_recipe
+from protege.recipe import Recipe, apply_overrides, dump_recipe, load_recipe, parse_recipe
+from protege.recipe.files import _field_paths
 
 from .conftest import ROOT, TINY
 

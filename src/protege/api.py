@@ -7,7 +7,8 @@ from typing import Optional
 from .compress import prune_, quantize_onnx
 from .errors import RecipeError
 from .pipeline import compress, distill, evaluate, export_onnx
-from .recipe import PruneConfig, QuantizeConfig, _describe, load_recipe
+from .recipe import PruneConfig, QuantizeConfig, load_recipe
+from .recipe.files import _describe
 from .run import Run
 
 
