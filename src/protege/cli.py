@@ -150,14 +150,14 @@ def _os_error(e: OSError) -> str:
     """A failed read or write (full disk, no permission, read-only disk) as one line that names the file."""
     import errno
 
+    from .models.loading import write_error, write_fix
+
     where = f"{e.filename}: " if e.filename else ""
-    fix = {errno.ENOSPC: "free disk space (or choose another --out), then continue with --resume",
-           errno.EDQUOT: "free space in your quota, then continue with --resume",
-           errno.EFBIG: "the file is larger than this system allows; free space or raise the limit, then --resume",
-           errno.EACCES: "check the permissions of that path or choose another --out",
-           errno.EPERM: "check the permissions of that path or choose another --out",
-           errno.EROFS: "the disk is read-only; choose another --out"}.get(e.errno, "check the disk and the path, then retry")
-    return f"{where}{e.strerror or e}; {fix}"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = f"{write_fix(e, Path(e.filename or '.'))}, then continue with --resume (or choose another --out)"
+    else:
+        fix = "check the disk and the path, then retry"
+    return f"{where}{write_error(e)}; {fix}"
 
 
 def _usage_errors() -> tuple:

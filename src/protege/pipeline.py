@@ -85,7 +85,7 @@ def compress(run: Run | str | Path, *, prune: Optional[PruneConfig] = None, quan
     (its files and recipe section); a new pruning replaces the earlier pass. If a stage fails, the earlier
     pass, recipe.yaml and the reports are put back as they were. The teacher and student are never touched.
     """
-    with locked(run.path if isinstance(run, Run) else run, "compress"):
+    with locked(_folder(run), "compress"):
         return _compress(run if isinstance(run, Run) else Run.load(run, read_report=False), prune, quantize, log)
 
 
@@ -129,6 +129,10 @@ def _warn_if_not_smaller(recipe: Recipe, teachers: list[nn.Module], student: nn.
     if s >= t:
         log(f"warning: the student ({s:,} params) is not smaller than the teacher ({t:,}): the compression ratio will be "
             f"{t / s:.2f}x; make the student smaller in student.kwargs if you meant to compress")
+
+
+def _folder(run: Run | str | Path) -> Path:
+    return run.path if isinstance(run, Run) else Path(run)
 
 
 def _classify_only(run: Run, what: str) -> None:
@@ -191,7 +195,7 @@ def _export_checked(model: nn.Module, run: Run, data: DataSplits, dst: Path, log
 
 def export_onnx(run: Run | str | Path, *, data: Optional[DataSplits] = None, log: Log = print) -> Path:
     """Export the run's student (and its pruned version, if any) to ONNX, each checked against PyTorch."""
-    with locked(run.path if isinstance(run, Run) else run, "export"):
+    with locked(_folder(run), "export"):
         return _export_onnx(run if isinstance(run, Run) else Run.load(run, read_report=False), data, log)
 
 
@@ -304,7 +308,7 @@ def _speedups(measured: dict[str, Measurement], deployed: str) -> dict:
 def evaluate(run: Run | str | Path, *, data: Optional[DataSplits] = None, show: bool = True) -> dict:
     """Measure every stage the run has (teacher, student, its ONNX file, pruned, int8) on the test split, time them
     all in interleaved rounds; write report.json and report.html."""
-    with locked(run.path if isinstance(run, Run) else run, "evaluate"):
+    with locked(_folder(run), "evaluate"):
         return _evaluate(run if isinstance(run, Run) else Run.load(run, read_report=False), data, show)
 
 
