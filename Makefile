@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-slow bench bench-text bench-lm clean
+.PHONY: install demo test test-slow lint identity bench bench-text bench-lm clean
 
 install: $(STAMP)
 
@@ -20,7 +20,15 @@ demo: install
 	$(BIN)/protege demo --out runs/demo --overwrite
 
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/lint-imports
+
+# results do not move: this tree against the commit before the redesign, both run here (about 12 minutes)
+identity: install
+	$(BIN)/python benchmarks/identity.py
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow

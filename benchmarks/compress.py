@@ -41,11 +41,12 @@ sys.path.insert(0, str(ROOT))
 from _env import environment  # noqa: E402
 from fashion_mnist import run_one  # noqa: E402
 
+from protege.logs import setup as setup_logging  # noqa: E402
 from protege import PruneConfig, QuantizeConfig, load_recipe  # noqa: E402
 from protege.compress.prune import prune_  # noqa: E402
 from protege.compress.qat import qat_to_onnx  # noqa: E402
 from protege.compress.quantize import choose, quantize_dynamic, quantize_static  # noqa: E402
-from protege.compress.stages import measure  # noqa: E402
+from protege.stages.quantize import measure  # noqa: E402
 from protege.data import load_data  # noqa: E402
 from protege.evaluate.profile import ort_latency, torch_latency  # noqa: E402
 from protege.export.onnx import export_model_onnx, onnx_parity, ort_logits, ort_session  # noqa: E402
@@ -137,7 +138,7 @@ def int8_and_pruning(name: str, model, data, recipe, work: Path, args) -> dict:
     out.update(fp32=fp32, static_int8=static)
     if args.qat_epochs:
         info = qat_to_onnx(model, kd_loss(model, data, recipe.distill), data.train, data.val, work / f"{name}.qat.onnx",
-                           epochs=args.qat_epochs, lr=recipe.train.lr / 10, batch_size=128, seed=0, log=print)
+                           epochs=args.qat_epochs, lr=recipe.train.lr / 10, batch_size=128, seed=0)
         out["qat_int8"] = onnx_row(f"QAT+KD int8 ({args.qat_epochs} epochs, self-teacher)", work / f"{name}.qat.onnx", data)
         out["qat_int8"].update(info)
     pruned = copy.deepcopy(model).eval().requires_grad_(True)
@@ -151,6 +152,7 @@ def int8_and_pruning(name: str, model, data, recipe, work: Path, args) -> dict:
 
 
 def main() -> None:
+    setup_logging()  # protege's progress and stage messages on stdout, as the CLI shows them
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--recovery-epochs", type=int, default=10)
@@ -196,7 +198,7 @@ def main() -> None:
         quantize_static(s_fp32, work / "student.static.onnx", calib, QuantizeConfig())
         quantize_dynamic(s_fp32, work / "student.dynamic.onnx", QuantizeConfig())
         qat_info = qat_to_onnx(student, kd_loss(teacher, data, recipe.distill), data.train, data.val, work / "student.qat.onnx",
-                               epochs=args.qat_epochs, lr=recipe.train.lr / 10, batch_size=128, seed=0, log=print)
+                               epochs=args.qat_epochs, lr=recipe.train.lr / 10, batch_size=128, seed=0)
         modes = ("fp32", "static", "dynamic", "qat")
         rows = {m: onnx_row(f"student {m}", work / f"student.{m}.onnx" if m != "fp32" else s_fp32, data) for m in modes}
 

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 from _env import environment  # noqa: E402
 
+from protege.logs import setup as setup_logging  # noqa: E402
 from protege import Run, distill, load_recipe  # noqa: E402
 
 TEACHER = ROOT / "teachers" / "fashion_mnist_cnn.safetensors"
@@ -47,6 +48,7 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def main() -> None:
+    setup_logging()  # protege's progress and stage messages on stdout, as the CLI shows them
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (does not touch the saved teacher or results)")

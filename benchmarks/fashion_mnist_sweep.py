@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 from _env import environment  # noqa: E402
 
+from protege.logs import setup as setup_logging  # noqa: E402
 from protege import distill, load_recipe  # noqa: E402
 
 TEACHER = ROOT / "teachers" / "fashion_mnist_cnn.safetensors"
@@ -38,6 +39,7 @@ VARIANTS = {  # name -> recipe overrides
 
 
 def main() -> None:
+    setup_logging()  # protege's progress and stage messages on stdout, as the CLI shows them
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", nargs="*", help="run only these variant names")

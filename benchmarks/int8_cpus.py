@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 from _env import environment  # noqa: E402
 
+from protege.logs import setup as setup_logging  # noqa: E402
 from protege import QuantizeConfig, load_recipe  # noqa: E402
 from protege.compress import verify as V  # noqa: E402
 from protege.compress.emulate import CPUS, available, run_emulated  # noqa: E402
@@ -130,6 +131,7 @@ def demo(run_dir: Path) -> None:
 
 
 def main() -> None:
+    setup_logging()  # protege's progress and stage messages on stdout, as the CLI shows them
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--emulated", type=int, default=2000, help="test images run on the emulated AVX2 CPU")

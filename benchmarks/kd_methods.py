@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 from _env import environment  # noqa: E402
 
+from protege.logs import setup as setup_logging  # noqa: E402
 from protege import Run, distill, load_recipe  # noqa: E402
 from protege.data import load_data  # noqa: E402
 from protege.knowledge import predict_logits  # noqa: E402
@@ -176,6 +177,7 @@ def markdown(s: dict) -> str:
 
 
 def main() -> None:
+    setup_logging()  # protege's progress and stage messages on stdout, as the CLI shows them
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tier", choices=list(TIERS), default="digits")
     ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))

@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from _env import environment  # noqa: E402
 from lm_kd import CORPUS, RECIPE, TEACHER_DIR  # noqa: E402
 
+from protege.logs import setup as setup_logging  # noqa: E402
 from protege import distill, load_recipe  # noqa: E402
 
 RESULTS = ROOT / "results" / "lm_cross_tokenizer"
@@ -111,6 +112,7 @@ def _test_blocks(recipe) -> torch.Tensor:
 
 
 def main() -> None:
+    setup_logging()  # protege's progress and stage messages on stdout, as the CLI shows them
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "lm_cross_tokenizer")

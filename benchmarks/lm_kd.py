@@ -41,6 +41,7 @@ REPO = ROOT.parent
 sys.path.insert(0, str(ROOT))
 from _env import environment  # noqa: E402
 
+from protege.logs import setup as setup_logging  # noqa: E402
 from protege import distill, load_recipe  # noqa: E402
 
 RECIPE = REPO / "recipes" / "kjv_smollm2.yaml"
@@ -275,6 +276,7 @@ def export_best(name: str, out: Path) -> dict:
 
 
 def main() -> None:
+    setup_logging()  # protege's progress and stage messages on stdout, as the CLI shows them
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prepare", action="store_true", help="convert the teacher and write the corpus, then stop")
     ap.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))

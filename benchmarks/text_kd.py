@@ -33,6 +33,7 @@ REPO = ROOT.parent
 sys.path.insert(0, str(ROOT))
 from _env import environment  # noqa: E402
 
+from protege.logs import setup as setup_logging  # noqa: E402
 from protege import Run, distill, evaluate, load_recipe  # noqa: E402
 
 RECIPE = REPO / "recipes" / "reviews_minilm.yaml"
@@ -140,6 +141,7 @@ def markdown(s: dict) -> str:
 
 
 def main() -> None:
+    setup_logging()  # protege's progress and stage messages on stdout, as the CLI shows them
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prepare", action="store_true", help="write the data and link the model folder, then stop")
     ap.add_argument("--students", nargs="+", choices=list(STUDENTS), default=["distilbert", "bilstm"],

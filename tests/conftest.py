@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import sys
 from pathlib import Path
@@ -29,6 +30,17 @@ TINY = {
 def _protege_cache(tmp_path, monkeypatch):
     """Tokenisation caches (text and LM corpora) go under each test's own folder, never the user's ~/.cache."""
     monkeypatch.setenv("PROTEGE_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(autouse=True)
+def _protege_logger():
+    """The CLI sets up protege's logger (a handler, no propagation); in-process CLI tests must not leave that behind."""
+    logger = logging.getLogger("protege")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+    logger.propagate = propagate
 
 
 @pytest.fixture

@@ -211,7 +211,7 @@ SMALL = {
 def compressed(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "c"
     recipe = parse_recipe({**SMALL, "prune": {"ratio": 0.5, "finetune_epochs": 1}, "quantize": {"mode": "static"}})
-    return distill(recipe, out, log=lambda *_: None)
+    return distill(recipe, out)
 
 
 def _val_x(run: Run) -> torch.Tensor:
@@ -254,7 +254,7 @@ def test_compress_command_replaces_an_earlier_pass(compressed, tmp_path):
 
     run_dir = tmp_path / "copy"
     shutil.copytree(compressed.path, run_dir)
-    run = compress(run_dir, prune=PruneConfig(method="unstructured", ratio=0.5), quantize=None, log=lambda *_: None)
+    run = compress(run_dir, prune=PruneConfig(method="unstructured", ratio=0.5), quantize=None)
     assert not run.int8_path.exists() and not (run.quant_dir / "choice.json").exists()
     assert run.report["deployed"] == "pruned_onnx"
     assert "no speedup" in run.report["stages"][-1]["note"]
@@ -295,7 +295,7 @@ def test_qat_with_the_teacher_exports_an_int8_file_ort_runs(compressed, tmp_path
 
     run_dir = tmp_path / "qat"
     shutil.copytree(compressed.path, run_dir)
-    run = compress(run_dir, prune=None, quantize=QuantizeConfig(mode="qat", qat_epochs=1), log=lambda *_: None)
+    run = compress(run_dir, prune=None, quantize=QuantizeConfig(mode="qat", qat_epochs=1))
     choice = run.report["quantization"]
     qat = next(c for c in choice["candidates"] if c["name"] == "qat")
     assert choice["chosen"] == "qat" and qat["val_agreement_torch_int8"] >= 0.98  # PyTorch int8 vs the file's exact QDQ arithmetic
@@ -312,7 +312,9 @@ def test_qat_with_the_teacher_exports_an_int8_file_ort_runs(compressed, tmp_path
 def test_a_failed_compress_puts_the_earlier_pass_back(compressed, tmp_path, monkeypatch):
     import shutil
 
-    import protege.pipeline as pl
+    import importlib
+
+    pl = importlib.import_module("protege.stages.compress")  # (protege.stages.compress is also the compress() function)
 
     run_dir = tmp_path / "fail"
     shutil.copytree(compressed.path, run_dir)
@@ -323,7 +325,7 @@ def test_a_failed_compress_puts_the_earlier_pass_back(compressed, tmp_path, monk
 
     monkeypatch.setattr(pl, "quantize_stage", boom)
     with pytest.raises(CompressError, match="simulated"):
-        compress(run_dir, prune=PruneConfig(ratio=0.3), quantize=QuantizeConfig(mode="dynamic"), log=lambda *_: None)
+        compress(run_dir, prune=PruneConfig(ratio=0.3), quantize=QuantizeConfig(mode="dynamic"))
     after = {str(p.relative_to(run_dir)): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     assert {k: v for k, v in after.items() if "checkpoints" not in k} == {k: v for k, v in before.items() if "checkpoints" not in k}
 
@@ -334,7 +336,7 @@ def test_quantizing_alone_keeps_the_earlier_pruning(compressed, tmp_path):
     run_dir = tmp_path / "q"
     shutil.copytree(compressed.path, run_dir)
     pruned = (run_dir / "pruned" / "model.safetensors").read_bytes()
-    run = compress(run_dir, quantize=QuantizeConfig(mode="dynamic"), log=lambda *_: None)
+    run = compress(run_dir, quantize=QuantizeConfig(mode="dynamic"))
     assert (run_dir / "pruned" / "model.safetensors").read_bytes() == pruned
     assert [s["name"] for s in run.report["stages"]][-3:] == ["pruned", "pruned_onnx", "int8 (dynamic)"]
     assert run.report["quantization"]["source"] == "pruned.onnx"
@@ -348,7 +350,7 @@ def test_qat_keeps_unstructured_zeros(compressed, tmp_path):
     run_dir = tmp_path / "sparse"
     shutil.copytree(compressed.path, run_dir)
     run = compress(run_dir, prune=PruneConfig(method="unstructured", ratio=0.5),
-                   quantize=QuantizeConfig(mode="qat", qat_epochs=1), log=lambda *_: None)
+                   quantize=QuantizeConfig(mode="qat", qat_epochs=1))
     conv_w = [numpy_helper.to_array(t) for t in onnx.load(str(run.int8_path)).graph.initializer
               if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
     assert conv_w and all(float((w == 0).mean()) >= 0.45 for w in conv_w[1:])  # inner convs: half their weights pruned
@@ -367,8 +369,7 @@ def test_qat_of_a_residual_network_runs_every_conv_in_int8(tmp_path):
     data = load_data(DataConfig(source="digits", limit=200), 0)
     torch.manual_seed(0)
     model = ResNet((1, 8, 8), 10, 8, width=8)
-    info = qat_to_onnx(model, label_loss(), data.train, data.val, tmp_path / "r.onnx", epochs=1, lr=1e-3, batch_size=64, seed=0,
-                       log=lambda *_: None)
+    info = qat_to_onnx(model, label_loss(), data.train, data.val, tmp_path / "r.onnx", epochs=1, lr=1e-3, batch_size=64, seed=0)
     assert info["val_agreement_torch_int8"] >= 0.98 and V.scheme(tmp_path / "r.onnx", "qat")["portable"]
     fp32 = export_model_onnx(model.eval(), data.val.x[:2], tmp_path / "r.fp32.onnx")
     _exact_on_avx2(tmp_path / "r.onnx", fp32, data.val.x)
@@ -390,7 +391,7 @@ def test_an_int8_file_onnx_runtime_cannot_run_is_a_one_line_error(compressed, tm
     import importlib
     import shutil
 
-    st = importlib.import_module("protege.compress.stages")  # (protege.compress is also the compress() function)
+    st = importlib.import_module("protege.stages.quantize")  # (protege.stages.compress is also the compress() function)
 
     class Fail(Exception):
         pass
@@ -407,4 +408,4 @@ def test_an_int8_file_onnx_runtime_cannot_run_is_a_one_line_error(compressed, tm
     run_dir = tmp_path / "ortfail"
     shutil.copytree(compressed.path, run_dir)
     with pytest.raises(CompressError, match="static int8: ONNX Runtime cannot run static.onnx"):
-        compress(run_dir, quantize=QuantizeConfig(mode="static"), log=lambda *_: None)
+        compress(run_dir, quantize=QuantizeConfig(mode="static"))

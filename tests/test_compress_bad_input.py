@@ -14,7 +14,7 @@ from .test_bad_input import assert_clean_error, run_cli
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "r"
-    distill(parse_recipe(dict(TINY)), out, log=lambda *_: None)
+    distill(parse_recipe(dict(TINY)), out)
     return out
 
 

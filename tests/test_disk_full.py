@@ -23,6 +23,7 @@ import yaml
 from safetensors.torch import load_file
 
 from .conftest import PROTEGE, TINY
+from .log_capture import logged
 
 resource = pytest.importorskip("resource", reason="file-size limits (RLIMIT_FSIZE) are POSIX only")
 
@@ -262,7 +263,7 @@ if kind == "prepare":
     for epoch in (1, 2):
         save_checkpoint(work / "last.safetensors", small, opt, sched, {"epoch": epoch})
     save_weights(small, work / "model.safetensors")
-    load_or_build_cache(work / "cache", {"teacher": "t", "data": "d"}, small, torch.randn(50, 4), log=lambda _: None)
+    load_or_build_cache(work / "cache", {"teacher": "t", "data": "d"}, small, torch.randn(50, 4))
 else:
     from protege.train.checkpoint import save_checkpoint
     from protege.models.loading import save_weights
@@ -273,7 +274,7 @@ else:
     out["checkpoint"] = attempt(lambda: save_checkpoint(work / "last.safetensors", model, opt, sched, {"epoch": 3}))
     out["weights"] = attempt(lambda: save_weights(model, work / "model.safetensors"))
     out["cache"] = attempt(lambda: load_or_build_cache(work / "cache", {"teacher": "other", "data": "d"}, model,
-                                                       torch.randn(2000, 64), log=lambda _: None))
+                                                       torch.randn(2000, 64)))
     out["onnx"] = attempt(lambda: export_model_onnx(model, torch.randn(2, 64), work / "m.onnx"))
 print(json.dumps(out))
 '''
@@ -302,6 +303,6 @@ def test_write_sites_fail_cleanly_and_keep_what_was_there(tmp_path):
     after = {p.relative_to(tmp_path).as_posix(): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     assert after == before  # same files, same bytes: nothing half-written, no temporary left
     assert _epoch_of(tmp_path / "last.safetensors") == 2 and _epoch_of(tmp_path / "last.prev.safetensors") == 1
-    said = []
-    load_or_build_cache(tmp_path / "cache", {"teacher": "t", "data": "d"}, None, None, log=said.append)
+    with logged([]) as said:
+        load_or_build_cache(tmp_path / "cache", {"teacher": "t", "data": "d"}, None, None)
     assert said == []  # the earlier cache is still whole and reused

@@ -11,6 +11,7 @@ from protege.models.zoo import CNN, ResNet
 from protege.train.adapters import make_adapter
 
 from .conftest import PROTEGE
+from .log_capture import logged
 
 
 def _cnn() -> CNN:
@@ -73,7 +74,7 @@ def test_feature_cache_is_fp16_memory_mapped_and_matches_live_outputs(tmp_path):
     import numpy as np
 
     model, x = _cnn(), torch.randn(40, 1, 8, 8)
-    cache = load_or_build_cache(tmp_path / "c", {"teacher": "t", "data": "d"}, model, x, ["features.0"], log=lambda m: None)
+    cache = load_or_build_cache(tmp_path / "c", {"teacher": "t", "data": "d"}, model, x, ["features.0"])
     assert isinstance(cache.arrays["features.0"], np.memmap) and cache.arrays["features.0"].dtype == np.float16
     assert cache.arrays["logits"].dtype == np.float32
     idx = torch.tensor([5, 1, 39])
@@ -86,8 +87,9 @@ def test_feature_cache_is_fp16_memory_mapped_and_matches_live_outputs(tmp_path):
 
 def test_cache_with_other_paths_is_rebuilt_never_reused(tmp_path):
     model, x, logs = _cnn(), torch.randn(10, 1, 8, 8), []
-    load_or_build_cache(tmp_path / "c", {"teacher": "t", "data": "d"}, model, x, ["features.0"], log=logs.append)
-    again = load_or_build_cache(tmp_path / "c", {"teacher": "t", "data": "d"}, model, x, ["features.1"], log=logs.append)
+    with logged(logs):
+        load_or_build_cache(tmp_path / "c", {"teacher": "t", "data": "d"}, model, x, ["features.0"])
+        again = load_or_build_cache(tmp_path / "c", {"teacher": "t", "data": "d"}, model, x, ["features.1"])
     assert again.paths == ["features.1"] and any("hooked feature paths changed" in m for m in logs)
     assert not (tmp_path / "c.tmp").exists()
 

@@ -18,6 +18,7 @@ from protege.errors import ModelError, StorageError
 from protege.recipe import parse_recipe
 
 from .conftest import PROTEGE, TINY
+from .log_capture import logged
 
 
 def _tiny() -> dict:
@@ -111,7 +112,8 @@ def test_checkpoint_falls_back_to_the_previous_one(tmp_path, damage):
         last.unlink()
     said: list[str] = []
     model, opt, sched = _trainables()
-    loop = load_checkpoint(last, model, opt, sched, log=said.append)
+    with logged(said):
+        loop = load_checkpoint(last, model, opt, sched)
     assert loop["epoch"] == 2
     _assert_same(model.state_dict(), weights[2])
     assert opt.state_dict()["state"] and sched.last_epoch == 2
@@ -124,7 +126,8 @@ def test_checkpoint_undamaged_loads_silently_and_previous_is_one_epoch_older(tmp
     weights = _train_and_save(tmp_path, 3)
     said: list[str] = []
     model, opt, sched = _trainables()
-    assert load_checkpoint(tmp_path / "last.safetensors", model, opt, sched, log=said.append)["epoch"] == 3
+    with logged(said):
+        assert load_checkpoint(tmp_path / "last.safetensors", model, opt, sched)["epoch"] == 3
     _assert_same(model.state_dict(), weights[3])
     assert said == [] and _epoch_of(tmp_path / "last.prev.safetensors") == 2
 
@@ -162,9 +165,9 @@ def test_truncated_last_checkpoint_resume_falls_back_and_finishes(finished, tmp_
     run = _copy(finished, tmp_path)
     last = run / "student" / "checkpoints" / "last.safetensors"
     _truncate(last)
-    capsys.readouterr()
-    protege.distill(recipe, run, resume=True, export=False, evaluate_=False)
-    out = capsys.readouterr().out
+    with logged([]) as lines:
+        protege.distill(recipe, run, resume=True, export=False, evaluate_=False)
+    out = "\n".join(lines)
     said = [ln for ln in out.splitlines() if str(last) in ln]
     assert len(said) == 1 and "resuming from the previous one" in said[0] and "last.prev.safetensors" in said[0], out
     _assert_same(_state(run / "student" / "model.safetensors"), _state(ref / "student" / "model.safetensors"))
@@ -185,7 +188,8 @@ def test_cache_round_trip_and_checksums(tmp_path):
 
     model, x = _cache_inputs()
     said: list[str] = []
-    cache = load_or_build_cache(tmp_path / "c", {"teacher": "t", "data": "d"}, model, x, ["0"], log=said.append)
+    with logged(said):
+        cache = load_or_build_cache(tmp_path / "c", {"teacher": "t", "data": "d"}, model, x, ["0"])
     with torch.no_grad():
         assert np.array_equal(cache.arrays["logits"], model(x).numpy())
         assert np.array_equal(cache.arrays["0"], model[0](x).numpy().astype(np.float16))
@@ -195,7 +199,8 @@ def test_cache_round_trip_and_checksums(tmp_path):
         assert e["sha256"] == file_sha256(tmp_path / "c" / e["file"])
     assert not (tmp_path / "c.tmp").exists()
     said.clear()
-    load_or_build_cache(tmp_path / "c", {"teacher": "t", "data": "d"}, model, x, ["0"], log=said.append)
+    with logged(said):
+        load_or_build_cache(tmp_path / "c", {"teacher": "t", "data": "d"}, model, x, ["0"])
     assert said == []  # reused
 
 
@@ -205,7 +210,7 @@ def test_damaged_or_old_cache_is_rebuilt(tmp_path, damage):
 
     model, x = _cache_inputs()
     folder, key = tmp_path / "c", {"teacher": "t", "data": "d"}
-    load_or_build_cache(folder, key, model, x, log=lambda _: None)
+    load_or_build_cache(folder, key, model, x)
     meta = json.loads((folder / "meta.json").read_text())
     file = folder / meta["entries"]["logits"]["file"]
     if damage == "scribbled":
@@ -219,7 +224,8 @@ def test_damaged_or_old_cache_is_rebuilt(tmp_path, damage):
         del meta["format"]
         (folder / "meta.json").write_text(json.dumps(meta))
     said: list[str] = []
-    cache = load_or_build_cache(folder, key, model, x, log=said.append)
+    with logged(said):
+        cache = load_or_build_cache(folder, key, model, x)
     assert "rebuilding" in said[0] and str(folder) in said[0]
     assert ("older protege" in said[0]) == (damage == "old format")
     assert ("does not match its checksum" in said[0]) == (damage != "old format")
@@ -236,9 +242,9 @@ def test_scribbled_cache_is_rebuilt_and_the_student_matches_a_clean_run(finished
     for name in ("checkpoints/last.safetensors", "checkpoints/last.prev.safetensors", "checkpoints/best.safetensors",
                  "model.safetensors", "config.json"):  # the student stage trains again, from the cache
         (run / "student" / name).unlink()
-    capsys.readouterr()
-    protege.distill(recipe, run, resume=True, export=False, evaluate_=False)
-    out = capsys.readouterr().out
+    with logged([]) as lines:
+        protege.distill(recipe, run, resume=True, export=False, evaluate_=False)
+    out = "\n".join(lines)
     assert "does not match its checksum" in out and "rebuilding" in out, out
     _assert_same(_state(run / "student" / "model.safetensors"), _state(ref / "student" / "model.safetensors"))
     assert np.array_equal(np.load(cache / meta["entries"]["logits"]["file"]),

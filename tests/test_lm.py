@@ -13,6 +13,7 @@ from protege.losses import token as T
 from protege.recipe import parse_recipe
 
 from .text_fixtures import write_corpus, write_llama_folder
+from .log_capture import logged
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def _teacher_and_data(lm):
 def test_topk_cache_holds_the_teachers_top_tokens_and_is_keyed(lm, tmp_path):
     teacher, d = _teacher_and_data(lm)
     key = {"teacher": "abc", "data": d.fingerprint()}
-    cache = load_or_build_topk(tmp_path / "c", key, teacher, d.train.x, 5, 2.0, log=lambda *_: None)
+    cache = load_or_build_topk(tmp_path / "c", key, teacher, d.train.x, 5, 2.0)
     idx = torch.tensor([3, 0, 7])
     ids, buckets = cache.get(idx)
     with torch.no_grad():
@@ -101,7 +102,8 @@ def test_topk_cache_holds_the_teachers_top_tokens_and_is_keyed(lm, tmp_path):
     assert torch.allclose(buckets.exp().sum(-1), torch.ones(3, 32), atol=1e-5)
     assert cache.nbytes() < cache.full_bytes() and 0 < cache.tail_mass() < 1
     messages = []
-    load_or_build_topk(tmp_path / "c", {**key, "teacher": "other"}, teacher, d.train.x, 5, 2.0, log=messages.append)
+    with logged(messages):
+        load_or_build_topk(tmp_path / "c", {**key, "teacher": "other"}, teacher, d.train.x, 5, 2.0)
     assert "another teacher" in messages[0] and "rebuilding" in messages[0]
     with pytest.raises(DataError, match="made for another corpus"):
         load_or_build_topk(tmp_path / "c", {**key, "teacher": "other", "data": "x"}, teacher, d.train.x, 5, 2.0, strict=True)
@@ -112,7 +114,7 @@ def test_topk_cache_holds_the_teachers_top_tokens_and_is_keyed(lm, tmp_path):
 
 
 def test_the_lm_distiller_matches_the_pure_loss_and_masks_the_prompt_on_policy(lm, monkeypatch):
-    from protege.lm import LMDistiller
+    from protege.train.lm_distiller import LMDistiller
     from protege.models import build_model
 
     teacher, d = _teacher_and_data(lm)
@@ -177,7 +179,7 @@ def test_student_initialised_from_every_other_teacher_layer(lm):
 @pytest.mark.parametrize("response", ["forward_kl", "jsd", "skew_reverse_kl"])
 def test_lm_pipeline_end_to_end(lm, tmp_path, response):
     r = parse_recipe(_recipe(lm, distill={"response": response, "topk": 6, "beta": 0.3}, student={"init": "select"}))
-    run = protege.distill(r, tmp_path / "run", log=lambda *_: None)
+    run = protege.distill(r, tmp_path / "run")
     rep = json.loads(run.report_path.read_text())
     assert rep["task"] == "causal_lm" and rep["student"]["params"] < rep["teacher"]["params"]
     assert rep["student"]["tokens_per_s"] > 0 and rep["student"]["test_ppl"] > 1
@@ -188,13 +190,13 @@ def test_lm_pipeline_end_to_end(lm, tmp_path, response):
     assert cfg["best_epoch"] == best["epoch"] and cfg["best_val_loss"] == pytest.approx(best["val_loss"])
     assert (run.path / "teacher_cache" / "top6" / "meta.json").is_file()
     # resuming a finished run reuses the cache and the checkpoint instead of recomputing
-    again = protege.distill(r, tmp_path / "run", resume=True, log=lambda *_: None)
+    again = protege.distill(r, tmp_path / "run", resume=True)
     assert json.loads(again.report_path.read_text())["student"]["test_ppl"] == pytest.approx(rep["student"]["test_ppl"])
 
 
 def test_lm_training_lowers_validation_perplexity(lm, tmp_path):
     r = parse_recipe(_recipe(lm, train={"epochs": 3, "lr": 1e-2}, distill={"alpha": 1.0}))
-    run = protege.distill(r, tmp_path / "run", log=lambda *_: None)
+    run = protege.distill(r, tmp_path / "run")
     ppl = [json.loads(line)["val_ppl"] for line in run.metrics_path.read_text().splitlines()]
     assert ppl[-1] < 0.7 * 27  # below a uniform guess over the 27-token vocabulary by a wide margin
 
@@ -210,12 +212,13 @@ def test_convert_gguf_refuses_other_files(tmp_path):
 
 def test_evaluate_remeasures_an_lm_run_and_export_writes_checked_onnx_and_int8(lm, tmp_path):
     r = parse_recipe(_recipe(lm, train={"epochs": 1}))
-    run = protege.distill(r, tmp_path / "run", log=lambda *_: None)
+    run = protege.distill(r, tmp_path / "run")
     rep = protege.evaluate(run.path)
     assert rep["student"]["test_ppl"] == pytest.approx(run.report["student"]["test_ppl"])
     assert "onnx" not in rep
     seen = []
-    assert protege.export_onnx(run.path, log=seen.append) == run.onnx_path
+    with logged(seen):
+        assert protege.export_onnx(run.path) == run.onnx_path
     assert run.int8_path.is_file() and any("max |ONNX - PyTorch|" in line for line in seen)
     rep = json.loads(run.report_path.read_text())
     # the ONNX file scores the test blocks as PyTorch does; int8 weights move the perplexity a little, not wildly

@@ -12,6 +12,7 @@ import protege
 from protege.recipe import parse_recipe
 
 from .conftest import PROTEGE
+from .log_capture import logged
 
 
 @pytest.fixture(scope="module")
@@ -128,14 +129,17 @@ def test_cache_reused_only_with_matching_fingerprint(tmp_path):
     model, x, calls, logs = MLP((4,), 3, hidden=[5]), torch.randn(20, 4), {"n": 0}, []
     model.register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
     key = {"teacher": "aaa", "data": "d"}
-    first = load_or_build_cache(tmp_path / "c", key, model, x, log=logs.append)
-    again = load_or_build_cache(tmp_path / "c", key, model, x, log=logs.append)
+    with logged(logs):
+        first = load_or_build_cache(tmp_path / "c", key, model, x)
+        again = load_or_build_cache(tmp_path / "c", key, model, x)
     idx = torch.tensor([3, 0, 7])
     assert calls["n"] == 1 and torch.equal(first.get(idx).logits, again.get(idx).logits) and len(logs) == 1
     assert torch.allclose(again.get(idx).logits, model(x[idx]))  # (one more forward)
-    load_or_build_cache(tmp_path / "c", {"teacher": "bbb", "data": "d"}, model, x, log=logs.append)
+    with logged(logs):
+        load_or_build_cache(tmp_path / "c", {"teacher": "bbb", "data": "d"}, model, x)
     assert calls["n"] == 3 and "the teacher weights changed" in logs[1]
-    load_or_build_cache(tmp_path / "c", {"teacher": "bbb", "data": "d"}, model, x, ["body.1"], log=logs.append)
+    with logged(logs):
+        load_or_build_cache(tmp_path / "c", {"teacher": "bbb", "data": "d"}, model, x, ["body.1"])
     assert calls["n"] == 4 and "the hooked feature paths changed" in logs[3]
 
 
@@ -143,7 +147,7 @@ def test_export_over_tolerance_fails_and_keeps_the_good_file(finished_run, monke
     import onnx
     from onnx import numpy_helper
 
-    from protege import pipeline
+    from protege.stages import onnx as pipeline
     from protege.errors import ExportError
 
     def export_then_perturb(model, x, path, opset=18):  # an exporter bug: one weight off by 1e-3

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 import protege.api
-import protege.models.inspect
+
 from protege.cli import USAGE_ERRORS, app
 from protege.errors import ProtegeError
 from protege.recipe import Recipe, apply_overrides, dump_recipe, load_recipe, parse_recipe
@@ -329,7 +329,7 @@ def stubbed_api():
     """The API's working functions replaced: the CLI parses its options and validates recipes, nothing runs."""
     with mock.patch.multiple(protege.api, distill=_stub, compress=_stub, evaluate=_stub, export_onnx=_stub,
                              convert_gguf=_stub, generate_corpus=_stub), \
-            mock.patch.multiple(protege.models.inspect, load_for_inspect=lambda *a, **k: (None, None),
+            mock.patch.multiple(protege.api, load_for_inspect=lambda *a, **k: (None, None),
                                 inspect_model=lambda *a, **k: [], format_rows=lambda rows: ""):
         yield
 

@@ -59,15 +59,28 @@ def test_shipped_recipe_runs_tiny(path, tmp_path):
     assert run.report["student"]["params"] <= run.report["teacher"]["params"]
 
 
-def test_demo(tmp_path):
-    proc = subprocess.run([PROTEGE, "demo", "--out", str(tmp_path / "demo")], capture_output=True, text=True, timeout=900)
+def _demo(folder, *sets: str, floor: float) -> None:
+    """`protege demo` (with --set overrides) keeps its promises: a student under a tenth of the teacher, a checked
+    ONNX file, a static int8 file, report.html; accuracies above ``floor``."""
+    args = [a for s in sets for a in ("--set", s)]
+    proc = subprocess.run([PROTEGE, "demo", "--out", str(folder), *args], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    report = json.loads((folder / "report.json").read_text())
     assert report["student"]["params"] * 10 <= report["teacher"]["params"]
-    assert (tmp_path / "demo" / "student.onnx").is_file() and report["onnx_max_abs_diff"] <= 1e-4
-    assert report["student_onnx"]["accuracy"] > 0.9  # digits: a working student, not chance (10%)
+    assert (folder / "student.onnx").is_file() and report["onnx_max_abs_diff"] <= 1e-4
+    assert report["student_onnx"]["accuracy"] > floor  # digits: a working student, not chance (10%)
     assert "student_onnx" in proc.stdout and "compression" in proc.stdout
     int8 = report["stages"][-1]
-    assert int8["name"] == "int8 (static)" and (tmp_path / "demo" / "student.int8.onnx").is_file()
-    assert int8["accuracy"] > 0.9 and int8["bytes"] < report["student_onnx"]["bytes"]
-    assert "plot-latency" in (tmp_path / "demo" / "report.html").read_text()
+    assert int8["name"] == "int8 (static)" and (folder / "student.int8.onnx").is_file()
+    assert int8["accuracy"] > floor and int8["bytes"] < report["student_onnx"]["bytes"]
+    assert "plot-latency" in (folder / "report.html").read_text()
+
+
+def test_demo_trimmed(tmp_path):
+    """The demo's whole path with a few epochs (the full 70-epoch demo is `make test-slow` and `make demo`)."""
+    _demo(tmp_path / "demo", "teacher.train.epochs=4", "train.epochs=6", floor=0.9)
+
+
+@pytest.mark.slow
+def test_demo(tmp_path):
+    _demo(tmp_path / "demo", floor=0.9)

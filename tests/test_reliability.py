@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from .conftest import HERE, PROTEGE, TINY
 from .slow_mlp import HOLD
 from .test_bad_input import assert_clean_error, run_cli
+from .log_capture import logged
 
 
 def _strict_json_lines(path: Path) -> list[dict]:
@@ -308,12 +309,14 @@ def test_student_larger_than_teacher_is_warned(tmp_path):
     lines: list[str] = []
     recipe = protege.load_recipe(_recipe(tmp_path, lambda r: (r["student"].update(kwargs={"hidden": [256]}),
                                                                r["train"].update(epochs=1))))
-    protege.distill(recipe, tmp_path / "out", evaluate_=False, export=False, log=lines.append)
+    with logged(lines):
+        protege.distill(recipe, tmp_path / "out", evaluate_=False, export=False)
     warned = [ln for ln in lines if ln.startswith("warning: the student (")]
     assert len(warned) == 1 and "not smaller than the teacher" in warned[0] and "student.kwargs" in warned[0], lines
     lines.clear()
-    protege.distill(protege.load_recipe(_recipe(tmp_path, name="small.yaml")), tmp_path / "small", evaluate_=False,
-                    export=False, log=lines.append)
+    with logged(lines):
+        protege.distill(protege.load_recipe(_recipe(tmp_path, name="small.yaml")), tmp_path / "small", evaluate_=False,
+                        export=False)
     assert not [ln for ln in lines if ln.startswith("warning")], lines
 
 

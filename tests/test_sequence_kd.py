@@ -13,6 +13,7 @@ from protege.errors import DataError, ModelError
 from protege.recipe import parse_recipe
 
 from .text_fixtures import write_corpus, write_llama_folder
+from .log_capture import logged
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +28,7 @@ def _rows(path):
 
 
 def test_teacher_continues_every_window_of_every_document(lm, tmp_path):
-    out = generate_corpus(lm["teacher"], lm["train"], tmp_path / "gen.jsonl", prompt_tokens=5, new_tokens=7, batch_size=4,
-                          log=lambda *_: None)
+    out = generate_corpus(lm["teacher"], lm["train"], tmp_path / "gen.jsonl", prompt_tokens=5, new_tokens=7, batch_size=4)
     tok = load_tokenizer(str(lm["teacher"]))
     docs = [r["text"] for r in _rows(lm["train"])]
     want = [(d, ids[i:i + 5]) for d, text in enumerate(docs)
@@ -43,7 +43,7 @@ def test_teacher_continues_every_window_of_every_document(lm, tmp_path):
 
 
 def test_generation_is_seeded_greedy_is_deterministic_and_an_interrupted_run_continues(lm, tmp_path, monkeypatch):
-    kw = {"prompt_tokens": 4, "new_tokens": 6, "batch_size": 3, "limit": 10, "log": lambda *_: None}
+    kw = {"prompt_tokens": 4, "new_tokens": 6, "batch_size": 3, "limit": 10}
     a = _rows(generate_corpus(lm["teacher"], lm["train"], tmp_path / "a.jsonl", seed=3, **kw))
     b = _rows(generate_corpus(lm["teacher"], lm["train"], tmp_path / "b.jsonl", seed=3, **kw))
     c = _rows(generate_corpus(lm["teacher"], lm["train"], tmp_path / "c.jsonl", seed=4, **kw))
@@ -71,7 +71,8 @@ def test_generation_is_seeded_greedy_is_deterministic_and_an_interrupted_run_con
     assert not (tmp_path / "r.jsonl").exists() and len(tmp.read_text().splitlines()) == 6
     tmp.write_text(tmp.read_text() + full.splitlines()[6] + "\n" + '{"text": "torn')  # 7 whole rows: batch 3 unfinished
     seen = []
-    again = generate_corpus(lm["teacher"], lm["train"], tmp_path / "r.jsonl", seed=3, **{**kw, "log": seen.append})
+    with logged(seen):
+        again = generate_corpus(lm["teacher"], lm["train"], tmp_path / "r.jsonl", seed=3, **kw)
     assert again.read_text() == full and "after 6 finished rows" in seen[0]
     # a file left by a run with other settings is not continued
     monkeypatch.setattr(CausalLM, "generate", stop_third)
@@ -80,17 +81,19 @@ def test_generation_is_seeded_greedy_is_deterministic_and_an_interrupted_run_con
         generate_corpus(lm["teacher"], lm["train"], tmp_path / "o.jsonl", seed=4, **kw)
     monkeypatch.setattr(CausalLM, "generate", real)
     seen.clear()
-    other = generate_corpus(lm["teacher"], lm["train"], tmp_path / "o.jsonl", seed=3, **{**kw, "log": seen.append})
+    with logged(seen):
+        other = generate_corpus(lm["teacher"], lm["train"], tmp_path / "o.jsonl", seed=3, **kw)
     assert other.read_text() == full and "other settings; starting again" in seen[0]
     # nor is a file left without its settings
     tmp.write_text('{"text": "fake", "document": 0}\n' * 3)
     seen.clear()
-    again = generate_corpus(lm["teacher"], lm["train"], tmp_path / "r.jsonl", seed=3, overwrite=True, **{**kw, "log": seen.append})
+    with logged(seen):
+        again = generate_corpus(lm["teacher"], lm["train"], tmp_path / "r.jsonl", seed=3, overwrite=True, **kw)
     assert again.read_text() == full and "starting again" in seen[0]
 
 
 def test_a_student_learns_the_teachers_text_and_is_tested_on_real_text(lm, tmp_path):
-    gen = generate_corpus(lm["teacher"], lm["train"], tmp_path / "gen.jsonl", prompt_tokens=4, new_tokens=12, log=lambda *_: None)
+    gen = generate_corpus(lm["teacher"], lm["train"], tmp_path / "gen.jsonl", prompt_tokens=4, new_tokens=12)
     r = {"name": "seqkd", "task": "causal_lm",
          "data": {"source": "lm_text", "path": str(gen), "test_path": str(lm["test"]), "block_size": 16, "val_fraction": 0.2},
          "teacher": {"model": str(lm["teacher"])},
@@ -106,7 +109,7 @@ def test_a_student_learns_the_teachers_text_and_is_tested_on_real_text(lm, tmp_p
     assert "test:" in data.description
     with pytest.raises(DataError, match="not found; set data.test_path"):
         load_data(parse_recipe({**r, "data": {**r["data"], "test_path": str(tmp_path / "none.jsonl")}}).data, 0)
-    run = protege.distill(recipe, tmp_path / "run", log=lambda *_: None)
+    run = protege.distill(recipe, tmp_path / "run")
     assert run.report["student"]["test_tokens"] == n * 15 and run.report["student"]["test_ppl"] > 1
 
 
@@ -119,7 +122,7 @@ def test_a_student_learns_the_teachers_text_and_is_tested_on_real_text(lm, tmp_p
 ])
 def test_bad_generate_settings(lm, tmp_path, kw, err, match):
     with pytest.raises(err, match=match):
-        generate_corpus(lm["teacher"], lm["train"], tmp_path / "gen.jsonl", log=lambda *_: None, **kw)
+        generate_corpus(lm["teacher"], lm["train"], tmp_path / "gen.jsonl", **kw)
     assert not (tmp_path / "gen.jsonl").exists()
 
 
@@ -127,10 +130,10 @@ def test_generate_never_overwrites_a_corpus_unless_told(lm, tmp_path):
     out = tmp_path / "gen.jsonl"
     out.write_text("precious\n")
     with pytest.raises(DataError, match="already exists; .* --overwrite"):
-        generate_corpus(lm["teacher"], lm["train"], out, log=lambda *_: None)
+        generate_corpus(lm["teacher"], lm["train"], out)
     assert out.read_text() == "precious\n"
     with pytest.raises(DataError, match="must end in .jsonl"):
-        generate_corpus(lm["teacher"], lm["train"], tmp_path / "gen.txt", log=lambda *_: None)
+        generate_corpus(lm["teacher"], lm["train"], tmp_path / "gen.txt")
 
 
 def test_the_generate_command(lm, tmp_path, capsys):
@@ -152,14 +155,15 @@ def test_a_student_with_another_tokenizer_learns_from_the_teachers_text(lm, tmp_
     from .text_fixtures import write_llama_folder
 
     student = write_llama_folder(tmp_path / "student", layers=1, shuffle_vocab=7, extra_words=10)  # other ids, past 27
-    gen = generate_corpus(lm["teacher"], lm["train"], tmp_path / "gen.jsonl", prompt_tokens=4, new_tokens=12, log=lambda *_: None)
+    gen = generate_corpus(lm["teacher"], lm["train"], tmp_path / "gen.jsonl", prompt_tokens=4, new_tokens=12)
     r = {"name": "xtok", "task": "causal_lm",
          "data": {"source": "lm_text", "path": str(gen), "test_path": str(lm["test"]), "tokenizer": str(student),
                   "block_size": 16, "val_fraction": 0.2},
          "teacher": {"model": str(lm["teacher"])}, "student": {"model": str(student), "kwargs": {"pretrained": False}},
          "distill": {"alpha": 1.0}, "train": {"epochs": 1, "batch_size": 8, "lr": 3e-3}, "eval": {"threads": 1}}
     seen = []
-    run = protege.distill(parse_recipe(r), tmp_path / "run", log=seen.append)
+    with logged(seen):
+        run = protege.distill(parse_recipe(r), tmp_path / "run")
     rep = run.report
     assert any("another tokenizer" in line for line in seen)
     assert rep["teacher"]["test_ppl"] is None and "not comparable" in rep["teacher"]["note"]
@@ -171,5 +175,5 @@ def test_a_student_with_another_tokenizer_learns_from_the_teachers_text(lm, tmp_
     # any use of the teacher's logits or weights with another tokenizer stays an error
     for over in ({"distill": {"alpha": 0.5}}, {"student": {**r["student"], "init": "select"}}):
         with pytest.raises(RecipeError, match="has its own tokenizer"):
-            protege.distill(parse_recipe({**r, **over}), tmp_path / "bad", log=lambda *_: None)
+            protege.distill(parse_recipe({**r, **over}), tmp_path / "bad")
         assert not (tmp_path / "bad").exists()

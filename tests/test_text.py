@@ -149,7 +149,7 @@ def distilbert_run(folders, tmp_path_factory):
     with warnings.catch_warnings(), pytest.MonkeyPatch.context() as mp:
         warnings.simplefilter("ignore")
         mp.setenv("PROTEGE_CACHE", str(tmp_path_factory.mktemp("cache")))
-        return protege.distill(r, tmp_path_factory.mktemp("runs") / "distilbert", log=lambda *_: None)
+        return protege.distill(r, tmp_path_factory.mktemp("runs") / "distilbert")
 
 
 def test_distilbert_style_student_through_the_whole_pipeline(distilbert_run):
@@ -167,11 +167,10 @@ def test_distilbert_style_student_through_the_whole_pipeline(distilbert_run):
 
 
 def test_the_initialised_student_starts_well_above_chance(distilbert_run, folders):
-    from protege.pipeline import _load_models
     from protege.train.init import init_from_teacher_
 
     data = load_data(distilbert_run.recipe.data, 0)
-    teachers, _ = _load_models(distilbert_run, data)
+    teachers, _ = distilbert_run.load_models(data)
     fresh = build_model(distilbert_run.recipe.student.model_copy(update={"init": None}), data.input_shape, 2, data.model_args)
     report = init_from_teacher_(fresh, teachers[0], "select")
     assert report.mapping[1][1].endswith("layer.2")  # every other layer, as DistilBERT

@@ -10,11 +10,12 @@ from protege.data import load_data
 from protege.data.lm import retokenize
 from protege.data.text import load_tokenizer
 from protege.errors import RecipeError
-from protege.lm import LMDistiller
+from protege.train.lm_distiller import LMDistiller
 from protege.losses import token as T
 from protege.recipe import parse_recipe
 
 from .text_fixtures import write_corpus, write_llama_folder
+from .log_capture import logged
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,8 @@ def test_uld_pipeline_with_a_student_of_another_tokenizer(lm, tmp_path, monkeypa
 
     monkeypatch.setattr(CausalLM, "forward", spy)
     seen = []
-    run = protege.distill(r, tmp_path / "run", log=seen.append)
+    with logged(seen):
+        run = protege.distill(r, tmp_path / "run")
     assert any("ULD feeds it each training block re-tokenised" in line for line in seen)
     assert fed and all(any(torch.equal(row, o) for o in own) for ids in fed for row in ids)
     rep = run.report
@@ -102,7 +104,7 @@ def test_uld_pipeline_with_a_student_of_another_tokenizer(lm, tmp_path, monkeypa
 def test_uld_with_one_tokenizer_feeds_the_teacher_the_same_ids(lm, tmp_path):
     r = parse_recipe(_recipe(lm, data={"tokenizer": str(lm["teacher"])},
                              student={"model": str(lm["teacher"]), "kwargs": {"pretrained": False, "num_hidden_layers": 1}}))
-    run = protege.distill(r, tmp_path / "run", log=lambda *_: None)
+    run = protege.distill(r, tmp_path / "run")
     assert run.report["teacher"]["test_ppl"] > 1 and run.report["speedup_generation"] > 0  # comparable: measured
     assert '"kd"' in run.metrics_path.read_text()
 
@@ -122,5 +124,5 @@ def test_uld_is_for_language_models_and_init_still_needs_one_tokenizer(lm, tmp_p
         parse_recipe({"name": "x", "data": {"source": "digits"}, "teacher": {"model": "cnn", "train": {"epochs": 1}},
                       "student": {"model": "mlp"}, "distill": {"response": "uld"}})
     with pytest.raises(RecipeError, match="has its own tokenizer.*student.init copies the teacher's embeddings"):
-        protege.distill(parse_recipe(_recipe(lm, student={"init": "select"})), tmp_path / "bad", log=lambda *_: None)
+        protege.distill(parse_recipe(_recipe(lm, student={"init": "select"})), tmp_path / "bad")
     assert not (tmp_path / "bad").exists()

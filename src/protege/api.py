@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
+
+from torch import nn
 
 from .compress import prune_, quantize_onnx
-from .errors import RecipeError
-from .pipeline import compress, distill, evaluate, export_onnx
-from .recipe import PruneConfig, QuantizeConfig, load_recipe
+from .errors import ModelError, RecipeError
+from .knowledge.inspect import format_rows, inspect_model
+from .models import build_model
+from .stages import compress, distill, evaluate, export_onnx
+from .recipe import ModelSpec, PruneConfig, QuantizeConfig, load_recipe
 from .recipe.files import _describe
 from .run import Run
 
@@ -57,9 +61,7 @@ def compress_cli(run: str | Path, *, prune: Optional[float], structured: bool, t
 
 
 def inspect(model: str, input_shape: Optional[str | list[int]] = None, *, classes: int = 10, which: str = "student") -> str:
-    """The module table of a zoo model, ``file.py:factory`` or a run's student/teacher (see models/inspect.py)."""
-    from .models.inspect import format_rows, inspect_model, load_for_inspect
-
+    """The module table of a zoo model, ``file.py:factory`` or a run's student/teacher (see knowledge/inspect.py)."""
     shape = None
     if isinstance(input_shape, str):
         try:
@@ -90,3 +92,25 @@ def generate_corpus(teacher: str | Path, prompts: str | Path, out: str | Path, *
 
 
 __all__ = ["compress", "convert_gguf", "generate_corpus", "distill", "distill_file", "evaluate", "export_onnx", "inspect", "prune_", "quantize_onnx"]
+
+
+def load_for_inspect(ref: str, in_shape: Optional[Sequence[int]], classes: int, which: str = "student",
+                     allow_pickle: bool = False) -> tuple[nn.Module, tuple[int, ...]]:
+    """A model from a zoo name, ``file.py:factory``, a Hugging Face folder or a run folder (its student or teacher),
+    and the shape of one input example."""
+    path = Path(ref)
+    if path.is_dir() and not (path / "recipe.yaml").is_file() and (path / "config.json").is_file():  # a Hugging Face folder
+        in_shape = tuple(in_shape or (16,))
+        return build_model(ModelSpec(model=ref, allow_pickle=allow_pickle), in_shape, classes), in_shape
+    if path.is_dir():
+        run = Run.load(path)
+        if which == "teacher" and not run.recipe.ema_teacher and run.recipe.teacher.model.endswith(".onnx"):
+            raise ModelError("the run's teacher is an ONNX file: no module paths to hook; its output is the path 'logits'")
+        shapes = run.shapes()
+        model = run.load_student(shapes) if which == "student" else run.load_models(shapes)[0][0]
+        return model, tuple(shapes.input_shape)
+    if in_shape is None:
+        raise ModelError(f"give the shape of one input example for '{ref}' with --input-shape, e.g. 1,28,28 (images) or 64 (tables)")
+    if ref.endswith(".onnx"):
+        raise ModelError("an ONNX file has no module paths to hook; its output is available as the path 'logits'")
+    return build_model(ModelSpec(model=ref, allow_pickle=allow_pickle), in_shape, classes), tuple(in_shape)

@@ -1,6 +1,7 @@
 """The command line: each command parses its options and calls the Python API, nothing more."""
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -12,12 +13,13 @@ from .errors import ProtegeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distil a teacher into a small student, evaluate it, export it to ONNX.")
-DEBUG = {"on": False}
 
 
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks.")) -> None:
-    DEBUG["on"] = debug
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks and debug messages.")) -> None:
+    from .logs import setup
+
+    setup(logging.DEBUG if debug else logging.INFO)
 
 
 @app.command("distill")
@@ -126,12 +128,13 @@ def inspect_cmd(
 
 @app.command("demo")
 def demo_cmd(out: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder."),
-             overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier demo run.")) -> None:
+             overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier demo run."),
+             set_: List[str] = typer.Option([], "--set", help="Override a field of the demo's recipe, e.g. --set train.epochs=5.")) -> None:
     """Bundled data end to end: teacher -> student -> ONNX -> report (a few minutes on 2 cores)."""
     from . import api
     from .demo import demo_recipe
 
-    api.distill(demo_recipe(), out, overwrite=overwrite)
+    api.distill(demo_recipe(list(set_)), out, overwrite=overwrite)
 
 
 INTERRUPTED = {
@@ -150,7 +153,7 @@ def _os_error(e: OSError) -> str:
     """A failed read or write (full disk, no permission, read-only disk) as one line that names the file."""
     import errno
 
-    from .models.loading import write_error, write_fix
+    from .files import write_error, write_fix
 
     where = f"{e.filename}: " if e.filename else ""
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS):
@@ -179,7 +182,7 @@ def main() -> None:
     try:
         rc = app(standalone_mode=False)  # typer turns Ctrl-C into a return value of 130
     except ProtegeError as e:
-        if DEBUG["on"]:
+        if "--debug" in sys.argv[1:]:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -192,7 +195,7 @@ def main() -> None:
             print(f"error: {message}; see `{command} --help`", file=sys.stderr)
         sys.exit(2)
     except OSError as e:  # a full disk, a permission, a read-only disk: the file and the fix, no traceback
-        if DEBUG["on"]:
+        if "--debug" in sys.argv[1:]:
             raise
         print(f"error: {_os_error(e)}", file=sys.stderr)
         sys.exit(2)

@@ -1,7 +1,10 @@
 """The bundled demo: digits, a CNN teacher, a student with under a tenth of its parameters, int8 ONNX."""
 from __future__ import annotations
 
-from .recipe import Recipe, parse_recipe
+import copy
+from typing import Optional
+
+from .recipe import Recipe, apply_overrides, parse_recipe
 
 DEMO = {
     "name": "demo-digits",
@@ -16,5 +19,6 @@ DEMO = {
 }
 
 
-def demo_recipe() -> Recipe:
-    return parse_recipe(dict(DEMO), "<demo>")
+def demo_recipe(overrides: Optional[list[str]] = None) -> Recipe:
+    """The demo's recipe, with ``--set`` overrides (a shorter demo: ``train.epochs=5``)."""
+    return parse_recipe(apply_overrides(copy.deepcopy(DEMO), overrides or []), "<demo>", overrides)

@@ -9,16 +9,12 @@ QuantizeLinear/DequantizeLinear pairs that ONNX Runtime fuses into QLinearConv /
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import io
 import logging
 import math
 import os
-import warnings
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -27,31 +23,25 @@ from torch import nn
 from ..data import Split
 from ..errors import CompressError
 from ..export.onnx import _first_arg, ort_logits, ort_session
+from ..logs import quiet
 from ..train.guard import check_loss
 from .verify import PORTABLE_MAX
 
-Log = Callable[[str], None]
-
-
-@contextlib.contextmanager
-def _quiet():
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        old = logging.root.manager.disable
-        logging.disable(logging.WARNING)
-        try:
-            yield
-        finally:
-            logging.disable(old)
+log = logging.getLogger(__name__)
 
 
 def _pt2e(portable: bool = True):
     try:
-        with _quiet():
+        with quiet(stdout=True, stderr=True, root=True):
             from torchao.quantization import pt2e
-            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
+            from torchao.quantization.pt2e.quantize_pt2e import (
+                convert_pt2e,
+                prepare_qat_pt2e,
+            )
             from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-                X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+                X86InductorQuantizer,
+                get_default_x86_inductor_quantization_config,
+            )
     except ImportError as e:
         raise CompressError(f"quantize.mode qat needs torchao's PT2E ({e}); reinstall protege (`make install`)") from None
     config = get_default_x86_inductor_quantization_config(is_qat=True)
@@ -88,7 +78,7 @@ def _convert_with_trained_scales(prepared: torch.fx.GraphModule, convert_pt2e) -
     for mod in prepared.modules():
         if type(mod).__name__ == "FusedMovingAvgObsFakeQuantize":
             mod.calculate_qparams = lambda m=mod: (m.scale.detach().clone(), m.zero_point.detach().clone())
-    with _quiet():
+    with quiet(stdout=True, stderr=True, root=True):
         return convert_pt2e(prepared)
 
 
@@ -97,7 +87,7 @@ def _batches(n: int, batch_size: int, seed: int) -> list[torch.Tensor]:
 
 
 def qat_to_onnx(student: nn.Module, loss_fn, train: Split, val: Split, out: Path, *, epochs: int, lr: float,
-                batch_size: int, seed: int, portable: bool = True, log: Log = print) -> dict:
+                batch_size: int, seed: int, portable: bool = True) -> dict:
     """Fine-tune a copy of ``student`` with fake-quant and ``loss_fn`` (the Distiller); write int8 ONNX to ``out``.
 
     The last epoch runs with frozen observers and BatchNorm statistics at a tenth of the learning rate, so
@@ -111,7 +101,7 @@ def qat_to_onnx(student: nn.Module, loss_fn, train: Split, val: Split, out: Path
     batch = torch.export.Dim("batch", min=1, max=65536)
     arg = _first_arg(model)
     try:
-        with _quiet():
+        with quiet(stdout=True, stderr=True, root=True):
             graph = torch.export.export(model, (train.x[:4],), dynamic_shapes={arg: {0: batch}}).module()
             prepared = prepare_qat_pt2e(graph, quantizer)
     except Exception as e:
@@ -141,7 +131,7 @@ def qat_to_onnx(student: nn.Module, loss_fn, train: Split, val: Split, out: Path
                 for name, mask in zeros.items():
                     params[name].masked_fill_(mask, 0.0)
             total += float(losses["loss"].detach())
-        log(f"qat epoch {epoch + 1}/{epochs}  loss {total / len(idxs):.4f}" + ("  (observers and BatchNorm frozen)" if final else ""))
+        log.info(f"qat epoch {epoch + 1}/{epochs}  loss {total / len(idxs):.4f}" + ("  (observers and BatchNorm frozen)" if final else ""))
     pt2e.move_exported_model_to_eval(prepared)
     prepared.apply(pt2e.disable_observer)  # evaluation must not move the activation ranges
     converted = _convert_with_trained_scales(prepared, convert_pt2e)
@@ -149,7 +139,7 @@ def qat_to_onnx(student: nn.Module, loss_fn, train: Split, val: Split, out: Path
     converted.training = False
     tmp = out.with_suffix(".tmp.onnx")
     try:
-        with _quiet():
+        with quiet(stdout=True, stderr=True, root=True):
             prog = torch.onnx.export(converted, (val.x[:2],), dynamo=True, opset_version=21, input_names=["input"],
                                      output_names=["logits"], dynamic_shapes={arg: {0: "batch"}}, verbose=False)
             prog.save(str(tmp))

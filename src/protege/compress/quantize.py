@@ -11,35 +11,20 @@ the full int8 range, exact on VNNI and ARM CPUs only.
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import os
 import tempfile
-import warnings
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 
 from ..errors import CompressError
+from ..logs import quiet
 from ..recipe import QuantizeConfig
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "LSTM", "GRU", "RNN", "Attention", "Einsum")
 INT8_OPS = ("QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
             "DynamicQuantizeLSTM", "QAttention", "QGemm")
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        level = logging.getLogger().level
-        logging.getLogger().setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            logging.getLogger().setLevel(level)
 
 
 def input_shape(path: Path) -> tuple[str, tuple]:
@@ -104,10 +89,10 @@ def _preprocess(src: Path, dst: Path) -> Path:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     try:
-        with _quiet():
+        with quiet(stdout=True, root=True):
             quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
     except Exception:  # symbolic shape inference fails on some graphs; the ONNX shape pass alone is enough
-        with _quiet():
+        with quiet(stdout=True, root=True):
             quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
     return dst
 
@@ -171,7 +156,8 @@ def _finish(tmp: Path, out: Path, cfg: QuantizeConfig, mode: str) -> Path:
 
 def quantize_static(fp32: Path, out: Path, calib: np.ndarray, cfg: QuantizeConfig) -> Path:
     """Post-training static int8, QDQ format, weights per channel (if asked), calibrated on ``calib``."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static as ort_static
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_static as ort_static
 
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[cfg.calibration]
@@ -180,7 +166,7 @@ def quantize_static(fp32: Path, out: Path, calib: np.ndarray, cfg: QuantizeConfi
         pre = _preprocess(fp32, Path(td) / "pre.onnx")
         tmp = out.with_suffix(".tmp.onnx")
         try:
-            with _quiet():
+            with quiet(stdout=True, root=True):
                 ort_static(str(pre), str(tmp), _Reader(name, calib), quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method,
                            reduce_range=cfg.target == "portable")
@@ -193,13 +179,14 @@ def quantize_static(fp32: Path, out: Path, calib: np.ndarray, cfg: QuantizeConfi
 
 def quantize_dynamic(fp32: Path, out: Path, cfg: QuantizeConfig) -> Path:
     """Dynamic int8: int8 weights, activation scales computed per batch at run time."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic as ort_dynamic
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization import quantize_dynamic as ort_dynamic
 
     with tempfile.TemporaryDirectory() as td:
         pre = gemm_to_matmul(_preprocess(fp32, Path(td) / "pre.onnx"), Path(td) / "mm.onnx")
         tmp = out.with_suffix(".tmp.onnx")
         try:
-            with _quiet():
+            with quiet(stdout=True, root=True):
                 ort_dynamic(str(pre), str(tmp), per_channel=cfg.per_channel, weight_type=QuantType.QInt8,
                             reduce_range=cfg.target == "portable")
         except Exception as e:

@@ -18,6 +18,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import DataError, ModelError
+from ..logs import quiet_transformers
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "merges.txt", "vocab.json",
                    "tokenizer.model", "added_tokens.json")
@@ -76,11 +77,10 @@ def load_tokenizer(folder: str):
     if not any((path / f).is_file() for f in ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model")):
         raise ModelError(f"'{folder}' holds no tokenizer (tokenizer.json, vocab.txt or vocab.json); set data.tokenizer to "
                          f"the folder of the model whose tokenizer you use")
-    import transformers
-    from transformers import AutoTokenizer
+    with quiet_transformers():  # transformers and the torchao it imports log warnings at import
+        from transformers import AutoTokenizer  # heavy: imported when a tokenizer is needed
 
-    transformers.logging.set_verbosity_error()
-    tok = AutoTokenizer.from_pretrained(str(path))
+        tok = AutoTokenizer.from_pretrained(str(path))
     if tok.pad_token_id is None:  # causal LM tokenizers often have none: padding is masked anyway
         tok.pad_token = tok.eos_token
     return tok

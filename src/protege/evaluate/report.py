@@ -13,7 +13,7 @@ from rich.table import Table
 def write_report(path: Path, report: dict[str, Any]) -> None:
     """Write report.json atomically; a NaN or inf figure becomes null (strict JSON)."""
     from ..files import write_atomic
-    from ..train.guard import finite_json
+    from ..files import finite_json
 
     write_atomic(path, json.dumps(finite_json(report), indent=2, allow_nan=False))
 

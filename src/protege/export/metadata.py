@@ -16,7 +16,7 @@ PREFIX = "protege."
 
 def describe(data, task: str) -> dict[str, Any]:
     """What a deployed file's input and output mean, from the data it was trained on (a DataSplits)."""
-    from .. import __version__
+    from ..version import __version__
 
     dtype = "int64" if data.is_text else "float32"
     card: dict[str, Any] = {
@@ -50,7 +50,7 @@ def stamp(path: str | Path, card: dict[str, Any], int8: Optional[dict] = None) -
         os.replace(tmp, path)
     except OSError as e:
         from ..errors import StorageError
-        from ..models.loading import write_error, write_fix
+        from ..files import write_error, write_fix
 
         raise StorageError(f"cannot write {path} ({write_error(e)}); {write_fix(e, path)}, then run the command again") from None
     finally:

@@ -1,12 +1,8 @@
 """ONNX export with a dynamic batch dimension, and a parity check against PyTorch in ONNX Runtime."""
 from __future__ import annotations
 
-import contextlib
 import errno
-import io
-import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -15,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import ExportError, ModelError, StorageError
+from ..logs import quiet
 
 
 def ort_session(model: str | Path | bytes, threads: int = 0, optimize: bool = True):
@@ -63,10 +60,7 @@ def export_model_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset
     batch = torch.export.Dim("batch", min=1, max=65536)
     example = torch.cat([example[:1], example[:1]])  # batch 2: a size-1 example would be specialised
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            for name in ("torch.onnx", "onnxscript"):  # e.g. harmless constant-folding failures in onnxscript's optimizer
-                logging.getLogger(name).setLevel(logging.ERROR)
+        with quiet(stdout=True):  # e.g. harmless constant-folding failures in onnxscript's optimizer
             prog = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset,
                                      input_names=["input"], output_names=["logits"],
                                      dynamic_shapes={"x": {0: batch}} if _first_arg(model) == "x" else ({0: batch},),
@@ -85,7 +79,7 @@ def export_model_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset
             raise
         err = _in_chain(e, OSError)
         if err is not None and err.errno in WRITE_ERRNOS:
-            from ..models.loading import write_error, write_fix
+            from ..files import write_error, write_fix
 
             raise StorageError(f"cannot write the ONNX file {path} ({write_error(err)}); {write_fix(err, path)}, then run "
                                f"the command again (with --resume for `protege distill`)") from None

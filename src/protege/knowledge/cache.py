@@ -9,6 +9,7 @@ has the checksum it was written with; anything else rebuilds it with a message t
 """
 from __future__ import annotations
 
+import logging
 import hashlib
 import io
 import json
@@ -16,19 +17,18 @@ import math
 import re
 import shutil
 from pathlib import Path
-from typing import BinaryIO, Callable, Optional, Sequence
+from typing import BinaryIO, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import StorageError
-from .features import extract
+from ..logs import progress
+from .features import extract, model_device
 from .output import ModelOutput
-from .teacher import model_device
 
-Log = Callable[[str], None]
+log = logging.getLogger(__name__)
 
 FORMAT = 2  # 2: files written with plain writes, a sha256 per file in meta.json (1: memory-mapped writes, no checksums)
 CHUNK = 1 << 20
@@ -136,7 +136,7 @@ def build_cache(folder: Path, key: dict, model: nn.Module, x: torch.Tensor, path
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         model.eval()
-        for start in tqdm(range(0, len(x), batch_size), desc="teacher cache", leave=False, disable=None):
+        for start in progress(range(0, len(x), batch_size), "teacher cache", logger=log):
             out = extract(model, x[start:start + batch_size].to(model_device(model)), paths, "teacher")
             for name, t in {"logits": out.logits, **out.features}.items():
                 if name not in writers:
@@ -160,7 +160,7 @@ def build_cache(folder: Path, key: dict, model: nn.Module, x: torch.Tensor, path
         for w in writers.values():
             w.abandon()
         shutil.rmtree(tmp, ignore_errors=True)
-        from ..models.loading import write_error, write_fix
+        from ..files import write_error, write_fix
 
         size = f"; the cache needs about {_size(need)}" if need else ""
         raise StorageError(f"cannot write the teacher cache file {e.filename or current} ({write_error(e)}{size}); "
@@ -189,8 +189,7 @@ def _damage(folder: Path, meta: dict) -> Optional[str]:
     return None
 
 
-def load_or_build_cache(folder: Path, key: dict, model: nn.Module, x: torch.Tensor, paths: Sequence[str] = (),
-                        log: Log = print) -> TeacherCache:
+def load_or_build_cache(folder: Path, key: dict, model: nn.Module, x: torch.Tensor, paths: Sequence[str] = ()) -> TeacherCache:
     """Reuse ``folder`` if it was made from the same teacher, data, paths and transform (``key``) and its files
     still match their checksums; else rebuild it."""
     key = {**key, "paths": sorted(set(paths)), "transform": key.get("transform", "none")}
@@ -199,16 +198,16 @@ def load_or_build_cache(folder: Path, key: dict, model: nn.Module, x: torch.Tens
         try:
             old = json.loads(meta_file.read_text())
             if not all(old.get(k) == v for k, v in key.items()):
-                log(f"teacher cache {folder} was made for other inputs ({_differs(old, key)} changed); rebuilding it")
+                log.info(f"teacher cache {folder} was made for other inputs ({_differs(old, key)} changed); rebuilding it")
             elif old.get("format") != FORMAT or not all("sha256" in e for e in old["entries"].values()):
-                log(f"teacher cache {folder} was written by an older protege (no checksums); rebuilding it")
+                log.info(f"teacher cache {folder} was written by an older protege (no checksums); rebuilding it")
             elif (why := _damage(folder, old)) is not None:
-                log(f"teacher cache {folder}: {why}; rebuilding it")
+                log.info(f"teacher cache {folder}: {why}; rebuilding it")
             else:
                 return TeacherCache(folder)
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            log(f"teacher cache {folder} is unreadable; rebuilding it")
+            log.info(f"teacher cache {folder} is unreadable; rebuilding it")
     cache = build_cache(folder, key, model, x, key["paths"])
-    log(f"teacher cache: {len(x)} examples, logits{' and ' + str(len(cache.paths)) + ' feature map(s)' if cache.paths else ''}, "
+    log.info(f"teacher cache: {len(x)} examples, logits{' and ' + str(len(cache.paths)) + ' feature map(s)' if cache.paths else ''}, "
         f"{cache.nbytes() / 2**20:.1f} MiB in {folder}")
     return cache

@@ -96,3 +96,8 @@ def extract(model: nn.Module, x: torch.Tensor, paths: Sequence[str], who: str = 
                               f"its children instead (`protege inspect` lists them with their output shapes)")
     feats = {p: (logits if p == LOGITS else store[p]) for p in paths}
     return ModelOutput(logits, feats)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")

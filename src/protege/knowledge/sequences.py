@@ -11,18 +11,20 @@ interrupted run continues from its last finished batch and gives the same file a
 """
 from __future__ import annotations
 
+import logging
 import hashlib
 import json
 import os
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from ..errors import DataError, ModelError
+from ..logs import progress
 
-Log = Callable[[str], None]
+log = logging.getLogger(__name__)
 
 
 def _prompts(docs: list[str], tok, prompt_tokens: int, window: int, limit: Optional[int]) -> list[tuple[int, list[int]]]:
@@ -46,11 +48,10 @@ def _finished_rows(tmp: Path, batch_size: int) -> list[str]:
 
 def generate_corpus(teacher: str | Path, prompts: str | Path, out: str | Path, *, column: str = "text", prompt_tokens: int = 32,
                     new_tokens: int = 96, temperature: float = 1.0, batch_size: int = 8, limit: Optional[int] = None,
-                    seed: int = 0, overwrite: bool = False, allow_pickle: bool = False, log: Log = print) -> Path:
+                    seed: int = 0, overwrite: bool = False, allow_pickle: bool = False) -> Path:
     """Write ``out`` (.jsonl, one row per prompt: ``column`` = prompt + continuation as text, ``document`` = the index of
     the prompt's document among the non-empty ones) with the causal LM in the folder ``teacher``. Returns ``out``;
     ``out``.tmp holds the rows while it runs. Generation runs on the CPU."""
-    from tqdm.auto import tqdm
 
     from ..data.lm import read_documents
     from ..data.text import load_tokenizer
@@ -87,18 +88,18 @@ def generate_corpus(teacher: str | Path, prompts: str | Path, out: str | Path, *
            "batch_size": batch_size, "limit": limit, "seed": seed}
     same = key_file.is_file() and json.loads(key_file.read_text()) == key
     if tmp.exists() and not same:
-        log(f"generate: {tmp} was written with other settings; starting again")
+        log.info(f"generate: {tmp} was written with other settings; starting again")
         tmp.unlink()
     key_file.write_text(json.dumps(key))
     done = _finished_rows(tmp, batch_size)
     if done:
-        log(f"generate: continuing {tmp} after {len(done)} finished rows")
+        log.info(f"generate: continuing {tmp} after {len(done)} finished rows")
     if tmp.exists():  # keep the whole batches already written; drop a torn or partial tail
         os.truncate(tmp, sum(len(row.encode("utf-8")) + 1 for row in done))
     with tmp.open("a", encoding="utf-8", newline="\n") as f:
         start, n_new = time.perf_counter(), 0
         batches = range(len(done), len(todo), batch_size)
-        for b in tqdm(batches, desc="generate", unit="batch", disable=None):
+        for b in progress(batches, "generate", logger=log):
             chunk = todo[b:b + batch_size]
             torch.manual_seed(seed * 1_000_003 + b)  # each batch seeded by its position: a resumed run writes the same rows
             prompt = torch.tensor([ids for _, ids in chunk], dtype=torch.long)
@@ -111,6 +112,6 @@ def generate_corpus(teacher: str | Path, prompts: str | Path, out: str | Path, *
         took = time.perf_counter() - start
     os.replace(tmp, out)
     key_file.unlink()
-    log(f"generate: {len(todo)} texts of {prompt_tokens} prompt + {new_tokens} teacher tokens -> {out} "
+    log.info(f"generate: {len(todo)} texts of {prompt_tokens} prompt + {new_tokens} teacher tokens -> {out} "
         f"({n_new / max(took, 1e-9):.0f} new tokens/s this run)")
     return out

@@ -1,21 +1,16 @@
 """A frozen teacher: live forward passes in eval mode, or outputs computed once and cached on disk (cache.py)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Sequence, Union
 
 import torch
 from torch import nn
 
-from .features import LOGITS, extract
+from .features import LOGITS, extract, model_device
 from .output import ModelOutput
 
 if TYPE_CHECKING:
     from .cache import TeacherCache
-
-
-def model_device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 @torch.no_grad()

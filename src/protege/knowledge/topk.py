@@ -16,20 +16,21 @@ Arrays are read with ``np.load(mmap_mode="r")``, never unpickled.
 """
 from __future__ import annotations
 
+import logging
 import json
 import shutil
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import DataError
+from ..logs import progress
 from ..losses.token import TAIL_FLOOR
 
-Log = Callable[[str], None]
+log = logging.getLogger(__name__)
 FILES = ("ids.npy", "logp.npy", "tail.npy")
 
 
@@ -73,7 +74,7 @@ def build_topk_cache(folder: Path, key: dict, model: nn.Module, blocks: torch.Te
                      batch_size: int = 8) -> TopKCache:
     """Run the teacher LM once over ``blocks`` (N, L) token ids; write the top-k folder atomically."""
     from ..errors import StorageError
-    from ..models.loading import write_error, write_fix
+    from ..files import write_error, write_fix
     from .cache import _NpyWriter
 
     tmp = folder.with_name(folder.name + ".tmp")
@@ -89,7 +90,7 @@ def build_topk_cache(folder: Path, key: dict, model: nn.Module, blocks: torch.Te
         writers = [_NpyWriter(tmp / "ids.npy", np.int32, (n, length, k)), _NpyWriter(tmp / "logp.npy", np.float16, (n, length, k)),
                    _NpyWriter(tmp / "tail.npy", np.float32, (n, length))]
         ids, logp, tail = writers
-        for start in tqdm(range(0, n, batch_size), desc=f"teacher top-{k} cache", leave=False, disable=None):
+        for start in progress(range(0, n, batch_size), f"teacher top-{k} cache", logger=log):
             z = model(blocks[start:start + batch_size].to(device)).float()  # (B, L, V)
             vocab = z.shape[-1]
             if k > vocab:
@@ -131,7 +132,7 @@ def _mismatch(meta: dict, key: dict, k: int, temperature: float, shape: list[int
 
 
 def load_or_build_topk(folder: Path, key: dict, model: nn.Module, blocks: torch.Tensor, k: int, temperature: float,
-                       strict: bool = False, log: Log = print) -> TopKCache:
+                       strict: bool = False) -> TopKCache:
     """Reuse ``folder`` if it was made from this teacher, corpus, k and T. Otherwise: with ``strict`` (a cache the
     user pointed to) refuse with an error, else rebuild it and say why."""
     meta_file = folder / "meta.json"
@@ -145,8 +146,8 @@ def load_or_build_topk(folder: Path, key: dict, model: nn.Module, blocks: torch.
         if strict:
             raise DataError(f"top-k cache {folder} was made for {why}; delete it or point distill.topk_cache at another "
                             f"folder (it is rebuilt there)")
-        log(f"top-k cache {folder} was made for {why}; rebuilding it")
+        log.info(f"top-k cache {folder} was made for {why}; rebuilding it")
     cache = build_topk_cache(folder, key, model, blocks, k, temperature)
-    log(f"teacher top-{k} cache: {blocks.shape[0]} x {blocks.shape[1]} positions, {cache.nbytes() / 2**20:.1f} MiB "
+    log.info(f"teacher top-{k} cache: {blocks.shape[0]} x {blocks.shape[1]} positions, {cache.nbytes() / 2**20:.1f} MiB "
         f"({cache.full_bytes() / max(cache.nbytes(), 1):.0f}x smaller than full fp16 logits), tail mass {cache.tail_mass():.4f}")
     return cache

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from .text import _quiet_transformers, check_hf_folder
+from ..logs import quiet_transformers
+from .text import check_hf_folder
 
 
 class CausalLM(nn.Module):
@@ -38,10 +39,10 @@ class CausalLM(nn.Module):
                                        min_new_tokens=new_tokens, pad_token_id=self.config.eos_token_id, **kw)
 
 
+@quiet_transformers()  # transformers and the torchao it imports log and print while loading
 def causal_lm(folder: str, pretrained: bool = True, allow_pickle: bool = False, **overrides: Any) -> CausalLM:
     """A causal LM from a local folder; ``overrides`` change the config (a smaller student: num_hidden_layers, ...)."""
     check_hf_folder(folder, need_weights=pretrained, allow_pickle=allow_pickle)
-    _quiet_transformers()
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -64,10 +65,10 @@ def causal_lm(folder: str, pretrained: bool = True, allow_pickle: bool = False, 
     return CausalLM(model.float())
 
 
+@quiet_transformers()  # transformers and the torchao it imports log and print while loading
 def small_llama(vocab_size: int, max_length: int = 512, hidden: int = 128, layers: int = 2, heads: int = 4,
                 kv_heads: Optional[int] = None, intermediate: Optional[int] = None) -> CausalLM:
     """A Llama-architecture decoder with random weights (Touvron et al. 2023), for students from scratch."""
-    _quiet_transformers()
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
@@ -77,6 +78,7 @@ def small_llama(vocab_size: int, max_length: int = 512, hidden: int = 128, layer
     return CausalLM(LlamaForCausalLM(cfg))
 
 
+@quiet_transformers()  # transformers and the torchao it imports log and print while loading
 def convert_gguf(src: str | Path, out: str | Path) -> Path:
     """Dequantize a GGUF checkpoint (llama.cpp format) once into a safetensors model folder with its tokenizer.
 
@@ -89,7 +91,6 @@ def convert_gguf(src: str | Path, out: str | Path) -> Path:
         raise ModelError(f"GGUF file '{src}' not found; check the path")
     if (out / "config.json").is_file():
         raise ModelError(f"'{out}' already holds a model; choose an empty folder")
-    _quiet_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with warnings.catch_warnings():

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import ModelError, StorageError
+from ..files import write_error, write_fix
 from ..recipe import ModelSpec
 from .text import hf_classifier, is_hf_folder
 from .zoo import ZOO
@@ -282,37 +283,6 @@ def save_weights(model: nn.Module, path: str | Path) -> None:
         tmp.unlink(missing_ok=True)
         raise StorageError(f"cannot write the weights file {path} ({write_error(e)}); {write_fix(e, path)}, then run the "
                            f"command again (with --resume for `protege distill`)") from None
-
-
-def _errno(e: BaseException) -> Optional[int]:
-    if isinstance(e, OSError):
-        return e.errno
-    code = re.search(r"os error (\d+)", str(e))  # safetensors: 'I/O error: No space left on device (os error 28)'
-    return int(code.group(1)) if code else None
-
-
-def write_error(e: BaseException) -> str:
-    """A failed write in a few words: the system's text for it, else the first line of the error."""
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    code = _errno(e)
-    if code is not None:
-        return os.strerror(code)
-    return (str(e).splitlines() or [""])[0][:160] or type(e).__name__
-
-
-def write_fix(e: BaseException, path: Path) -> str:
-    """What to do about a failed write of ``path``."""
-    import errno
-
-    code = _errno(e)
-    if code == errno.EFBIG:
-        return "raise the file-size limit (ulimit -f) or write to another disk"
-    if code in (errno.EACCES, errno.EPERM):
-        return f"make {Path(path).parent} writable or write elsewhere"
-    if code == errno.EROFS:
-        return "the disk is read-only: write elsewhere"
-    return f"free space on the disk that holds {Path(path).parent}"
 
 
 def num_params(model: nn.Module) -> int:

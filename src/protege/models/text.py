@@ -11,7 +11,6 @@ The model only asks the encoder for them when a hook is attached (``protege insp
 from __future__ import annotations
 
 import json
-import logging
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from ..logs import quiet_transformers
 
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 HF_PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -62,13 +62,6 @@ def check_hf_folder(folder: str | Path, need_weights: bool = True, allow_pickle:
                      f"kwargs: {{pretrained: false}} to build the architecture with random weights")
 
 
-def _quiet_transformers():
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-
-
 class TextClassifier(nn.Module):
     """A Hugging Face sequence classifier behind the one-tensor interface: ids (B, L) -> logits (B, C)."""
 
@@ -95,6 +88,7 @@ class TextClassifier(nn.Module):
         return out.logits
 
 
+@quiet_transformers()  # transformers and the torchao it imports log and print while loading
 def hf_classifier(folder: str, num_classes: int, pad_id: int = 0, pretrained: bool = True, allow_pickle: bool = False,
                   **overrides: Any) -> TextClassifier:
     """A sequence classifier from a local Hugging Face folder; ``overrides`` change the config (e.g. num_hidden_layers).
@@ -103,7 +97,6 @@ def hf_classifier(folder: str, num_classes: int, pad_id: int = 0, pretrained: bo
     otherwise random weights in the folder's architecture (a student that ``init: select`` fills from the teacher).
     """
     check_hf_folder(folder, need_weights=pretrained, allow_pickle=allow_pickle)
-    _quiet_transformers()
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     try:
@@ -126,10 +119,10 @@ def hf_classifier(folder: str, num_classes: int, pad_id: int = 0, pretrained: bo
     return TextClassifier(model, pad_id)
 
 
+@quiet_transformers()  # transformers and the torchao it imports log and print while loading
 def small_bert(vocab_size: int, num_classes: int, pad_id: int = 0, max_length: int = 512, hidden: int = 128,
                layers: int = 2, heads: int = 2, intermediate: Optional[int] = None, dropout: float = 0.1) -> TextClassifier:
     """A BERT encoder with random weights (Devlin et al. 2019), sized by the arguments; for students from scratch."""
-    _quiet_transformers()
     from transformers import BertConfig, BertForSequenceClassification
 
     cfg = BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,

@@ -8,11 +8,12 @@ carries a sha256 of its tensors and state; ``load_checkpoint`` falls back to the
 """
 from __future__ import annotations
 
+import logging
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -21,7 +22,7 @@ from torch import nn
 
 from ..errors import StorageError
 
-Log = Callable[[str], None]
+log = logging.getLogger(__name__)
 
 
 def previous(path: Path) -> Path:
@@ -56,7 +57,8 @@ def _reason(e: BaseException) -> str:
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, loop: dict[str, Any]) -> None:
     """Write the checkpoint; the one it replaces becomes ``previous(path)``. A failed write (full disk, no
     permission) raises StorageError naming the file and leaves the earlier checkpoints as they were."""
-    from ..models.loading import unshared, write_error, write_fix
+    from ..files import write_error, write_fix
+    from ..models.loading import unshared
 
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in unshared(model.state_dict()).items()}
@@ -148,12 +150,11 @@ def _load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedu
     return _apply(*_read(path), model, optimizer, scheduler)
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *,
-                    log: Log = print) -> dict[str, Any]:
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and RNG from ``path``; returns the loop state.
 
     If ``path`` is missing, truncated or damaged, the previous checkpoint (one epoch earlier) is used and
-    ``log`` says so; if that one cannot be used either, StorageError names both files and the fix.
+    a warning says so; if that one cannot be used either, StorageError names both files and the fix.
     """
     path = Path(path)
     try:
@@ -166,5 +167,5 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, IndexError) as e:
         raise StorageError(f"cannot resume: the checkpoint {path} is unusable ({why}) and so is the previous one, {prev} "
                            f"({_reason(e)}); start again without --resume (with --overwrite)") from None
-    log(f"checkpoint {path} is unusable ({why}); resuming from the previous one, {prev} (epoch {loop['epoch']})")
+    log.warning(f"checkpoint {path} is unusable ({why}); resuming from the previous one, {prev} (epoch {loop['epoch']})")
     return loop

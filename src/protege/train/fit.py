@@ -5,6 +5,7 @@ Accelerate, so the same code runs in one process here and in several processes /
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 import zlib
@@ -14,17 +15,19 @@ from typing import Callable, Optional
 
 import torch
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 
 from ..data import Split
 from ..files import write_atomic
 from ..data.base import augment_images
 from ..knowledge import predict_logits
+from ..logs import progress
 from ..models import load_weights, save_weights
 from ..recipe import TrainConfig
 from .checkpoint import load_checkpoint, previous, save_checkpoint
-from .guard import check_loss, check_weights, finite_json
+from ..files import finite_json
+from .guard import check_loss, check_weights
 
+log = logging.getLogger(__name__)
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
 
@@ -69,7 +72,7 @@ def _append_metrics(path: Path, stage: str, start_epoch: int, row: dict | None =
             entry = json.loads(ln)
             redone = entry.get("stage") == stage and entry["epoch"] > start_epoch
         except (ValueError, KeyError, TypeError, AttributeError):
-            tqdm.write(f"metrics: dropping a damaged line of {path}: {ln[:60]!r}")
+            log.warning(f"metrics: dropping a damaged line of {path}: {ln[:60]!r}")
             continue
         if not redone:
             keep.append(json.dumps(finite_json(entry), allow_nan=False))  # old NaN tokens become null
@@ -105,6 +108,7 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, train: Split, val: Split, cfg: 
         torch.manual_seed(seed * 1_000_003 + zlib.crc32(stage.encode()))
         if accelerator.is_main_process:
             _append_metrics(metrics_path, stage, 0)
+            best.unlink(missing_ok=True)  # an earlier run's best epoch must not come back if no epoch of this one scores
     wrapped, opt = accelerator.prepare(model, opt)
     device = accelerator.device
     for epoch in range(loop["epoch"], cfg.epochs):
@@ -112,7 +116,8 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, train: Split, val: Split, cfg: 
         wrapped.train()
         sums: dict[str, float] = {}
         batches = _epoch_batches(len(train), cfg.batch_size, seed, epoch, rank, world)
-        bar = tqdm(batches, desc=f"{stage} {epoch + 1}/{cfg.epochs}", leave=False, disable=None if accelerator.is_main_process else True)
+        shown_loss: dict[str, str] = {}
+        bar = progress(batches, f"{stage} {epoch + 1}/{cfg.epochs}", logger=log, enabled=accelerator.is_main_process, postfix=shown_loss)
         guard = dict(stage=stage, epochs=cfg.epochs, lr_field=lr_field, lr=cfg.lr,
                      kept=f"the last finite checkpoint (epoch {loop['epoch']}) is kept in {last}" if loop["epoch"] else "nothing of this stage was saved")
         for step, idx in enumerate(bar, 1):
@@ -127,7 +132,7 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, train: Split, val: Split, cfg: 
             sched.step()
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
-            bar.set_postfix(loss=f"{float(losses['loss'].detach()):.4f}")
+            shown_loss["loss"] = f"{float(losses['loss'].detach()):.4f}"
         if validate is None:
             val_acc = _accuracy(accelerator.unwrap_model(wrapped), val, device)
             shown = {"val_accuracy": val_acc}
@@ -147,7 +152,7 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, train: Split, val: Split, cfg: 
             _append_metrics(metrics_path, stage, epoch, row)
             save_checkpoint(last, accelerator.unwrap_model(wrapped), opt.optimizer if hasattr(opt, "optimizer") else opt, sched, loop)
             val_text = "  ".join(f"{k.replace('_accuracy', '_acc')} {v:.4f}" for k, v in shown.items())
-            tqdm.write(f"{stage} epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  {val_text}  ({row['epoch_time_s']:.1f}s)")
+            log.info(f"{stage} epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  {val_text}  ({row['epoch_time_s']:.1f}s)")
         accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(wrapped)
     if best.is_file():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -43,14 +42,3 @@ def require_finite(model: nn.Module, path: Path | str, what: str = "model") -> N
     if bad:
         raise ModelError(f"{path}: the {what} holds NaN or inf in {len(bad)} weight tensor(s) ({bad[0]}, ...); it diverged in "
                          f"training and cannot be used; rerun it with a lower learning rate")
-
-
-def finite_json(value: Any) -> Any:
-    """``value`` with NaN and inf floats replaced by None, so it is valid JSON (``null``)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_json(v) for v in value]
-    return value

@@ -26,24 +26,18 @@ differ), the input columns are chosen by their own L2 norm instead; a lossy fall
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..errors import ModelError
 from ..models.zoo import CNN, MLP, ResNet
+from .init_transformer import init_transformer_
+from .layer_pick import InitReport, fail as _fail, pick_layers
 
 _FAMILIES = ((MLP, "mlp"), (CNN, "cnn"), (ResNet, "resnet"))
 _BN = ("weight", "bias", "running_mean", "running_var")
 Pair = tuple[str, "str | None"]  # (Linear/Conv2d path, path of the BatchNorm after it or None)
-
-
-@dataclass
-class InitReport:
-    method: str
-    layers_copied: int  # student Linear/Conv2d layers written (with their BatchNorms)
-    mapping: list[tuple[str, str]] = field(default_factory=list)  # student layer -> teacher layer(s), "a+b" = averaged
 
 
 @dataclass
@@ -52,10 +46,6 @@ class _Layer:
     t: list[Pair]  # the teacher layers it copies (several: averaged)
     out: str  # the channel group its outputs write into
     inp: str  # the channel group its inputs read from ("data": the model input)
-
-
-def _fail(msg: str) -> ModelError:
-    return ModelError(f"init_from_teacher: {msg}")
 
 
 def _family(model: nn.Module, role: str) -> str:
@@ -67,24 +57,10 @@ def _family(model: nn.Module, role: str) -> str:
                 f"build it from the zoo or initialise it another way")
 
 
-def _pick(n_s: int, n_t: int, method: str, every: int | None, where: str, unit: str) -> list[list[int]]:
-    """Teacher layer indices for each of the ``n_s`` student layers of a stage. Student layer i starts at
-    i * every, or at floor(i * n_t / n_s) (= i * k for k = n_t // n_s when it divides: first kept, spread
-    evenly); select takes that layer, average that layer up to the next start (k layers)."""
-    if n_s > n_t:
-        raise _fail(f"student {where} has {n_s} {unit} but the teacher only {n_t}; "
-                    f"a student can only be shallower than or as deep as its teacher")
-    if every is not None and (n_s - 1) * every >= n_t:
-        raise _fail(f"every={every} needs {(n_s - 1) * every + 1} {unit} in teacher {where} but it has {n_t}; "
-                    f"lower every or leave it unset")
-    starts = [i * every if every else i * n_t // max(n_s, 1) for i in range(n_s + 1)]
-    return [list(range(a, a + 1 if method == "select" else min(b, n_t))) for a, b in zip(starts, starts[1:])]
-
-
 def _plan_mlp(s: MLP, t: MLP, method: str, every: int | None) -> tuple[list[_Layer], dict[str, str]]:
     sl, tl = ([f"body.{i}" for i, m in enumerate(x.body) if isinstance(m, nn.Linear)] for x in (s, t))
     layers, names, inp = [], {}, "data"
-    for j, g in enumerate(_pick(len(sl), len(tl), method, every, "MLP body", "hidden layers")):
+    for j, g in enumerate(pick_layers(len(sl), len(tl), method, every, "MLP body", "hidden layers")):
         names[sl[j]] = f"hidden layer {j + 1} ({sl[j]})"
         layers.append(_Layer((sl[j], None), [(tl[i], None) for i in g], sl[j], inp))
         inp = sl[j]
@@ -104,7 +80,7 @@ def _plan_cnn(s: CNN, t: CNN, method: str, every: int | None) -> tuple[list[_Lay
                     f"build the student with as many channels entries as the teacher ({len(ts)})")
     layers, names, inp = [], {}, "data"
     for i, (sc, tc) in enumerate(zip(ss, ts)):
-        for j, g in enumerate(_pick(len(sc), len(tc), method, every, f"stage {i + 1}", "conv layers")):
+        for j, g in enumerate(pick_layers(len(sc), len(tc), method, every, f"stage {i + 1}", "conv layers")):
             names[sc[j][0]] = f"stage {i + 1} conv {j + 1} ({sc[j][0]})"
             layers.append(_Layer(sc[j], [tc[x] for x in g], sc[j][0], inp))
             inp = sc[j][0]
@@ -118,7 +94,7 @@ def _plan_resnet(s: ResNet, t: ResNet, method: str, every: int | None) -> tuple[
         res = f"res{i + 1}"
         names[res] = f"stage {i + 1}"
         n_s, n_t = len(getattr(s, name)), len(getattr(t, name))
-        for j, g in enumerate(_pick(n_s, n_t, method, every, f"stage {i + 1}", "blocks")):
+        for j, g in enumerate(pick_layers(n_s, n_t, method, every, f"stage {i + 1}", "blocks")):
             sb, tb = f"{name}.{j}", [f"{name}.{x}" for x in g]
             inner = f"{sb}.conv1"
             names[inner] = f"block {sb} (conv1)"
@@ -217,8 +193,6 @@ def init_from_teacher_(student: nn.Module, teacher: nn.Module, method: str = "se
     from ..models.text import TextClassifier
 
     if all(isinstance(m, (TextClassifier, CausalLM)) for m in (student, teacher)):
-        from .init_transformer import init_transformer_
-
         return init_transformer_(student, teacher, method, every)
     fs, ft = _family(student, "student"), _family(teacher, "teacher")
     if fs != ft:

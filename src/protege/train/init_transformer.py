@@ -15,14 +15,9 @@ import re
 import torch
 from torch import nn
 
-from ..errors import ModelError
-from .init import InitReport, _pick
+from .layer_pick import InitReport, fail as _fail, pick_layers
 
 _LAYER = re.compile(r"^(.*?\.(?:layer|layers|h|block)\.)(\d+)\.(.+)$")
-
-
-def _fail(msg: str) -> ModelError:
-    return ModelError(f"init_from_teacher: {msg}")
 
 
 def _split(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[int, dict[str, torch.Tensor]], str]:
@@ -55,7 +50,7 @@ def init_transformer_(student: nn.Module, teacher: nn.Module, method: str = "sel
     if bad:
         raise _fail(f"'{bad[0]}' differs in shape between student and teacher; layer selection keeps the width "
                     f"(hidden size, heads, vocabulary): change only num_hidden_layers")
-    picks = _pick(len(s_layers), len(t_layers), method, every, "layer stack", "layers")
+    picks = pick_layers(len(s_layers), len(t_layers), method, every, "layer stack", "layers")
     for k, v in s_out.items():
         v.copy_(t_out[k])
     mapping = []

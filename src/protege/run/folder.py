@@ -4,26 +4,30 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import re
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from .errors import RunError, StorageError
-from .files import write_atomic
-from .recipe import Recipe, dump_recipe, parse_recipe
+from torch import nn
+
+from ..errors import ModelError, RunError
+from ..models import OnnxModule, build_model, load_weights
+from ..models.loading import resize_to
+from ..train.guard import require_finite
+from ..recipe import Recipe, dump_recipe, parse_recipe
+from .layout import ARTIFACTS as _ARTIFACTS, COMPRESS_ARTIFACTS, LOCK, MANIFEST
+from .lock import _rmdir_if_empty, own_files, read_manifest
 
 
-CHECKPOINT_FILES = ("last.safetensors", "last.prev.safetensors", "best.safetensors")
-COMPRESS_ARTIFACTS = ("pruned/model.safetensors", "pruned/config.json", "pruned/checkpoints/last.safetensors",
-                      "pruned/checkpoints/last.prev.safetensors",
-                      "pruned/checkpoints/best.safetensors", "pruned.onnx", "pruned.rejected.onnx", "quantized/static.onnx",
-                      "quantized/dynamic.onnx", "quantized/qat.onnx", "quantized/qat.rejected.onnx", "quantized/choice.json",
-                      "student.int8.onnx")
+@dataclass(frozen=True)
+class ModelShapes:
+    """The facts about the data that building a model needs (what DataSplits offers, without the examples)."""
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+    model_args: Optional[dict] = None
 
 
 @dataclass
@@ -120,13 +124,7 @@ class Run:
             raise RunError(f"'{path}' is not empty and is not a run; choose an empty or new folder for --out (or --overwrite)")
         return cls(path, recipe)
 
-    ARTIFACTS = ("teacher/model.safetensors", "teacher/config.json", "teacher/checkpoints/last.safetensors",
-                 "teacher/checkpoints/last.prev.safetensors", "teacher/checkpoints/best.safetensors",
-                 "student/model.safetensors", "student/config.json", "student/checkpoints/last.safetensors",
-                 "student/checkpoints/last.prev.safetensors", "student/checkpoints/best.safetensors",
-                 "student.onnx", "student.rejected.onnx", "report.json", "metrics.jsonl", "report.html", "recipe.yaml",
-                 *COMPRESS_ARTIFACTS)
-
+    ARTIFACTS = _ARTIFACTS
 
     def clear_compressed(self, keep_pruned: bool = False) -> None:
         """A new compress pass: drop what an earlier one wrote, so no stale file is mistaken for this one's."""
@@ -168,138 +166,71 @@ class Run:
             _rmdir_if_empty(self.path / rel)
         (self.path / MANIFEST).unlink(missing_ok=True)
 
+    def shapes(self) -> "ModelShapes":
+        """What rebuilds the run's models without reading its data: student/config.json's input shape, classes and
+        model arguments."""
+        cfg_file = self.path / "student" / "config.json"
+        if not cfg_file.is_file():
+            raise ModelError(f"{cfg_file} is missing: the run is not finished; inspect a zoo name or file.py:factory instead")
+        cfg = read_json(cfg_file, f"finish the run with `protege distill RECIPE --out {self.path} --resume`")
+        if not isinstance(cfg, dict) or "in_shape" not in cfg or "num_classes" not in cfg:
+            raise ModelError(f"{cfg_file} does not record the input shape (a causal-LM run); inspect the model folder instead")
+        return ModelShapes(tuple(cfg["in_shape"]), cfg["num_classes"], cfg.get("model_args"))
+
+    def load_models(self, data) -> tuple[list[nn.Module], nn.Module]:
+        """The finished run's teachers (as trained or loaded; an ema teacher from its saved average) and its student,
+        in eval mode; weights holding NaN or inf are refused. ``data``: the run's DataSplits (shapes, classes)."""
+        if not self.student_weights.is_file():
+            raise RunError(f"{self.path} has no finished student ({self.student_weights} missing); finish it with "
+                           f"`protege distill RECIPE --out {self.path} --resume`")
+        r = self.recipe
+        teachers = []
+        for i, spec in enumerate(r.teachers):
+            trained_here = i == 0 and (r.ema_teacher or spec.train is not None)
+            if r.ema_teacher:
+                spec = r.student.model_copy(update={"weights": None})
+            t = build_model(spec, data.input_shape, data.num_classes, data.model_args)
+            if trained_here and not isinstance(t, OnnxModule) and not spec.weights:
+                load_weights(t, self.teacher_weights)
+            require_finite(t, self.teacher_weights if trained_here else spec.weights or spec.model, "teacher")
+            teachers.append(t.eval())
+        return teachers, self.load_student(data)
+
+    def load_student(self, data) -> nn.Module:
+        """The finished student, in eval mode."""
+        if not self.student_weights.is_file():
+            raise RunError(f"{self.path} has no finished student ({self.student_weights} missing); finish it with "
+                           f"`protege distill RECIPE --out {self.path} --resume`")
+        student = build_model(self.recipe.student.model_copy(update={"weights": None}), data.input_shape, data.num_classes,
+                              data.model_args)
+        load_weights(student, self.student_weights)
+        require_finite(student, self.student_weights, "student")
+        return student.eval()
+
+    def load_pruned(self, data) -> Optional[nn.Module]:
+        """The pruned student (channels removed, so rebuilt at its smaller shapes), or None if the run has none."""
+        if not self.pruned_weights.is_file():
+            return None
+        model = build_model(self.recipe.student.model_copy(update={"weights": None}), data.input_shape, data.num_classes,
+                            data.model_args)
+        model = resize_to(model, self.pruned_weights, self.pruned_info().get("conv_groups")).eval()
+        require_finite(model, self.pruned_weights, "pruned student")
+        return model
+
+    def pruned_info(self) -> dict:
+        """pruned/config.json: what the pruning did (steps, parameters, conv groups)."""
+        path = self.path / "pruned" / "config.json"
+        fix = f"redo the pruning with `protege compress {self.path} --prune RATIO`"
+        info = read_json(path, fix)
+        if not isinstance(info, dict):
+            raise RunError(f"{path} is damaged (not a mapping); {fix}")
+        return info
+
     def write_recipe(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "teacher").mkdir(exist_ok=True)
         (self.path / "student").mkdir(exist_ok=True)
         dump_recipe(self.recipe, self.path / "recipe.yaml")
-
-
-MANIFEST = "manifest.json"
-LOCK = ".protege.lock"
-_HELD: dict[str, list] = {}  # run folders this process holds locked: resolved path -> [file, depth]
-
-
-def own_files(path: Path) -> list[str]:
-    """Files in a run folder at the names protege writes (relative paths): its artifacts, the teacher caches'
-    files named in their meta.json, top-k caches, and born-again generations."""
-    found = [rel for rel in Run.ARTIFACTS if (path / rel).is_file()]
-    cache = path / "teacher_cache"
-    for sub in sorted(cache.iterdir()) if cache.is_dir() else []:
-        if not (sub.is_dir() and (sub / "meta.json").is_file()):
-            continue
-        try:
-            entries = json.loads((sub / "meta.json").read_text()).get("entries", {})
-            files = [e["file"] for e in entries.values()]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            files = []
-        for name in [*files, "ids.npy", "logp.npy", "tail.npy", "meta.json"]:
-            if re.fullmatch(r"\d+\.npy|ids\.npy|logp\.npy|tail\.npy|meta\.json", str(name)) and (sub / name).is_file():
-                found.append(f"teacher_cache/{sub.name}/{name}")
-    for old in sorted((path / "student").glob("gen*")):  # born-again generations: gen{k}.safetensors, gen{k}_checkpoints/
-        if old.is_file() and re.fullmatch(r"gen\d+\.safetensors", old.name):
-            found.append(f"student/{old.name}")
-        elif old.is_dir() and re.fullmatch(r"gen\d+_checkpoints", old.name):
-            found += [f"student/{old.name}/{n}" for n in CHECKPOINT_FILES if (old / n).is_file()]
-    return sorted(set(found))
-
-
-def read_manifest(path: Path) -> Optional[list[str]]:
-    """The files the run's manifest lists (relative, inside the folder), or None if it has none or it is unreadable."""
-    try:
-        files = json.loads((path / MANIFEST).read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    safe = [f for f in files if isinstance(f, str) and not Path(f).is_absolute() and ".." not in Path(f).parts]
-    return safe if len(safe) == len(files) else None
-
-
-def _stats(path: Path) -> dict[str, tuple]:
-    """Identity of each file at protege's names: (inode, size, mtime in ns)."""
-    out = {}
-    for rel in own_files(path):
-        st = (path / rel).stat()
-        out[rel] = (st.st_ino, st.st_size, st.st_mtime_ns)
-    return out
-
-
-def _write_manifest(path: Path, before: dict[str, tuple]) -> None:
-    """Record the files protege wrote here: those the manifest listed that still exist, and files at protege's
-    own names that this command created or changed (``before``: their identities when it started)."""
-    listed = [f for f in read_manifest(path) or [] if (path / f).is_file()]
-    written = [rel for rel, st in _stats(path).items() if before.get(rel) != st]
-    write_atomic(path / MANIFEST, json.dumps({"files": sorted(set(listed + written))}, indent=1))
-
-
-@contextlib.contextmanager
-def locked(path: str | Path, command: str, enabled: bool = True, create: bool = False) -> Iterator[None]:
-    """Hold the run folder's advisory lock while ``command`` writes to it; a second writer is refused, naming the
-    holder. The kernel releases the lock when the process ends in any way (SIGKILL too). Re-entrant within a
-    process. On the way out, the run's manifest records what this command wrote. ``create``: make the folder
-    (a new run); otherwise a missing folder is left for the command itself to report."""
-    import fcntl
-
-    path = Path(path)
-    if not enabled or not (create or path.is_dir()):
-        yield
-        return
-    key = str(path.resolve())
-    if key in _HELD:
-        _HELD[key][1] += 1
-        try:
-            yield
-        finally:
-            _HELD[key][1] -= 1
-        return
-    if path.exists() and not path.is_dir():
-        raise RunError(f"output path '{path}' is a file; choose a folder for --out")
-    made = [p for p in [path, *path.parents] if not p.exists()]  # folders this command creates
-    fresh = not (path / LOCK).exists()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        handle = open(path / LOCK, "a+")
-    except OSError as e:
-        raise RunError(f"cannot write to the run folder '{path}': {e.strerror}; choose a writable folder for --out") from None
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        handle.close()
-        raise RunError(f"'{path}' is in use by another protege process ({holder}); wait for it to finish, or use another "
-                       f"folder") from None
-    handle.seek(0)
-    killed = bool(handle.read().strip())  # the last holder never emptied the file: it was killed (SIGKILL, power)
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"PID {os.getpid()}: protege {command}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-    handle.flush()
-    _HELD[key] = [handle, 1]
-    try:
-        if killed and (path / "recipe.yaml").is_file():  # what the killed command wrote goes into the manifest now
-            _write_manifest(path, {})
-        before = _stats(path)
-    except (OSError, StorageError):
-        before = {}
-    try:
-        yield
-    finally:
-        del _HELD[key]
-        try:
-            if (path / "recipe.yaml").is_file():
-                _write_manifest(path, before)
-        except (OSError, StorageError):
-            pass  # a full disk: the manifest keeps its last state
-        if fresh and [p.name for p in path.iterdir()] == [LOCK]:  # nothing else was written: leave no trace
-            (path / LOCK).unlink(missing_ok=True)
-            for folder in made:
-                _rmdir_if_empty(folder)
-        else:
-            try:
-                handle.truncate(0)  # empty at rest: only a held lock names its holder
-            except OSError:
-                pass
-        handle.close()
 
 
 def read_json(path: Path, fix: str) -> Any:
@@ -308,13 +239,6 @@ def read_json(path: Path, fix: str) -> Any:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise RunError(f"{path} is damaged or unreadable ({type(e).__name__}); {fix}") from None
-
-
-def _rmdir_if_empty(path: Path) -> None:
-    try:
-        path.rmdir()
-    except OSError:  # missing, or holds files protege did not write: left alone
-        pass
 
 
 def file_digest(path: Path) -> str:

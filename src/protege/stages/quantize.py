@@ -1,13 +1,11 @@
-"""The compression stages of a run: prune the student (recovering by distillation), then int8 in ONNX Runtime.
-
-Each stage reads what the previous one wrote in the run folder and writes its own files; the
-pipeline passes in the training loss (the same Distiller the student was trained with).
-"""
+"""The int8 stage of a run: make the candidates the recipe asks for (static, dynamic, QAT), check each against its
+exact arithmetic, measure them on the validation split side by side, and deploy one."""
 from __future__ import annotations
 
-import copy
+import logging
 import json
 import os
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -15,73 +13,19 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from ..compress.qat import qat_to_onnx
+from ..compress.quantize import check_calibration, choose, load_calibration, quantize_dynamic, quantize_static
+from ..compress.verify import scheme, verify
 from ..data import DataSplits
 from ..errors import CompressError
 from ..evaluate.profile import measure as measure_interleaved, ort_timer, timing_inputs
 from ..export.metadata import describe, stamp
 from ..export.onnx import ort_logits, ort_session
-from ..models import save_weights
+from ..files import write_atomic
 from ..run import Run
-from ..train import fit
-from .prune import conv_groups, make_permanent, plan, prune_
-from .quantize import check_calibration, choose, load_calibration, quantize_dynamic, quantize_static
-from .verify import scheme, verify
+from .teacher import student_loss
 
-Log = Callable[[str], None]
-
-
-def precheck(run: Run, data: DataSplits, student: nn.Module) -> None:
-    """Fail on bad settings (prune amounts, layer names, calibration data) before anything is written."""
-    r = run.recipe
-    if r.prune:
-        probe = copy.deepcopy(student).eval()
-        for ratio in plan(probe, data.train.x[:2], r.prune):
-            prune_(probe, r.prune, data.train.x[:2], ratio=ratio)
-    if r.quantize and data.is_text and r.quantize.mode in ("static", "qat"):
-        raise CompressError(f"quantize.mode {r.quantize.mode} is for models with float inputs; a text model's input is token "
-                            f"ids, so use quantize.mode: dynamic (auto and int8 try dynamic only for text)")
-    if r.quantize and r.quantize.calibration_data and r.quantize.mode in ("auto", "int8", "static"):
-        calib = load_calibration(r.quantize.calibration_data)
-        check_calibration(calib, tuple(data.input_shape), f"'{r.quantize.calibration_data}'")
-
-
-def prune_stage(run: Run, data: DataSplits, student: nn.Module, loss_fn, acc: Accelerator, log: Log) -> nn.Module:
-    """Prune a copy of the student step by step, distilling after each step; save pruned/model.safetensors."""
-    r = run.recipe
-    cfg = r.prune
-    model = copy.deepcopy(student).cpu().eval()
-    example = data.train.x[:2]
-    ratios = plan(model, example, cfg)
-    ft = r.train.model_copy(update={"epochs": max(cfg.finetune_epochs, 1), "lr": cfg.finetune_lr or r.train.lr / 5})
-    steps = []
-    for i, ratio in enumerate(ratios, 1):
-        res = prune_(model, cfg, example, ratio=ratio)
-        log(f"prune step {i}/{len(ratios)}: {cfg.method} {ratio:.3f} -> {res.params_after:,} params "
-            f"({res.sparsity:.1%} {'removed' if cfg.method == 'structured' else 'zero'})")
-        entry = res.as_dict()
-        if cfg.finetune_epochs:
-            result = fit(model, loss_fn, data.train, data.val, ft, seed=r.seed + i, ckpt_dir=run.path / "pruned" / "checkpoints",
-                         metrics_path=run.metrics_path, stage=f"prune{i}", accelerator=acc, augment=r.train.augment,
-                         lr_field="prune.finetune_lr")
-            entry["recovery"] = {"epochs": ft.epochs, "lr": ft.lr, "best_epoch": result.best_epoch,
-                                 "best_val_accuracy": result.best_val_accuracy}
-        steps.append(entry)
-    make_permanent(model)
-    model = model.cpu().eval()
-    if acc.is_main_process:  # config first: the weights file is what marks the stage finished for --resume
-        (run.path / "pruned").mkdir(exist_ok=True)
-        info = {"model": r.student.model, "kwargs": r.student.kwargs, "params": sum(p.numel() for p in model.parameters()),
-                "conv_groups": conv_groups(model), "prune": cfg.model_dump(), "steps": steps}
-        _write_json(run.path / "pruned" / "config.json", info)
-        save_weights(model, run.pruned_weights)
-    acc.wait_for_everyone()
-    return model
-
-
-def _write_json(path, obj) -> None:
-    from ..files import write_atomic
-
-    write_atomic(path, json.dumps(obj, indent=2))
+log = logging.getLogger(__name__)
 
 
 def _calibration(run: Run, data: DataSplits, src) -> np.ndarray:
@@ -142,7 +86,7 @@ def _make(mode: str, src, dst, run: Run, data: DataSplits, qat: Optional[Callabl
     return {**(extra or {}), **checked}
 
 
-def quantize_stage(run: Run, data: DataSplits, log: Log, qat: Optional[Callable] = None) -> dict:
+def quantize_stage(run: Run, data: DataSplits, qat: Optional[Callable] = None) -> dict:
     """Make the int8 candidates the recipe asks for, measure them on the validation split, keep one.
 
     ``auto`` compares fp32, static and dynamic int8 on this machine (latency in interleaved rounds) and keeps the
@@ -172,35 +116,35 @@ def quantize_stage(run: Run, data: DataSplits, log: Log, qat: Optional[Callable]
             if cfg.mode not in ("auto", "int8") or not (ort_error or isinstance(err, (CompressError, RuntimeError, ValueError))):
                 raise
             failed[mode] = str(err)
-            log(f"quantize: {mode} int8 skipped: {err}")
+            log.info(f"quantize: {mode} int8 skipped: {err}")
     for name, lat in latencies(files, data, e.threads, e.warmup, (e.repeats_b1, e.repeats_b32), e.rounds).items():
         candidates[name].update(lat)
-    _log_candidates(candidates, len(data.val), log)
+    _log_candidates(candidates, len(data.val))
     if cfg.mode in ("auto", "int8"):
         chosen, reason = choose(candidates, cfg)
     else:
         chosen, reason = wanted[0], f"quantize.mode is {cfg.mode}"
     if chosen == "fp32":
         run.int8_path.unlink(missing_ok=True)
-        log(f"quantize: kept fp32 ({reason}); no int8 file is deployed")
+        log.info(f"quantize: kept fp32 ({reason}); no int8 file is deployed")
     else:
         _copy(run.quant_dir / f"{chosen}.onnx", run.int8_path)
-        log(f"quantize: chose {chosen} int8 -> {run.int8_path} ({reason})")
+        log.info(f"quantize: chose {chosen} int8 -> {run.int8_path} ({reason})")
     choice = {"mode": cfg.mode, "chosen": chosen, "reason": reason, "source": src.name, "candidates": candidates,
               "failed": failed, "selected_on": "validation split", "config": cfg.model_dump(), "target": cfg.target}
     if chosen != "fp32":
         choice.update(scheme=candidates[chosen]["scheme"], verification=candidates[chosen]["verification"])
-    _write_json(run.quant_dir / "choice.json", choice)
+    write_atomic(run.quant_dir / "choice.json", json.dumps(choice, indent=2))
     return choice
 
 
-def _log_candidates(candidates: dict, n_val: int, log: Log) -> None:
+def _log_candidates(candidates: dict, n_val: int) -> None:
     fp32 = candidates["fp32"]
     mark = lambda c, b: "" if c.get(f"latency_b{b}_reliable", True) else "?"  # noqa: E731
     for mode, c in candidates.items():
         if mode == "fp32":
             continue
-        log(f"quantize: {mode} int8 ({c['scheme']['weights']}) {c['bytes'] / 1024:.1f} kB, val acc {c['val_accuracy']:.4f} "
+        log.info(f"quantize: {mode} int8 ({c['scheme']['weights']}) {c['bytes'] / 1024:.1f} kB, val acc {c['val_accuracy']:.4f} "
             f"(fp32 {fp32['val_accuracy']:.4f}), p50 b1 {c['latency_ms_b1']:.3f}{mark(c, 1)} ms / b32 {c['latency_ms_b32']:.3f}{mark(c, 32)} ms "
             f"(fp32 {fp32['latency_ms_b1']:.3f}{mark(fp32, 1)} / {fp32['latency_ms_b32']:.3f}{mark(fp32, 32)}); "
             + (f"int8 kernels match the exact QDQ arithmetic on {n_val} validation examples" if c["verification"]["independent"]
@@ -213,3 +157,16 @@ def _copy(src, dst) -> None:
     tmp = dst.with_suffix(".tmp.onnx")
     shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
+
+
+def qat_fn(run: Run, data: DataSplits, teachers: list[nn.Module], acc: Accelerator):
+    """Quantization-aware training of the final student (pruned, if it was) with the recipe's Distiller."""
+    def go(dst: Path) -> dict:
+        r, q = run.recipe, run.recipe.quantize
+        model = run.load_pruned(data)
+        model = run.load_student(data) if model is None else model
+        return qat_to_onnx(model, student_loss(run, data, teachers, acc, features=False), data.train, data.val, dst, epochs=q.qat_epochs,
+                           lr=q.qat_lr or r.train.lr / 10, batch_size=r.train.batch_size, seed=r.seed,
+                           portable=q.target == "portable")
+
+    return go

@@ -1,0 +1,226 @@
+"""Results do not move: fixed-seed runs through the command line, compared number for number and tensor for tensor
+with the same runs of a reference commit (issue 15's redesign had to leave every result as it was).
+
+    python benchmarks/identity.py                          # this tree vs the reference commit, both run here, now
+    python benchmarks/identity.py --reference 1de8a87      # another reference commit
+    python benchmarks/identity.py --cases demo kd dkd      # a subset
+    python benchmarks/identity.py --quick                  # every case but the 70-epoch demo (about 3 minutes)
+
+Each case is a `protege` command line (the CLI is the interface both versions share) on the bundled digits, a tiny
+BERT text set or a tiny Llama corpus made by tests/text_fixtures.py. The reference commit is checked out into a git
+worktree and run with the same Python, on the same CPU, in the same invocation, so the comparison holds on any
+machine (float results depend on the instruction set; see ../shared/DATA.md). What is compared, per case:
+  * every model tensor of the run's safetensors files (teacher, student, pruned student): sha256 of the bytes;
+  * every accuracy, macro-F1, agreement and perplexity figure and parameter count in report.json.
+Latency, file sizes and timestamps are not compared (they are measurements, or depend on file metadata).
+Writes benchmarks/results/identity.json with the figures, the verdict per case and the environment.
+Exit status 1 if any case differs.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+REPO = ROOT.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(REPO))
+from _env import environment  # noqa: E402
+
+REFERENCE = "1de8a87"  # main before the redesign (issue 15)
+QUICK = ["train.epochs=3", "teacher.train.epochs=3"]
+FEATURES = "distill.features=[{loss: hint, student: features.1, teacher: features.1, weight: 1.0}]"
+
+# name -> (recipe or a builder key, --set overrides, extra commands run after distill on the same folder)
+CASES: dict[str, tuple[str, list[str], list[list[str]]]] = {
+    "teacher_kd": ("recipes/digits.yaml", QUICK, []),
+    "scratch": ("recipes/digits.yaml", ["train.epochs=3", "teacher.weights={T}", "teacher.train=null", "distill.alpha=1.0"], []),
+    "kd": ("recipes/digits.yaml", ["train.epochs=3", "teacher.weights={T}", "teacher.train=null"], []),
+    "soft_only": ("recipes/digits.yaml", ["train.epochs=3", "teacher.weights={T}", "teacher.train=null", "distill.alpha=0.0"], []),
+    "mse_prob": ("recipes/digits.yaml", ["train.epochs=3", "teacher.weights={T}", "teacher.train=null", "distill.response=mse_prob"], []),
+    "dkd": ("recipes/digits.yaml", ["train.epochs=3", "teacher.weights={T}", "teacher.train=null", "distill.response=dkd"], []),
+    "features": ("recipes/digits_features.yaml", ["train.epochs=3", "teacher.weights={T}", "teacher.train=null"], []),
+    "fitnets_augment": ("recipes/digits.yaml", ["train.epochs=2", "teacher.weights={T}", "teacher.train=null", FEATURES,
+                                                "train.augment=true"], []),
+    "two_teachers": ("recipes/digits.yaml", ["train.epochs=3", "teacher.weights={T}", "teacher.train=null",
+                                             "more_teachers=[{model: cnn, kwargs: {channels: [32, 64, 128], depth: 2}, weights: {T}}]",
+                                             "distill.combine=confidence"], []),
+    "born_again": ("recipes/digits_born_again.yaml", ["train.epochs=2", "teacher.train.epochs=2"], []),
+    "init_select": ("recipes/digits.yaml", ["train.epochs=3", "teacher.weights={T}", "teacher.train=null", "student.init=select"], []),
+    "ema_self": ("recipes/digits_self_distill.yaml", ["train.epochs=3"], []),
+    "compress": ("recipes/digits.yaml", ["train.epochs=3", "teacher.weights={T}", "teacher.train=null"],
+                 [["compress", "{RUN}", "--prune", "0.5", "--finetune-epochs", "1"],
+                  ["compress", "{RUN}", "--quantize", "qat"]]),
+    "unstructured_dynamic": ("recipes/digits.yaml", ["train.epochs=2", "teacher.weights={T}", "teacher.train=null"],
+                             [["compress", "{RUN}", "--prune", "0.3", "--unstructured", "--finetune-epochs", "1",
+                               "--quantize", "dynamic"]]),
+    "text": ("text", [], []),
+    "lm": ("lm", [], [["export", "{RUN}"]]),
+    "demo": ("demo", [], []),
+}
+DEPENDS = {"teacher_kd"}  # cases whose teacher file the others read ({T})
+NUMBERS = ("accuracy", "macro_f1", "agreement", "test_ppl", "test_loss", "params", "test_examples", "test_tokens",
+           "compression_ratio", "onnx_max_abs_diff", "chosen")
+
+
+def fixtures(folder: Path) -> dict[str, Path]:
+    """The text and LM inputs (made once per invocation; both versions read the same files)."""
+    from tests.text_fixtures import write_bert_folder, write_corpus, write_llama_folder, write_text_data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return {"bert": write_bert_folder(folder / "bert", layers=2), "reviews": write_text_data(folder / "reviews.csv"),
+            "llama": write_llama_folder(folder / "llama"), "corpus": write_corpus(folder / "corpus.jsonl")}
+
+
+def recipe_file(kind: str, fx: dict[str, Path], folder: Path) -> Path:
+    """A small recipe for the text and LM cases (written as YAML, read by both versions' CLI)."""
+    import yaml
+
+    if kind == "text":
+        r = {"name": "text", "seed": 0, "data": {"source": "text", "path": str(fx["reviews"]), "max_length": 16},
+             "teacher": {"model": str(fx["bert"])}, "student": {"model": str(fx["bert"]), "kwargs": {"num_hidden_layers": 1}},
+             "distill": {"response": "kl", "temperature": 2.0, "alpha": 0.5,
+                         "features": [{"loss": "cosine", "student": "hidden.1", "teacher": "hidden.2", "weight": 1.0}]},
+             "train": {"epochs": 2, "batch_size": 16, "lr": 3e-3}, "eval": {"threads": 1, "repeats_b1": 2, "repeats_b32": 1,
+                                                                          "rounds": 1, "warmup": 0}}
+    else:
+        r = {"name": "lm", "task": "causal_lm", "seed": 0,
+             "data": {"source": "lm_text", "path": str(fx["corpus"]), "block_size": 32, "val_fraction": 0.2, "test_fraction": 0.2},
+             "teacher": {"model": str(fx["llama"])},
+             "student": {"model": str(fx["llama"]), "kwargs": {"pretrained": False, "num_hidden_layers": 2}},
+             "distill": {"response": "forward_kl", "temperature": 1.0, "alpha": 0.5},
+             "train": {"epochs": 2, "batch_size": 8, "lr": 3e-3}, "eval": {"threads": 1, "rounds": 1, "warmup": 0}}
+    path = folder / f"{kind}.yaml"
+    path.write_text(yaml.safe_dump(r, sort_keys=False))
+    return path
+
+
+def tensor_digests(run: Path) -> dict[str, str]:
+    """sha256 of every tensor in the run's model files (not checkpoints: those hold optimiser state too)."""
+    import torch
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(run.rglob("*.safetensors")):
+        rel = f.relative_to(run)
+        if "checkpoints" in rel.parts or "teacher_cache" in rel.parts:
+            continue
+        with safe_open(str(f), framework="pt") as st:
+            for k in sorted(st.keys()):
+                t = st.get_tensor(k).contiguous()
+                data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+                out[f"{rel}:{k}"] = f"{hashlib.sha256(data).hexdigest()[:16]}:{t.dtype}:{tuple(t.shape)}"
+    return out
+
+
+def report_numbers(run: Path) -> dict:
+    """The result figures of report.json (recursively, by key path); no latency, no sizes."""
+    path = run / "report.json"
+    if not path.is_file():
+        return {}
+    out = {}
+
+    def walk(v, where: str) -> None:
+        if isinstance(v, dict):
+            name = v.get("name")
+            for k, x in v.items():
+                if k in ("latency", "environment", "notes"):
+                    continue
+                walk(x, f"{where}.{name}.{k}" if name and k != "name" and where.endswith("stages") else f"{where}.{k}")
+        elif isinstance(v, list):
+            for i, x in enumerate(v):
+                walk(x, f"{where}" if isinstance(x, dict) and "name" in x else f"{where}[{i}]")
+        elif where.rsplit(".", 1)[-1] in NUMBERS:
+            out[where.lstrip(".")] = v
+
+    walk(json.loads(path.read_text()), "")
+    return out
+
+
+def run_version(src: Path, case: str, work: Path, fx: dict[str, Path], teacher: Path | None) -> dict:
+    """One case with the protege in ``src`` (its src/ folder first on the path); returns its figures."""
+    recipe, sets, after = CASES[case]
+    run = work / case
+    env = {**os.environ, "PYTHONPATH": str(src / "src"), "OMP_NUM_THREADS": "2", "PYTHONHASHSEED": "0"}
+    cli = [sys.executable, "-c", "import sys; from protege_entry import main; sys.argv[0] = 'protege'; main()"]
+    if recipe == "demo":
+        commands = [cli + ["demo", "--out", str(run), "--overwrite"]]
+    else:
+        path = recipe_file(recipe, fx, work) if recipe in ("text", "lm") else REPO / recipe
+        fill = [s.replace("{T}", str(teacher)) for s in sets]
+        commands = [cli + ["distill", str(path), "--out", str(run), "--overwrite"] + [a for s in fill for a in ("--set", s)]]
+    commands += [cli + [a.replace("{RUN}", str(run)) for a in c] for c in after]
+    start = time.perf_counter()
+    for c in commands:
+        p = subprocess.run(c, env=env, cwd=src, capture_output=True, text=True)
+        if p.returncode != 0:
+            return {"error": f"{' '.join(c[3:])}: exit {p.returncode}: {(p.stderr or p.stdout).strip().splitlines()[-1:]}"}
+    return {"seconds": round(time.perf_counter() - start, 1), "report": report_numbers(run), "tensors": tensor_digests(run)}
+
+
+def differences(a: dict, b: dict) -> list[str]:
+    if "error" in a or "error" in b:
+        return [f"reference: {a.get('error', 'ok')}; this tree: {b.get('error', 'ok')}"]
+    out = []
+    for part in ("report", "tensors"):
+        for k in sorted(set(a[part]) | set(b[part])):
+            if a[part].get(k) != b[part].get(k):
+                out.append(f"{part} {k}: {a[part].get(k)!r} -> {b[part].get(k)!r}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reference", default=REFERENCE, help="the commit to compare with (default: %(default)s)")
+    ap.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    ap.add_argument("--quick", action="store_true", help="leave out the demo (70 epochs)")
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "identity.json")
+    args = ap.parse_args()
+    cases = [c for c in args.cases if not (args.quick and c == "demo")]
+    if any("{T}" in s for c in cases for s in CASES[c][1]) and "teacher_kd" not in cases:
+        cases.insert(0, "teacher_kd")
+    with tempfile.TemporaryDirectory(prefix="protege-identity-") as tmp:
+        tmp = Path(tmp)
+        ref = tmp / "reference"
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(ref), args.reference], check=True)
+        try:
+            fx = fixtures(tmp / "fixtures")
+            results, verdicts = {}, {}
+            for case in cases:
+                got = {}
+                for label, src in (("reference", ref), ("this_tree", REPO)):
+                    t = tmp / label / "teacher_kd" / "teacher" / "model.safetensors"
+                    got[label] = run_version(src, case, tmp / label, fx, t)
+                diff = differences(got["reference"], got["this_tree"])
+                verdicts[case] = "identical" if not diff else diff
+                results[case] = got
+                print(f"{case:22s} {'identical' if not diff else 'DIFFERS'}  "
+                      f"({got['reference'].get('seconds', '-')} s / {got['this_tree'].get('seconds', '-')} s; "
+                      f"{len(got['this_tree'].get('tensors', {}))} tensors, {len(got['this_tree'].get('report', {}))} figures)",
+                      flush=True)
+                for line in diff[:8]:
+                    print(f"    {line}")
+        finally:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(ref)], check=False)
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "src"], capture_output=True,
+                                text=True).stdout.strip())
+    summary = {"command": "python benchmarks/identity.py" + (" --quick" if args.quick else ""), "reference": args.reference,
+               "this_tree": head + (" (uncommitted changes in src/)" if dirty else ""),
+               "environment": environment(2), "verdicts": verdicts,
+               "identical": sum(v == "identical" for v in verdicts.values()), "cases": len(verdicts), "results": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2))
+    print(f"{summary['identical']}/{summary['cases']} cases identical; {args.out}")
+    sys.exit(0 if summary["identical"] == summary["cases"] else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""The names of what protege writes in a run folder (see Run for the layout)."""
+from __future__ import annotations
+
+CHECKPOINT_FILES = ("last.safetensors", "last.prev.safetensors", "best.safetensors")
+COMPRESS_ARTIFACTS = ("pruned/model.safetensors", "pruned/config.json", "pruned/checkpoints/last.safetensors",
+                      "pruned/checkpoints/last.prev.safetensors",
+                      "pruned/checkpoints/best.safetensors", "pruned.onnx", "pruned.rejected.onnx", "quantized/static.onnx",
+                      "quantized/dynamic.onnx", "quantized/qat.onnx", "quantized/qat.rejected.onnx", "quantized/choice.json",
+                      "student.int8.onnx")
+ARTIFACTS = ("teacher/model.safetensors", "teacher/config.json", "teacher/checkpoints/last.safetensors",
+             "teacher/checkpoints/last.prev.safetensors", "teacher/checkpoints/best.safetensors",
+             "student/model.safetensors", "student/config.json", "student/checkpoints/last.safetensors",
+             "student/checkpoints/last.prev.safetensors", "student/checkpoints/best.safetensors",
+             "student.onnx", "student.rejected.onnx", "report.json", "metrics.jsonl", "report.html", "recipe.yaml",
+             *COMPRESS_ARTIFACTS)
+MANIFEST = "manifest.json"
+LOCK = ".protege.lock"
