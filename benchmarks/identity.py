@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "src"))  # this tree's protege, whatever the virtualenv points at
 from _env import environment  # noqa: E402
 
 REFERENCE = "1de8a87"  # main before the redesign (issue 15)
@@ -110,7 +111,7 @@ def tensor_digests(run: Path) -> dict[str, str]:
     out = {}
     for f in sorted(run.rglob("*.safetensors")):
         rel = f.relative_to(run)
-        if "checkpoints" in rel.parts or "teacher_cache" in rel.parts:
+        if any(part.endswith("checkpoints") for part in rel.parts) or "teacher_cache" in rel.parts:
             continue
         with safe_open(str(f), framework="pt") as st:
             for k in sorted(st.keys()):

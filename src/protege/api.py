@@ -9,11 +9,13 @@ from torch import nn
 from .compress import prune_, quantize_onnx
 from .errors import ModelError, RecipeError
 from .knowledge.inspect import format_rows, inspect_model
+from .knowledge.sequences import generate_corpus as generate
 from .models import build_model
-from .stages import compress, distill, evaluate, export_onnx
+from .models.lm import convert_gguf as convert
 from .recipe import ModelSpec, PruneConfig, QuantizeConfig, load_recipe
 from .recipe.files import _describe
 from .run import Run
+from .stages import compress, distill, evaluate, export_onnx
 
 
 def distill_file(recipe: str | Path, out: Optional[str | Path] = None, overrides: Optional[list[str]] = None, **kw) -> Run:
@@ -22,41 +24,41 @@ def distill_file(recipe: str | Path, out: Optional[str | Path] = None, overrides
     return distill(r, out or Path("runs") / r.name, **kw)
 
 
-OPTIONS = {"ratio": "--prune", "target_params": "--target-params", "scope": "--scope", "keep": "--keep", "steps": "--steps",
-           "finetune_epochs": "--finetune-epochs", "mode": "--quantize", "target": "--target", "calibration": "--calibration",
-           "calibration_data": "--calibration-data"}
+def option_name(cls, field: str) -> str:
+    """The `protege compress` option of a PruneConfig / QuantizeConfig field: --field-name, or the config's own name
+    for it (``cls.CLI``); for an on/off pair, its first half."""
+    return cls.CLI.get(field, "--" + field.replace("_", "-")).split("/")[0]
 
 
-def _config(cls, source: str, **fields):
+def _config(cls, source: str, fields: dict):
     """A typed config from CLI options; a bad value is blamed on its option (--prune, --quantize, ...)."""
-    from pydantic import ValidationError
+    from pydantic import (
+        ValidationError,  # (pydantic is loaded already: only the name is imported here)
+    )
 
     try:
         return cls(**fields)
     except ValidationError as e:
         err = e.errors()[0]
-        option = OPTIONS.get(str(err["loc"][0])) if err["loc"] else None
+        name = str(err["loc"][0]) if err["loc"] else None
         text = _describe(err, cls)
-        if option:
-            text = text.replace(f"field '{err['loc'][0]}'", option).replace(f"{err['loc'][0]}: ", f"{option}: ", 1)
+        if name in cls.model_fields:
+            option = option_name(cls, name)
+            text = text.replace(f"field '{name}'", option).replace(f"{name}: ", f"{option}: ", 1)
         raise RecipeError(f"{source}: {text}") from None
 
 
-def compress_cli(run: str | Path, *, prune: Optional[float], structured: bool, target_params: Optional[int], scope: str,
-                 keep: list[str], steps: int, finetune_epochs: int, quantize: Optional[str], calibration: str,
-                 calibration_data: Optional[Path], allow_fallback: bool, target: str = "portable") -> Run:
-    """`protege compress`: turn the options into typed configs (errors name the option) and run ``compress``."""
-    p = q = None
-    if prune is None and target_params is None and (keep or steps != 1 or finetune_epochs or scope != "layer" or not structured):
-        raise RecipeError("--keep, --steps, --finetune-epochs, --scope and --unstructured need --prune RATIO or --target-params N")
-    if quantize is None and (calibration_data or allow_fallback or calibration != "minmax" or target != "portable"):
-        raise RecipeError("--target, --calibration, --calibration-data and --allow-fallback need --quantize MODE")
-    if prune is not None or target_params is not None:
-        p = _config(PruneConfig, "pruning options", method="structured" if structured else "unstructured", ratio=prune,
-                    target_params=target_params, scope=scope, keep=list(keep), steps=steps, finetune_epochs=finetune_epochs)
-    if quantize is not None:
-        q = _config(QuantizeConfig, "quantization options", mode=quantize, target=target, calibration=calibration, allow_fallback=allow_fallback,
-                    calibration_data=str(calibration_data) if calibration_data else None)
+def compress_cli(run: str | Path, *, prune: dict, quantize: dict) -> Run:
+    """`protege compress`: the options given (field -> value, for PruneConfig and QuantizeConfig) become typed configs
+    (errors name the option) and run ``compress``."""
+    if prune and "ratio" not in prune and "target_params" not in prune:
+        raise RecipeError(f"{', '.join(option_name(PruneConfig, f) for f in prune)}: pruning options need --prune RATIO or "
+                          f"--target-params N")
+    if quantize and "mode" not in quantize:
+        raise RecipeError(f"{', '.join(option_name(QuantizeConfig, f) for f in quantize)}: quantization options need "
+                          f"--quantize MODE")
+    p = _config(PruneConfig, "pruning options", prune) if prune else None
+    q = _config(QuantizeConfig, "quantization options", quantize) if quantize else None
     return compress(run, prune=p, quantize=q)
 
 
@@ -79,14 +81,12 @@ def inspect(model: str, input_shape: Optional[str | list[int]] = None, *, classe
 
 def convert_gguf(gguf: str | Path, out: str | Path) -> Path:
     """A .gguf causal LM -> a safetensors model folder (see models/lm.py)."""
-    from .models.lm import convert_gguf as convert
 
     return convert(gguf, out)
 
 
 def generate_corpus(teacher: str | Path, prompts: str | Path, out: str | Path, **kw) -> Path:
     """Sequence-level KD: the teacher continues prompts cut from a corpus; writes a .jsonl corpus (knowledge/sequences.py)."""
-    from .knowledge.sequences import generate_corpus as generate
 
     return generate(teacher, prompts, out, **kw)
 

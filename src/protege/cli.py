@@ -1,15 +1,23 @@
 """The command line: each command parses its options and calls the Python API, nothing more."""
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
+import typing
 from pathlib import Path
 from typing import List, Optional
 
 import click
 import typer
 
+from . import api
+from .compress.prune import PruneConfig
+from .compress.quantize import QuantizeConfig
+from .demo import demo_recipe
 from .errors import ProtegeError
+from .files import write_error, write_fix
+from .logs import setup
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distil a teacher into a small student, evaluate it, export it to ONNX.")
@@ -17,8 +25,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks and debug messages.")) -> None:
-    from .logs import setup
-
     setup(logging.DEBUG if debug else logging.INFO)
 
 
@@ -32,8 +38,6 @@ def distill_cmd(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle weights (can run code)."),
 ) -> None:
     """Train or load the teacher, distil the student, export ONNX, evaluate, write report.json."""
-    from . import api
-
     overrides = list(set_) + (["teacher.allow_pickle=true", "student.allow_pickle=true"] if allow_pickle else [])
     api.distill_file(recipe, out, overrides, resume=resume, overwrite=overwrite)
 
@@ -41,8 +45,6 @@ def distill_cmd(
 @app.command("evaluate")
 def evaluate_cmd(run: Path = typer.Argument(..., help="Run folder.")) -> None:
     """Accuracy, macro-F1, teacher agreement, params, bytes and latency for teacher, student and ONNX."""
-    from . import api
-
     api.evaluate(run)
 
 
@@ -50,43 +52,67 @@ def evaluate_cmd(run: Path = typer.Argument(..., help="Run folder.")) -> None:
 def export_cmd(run: Path = typer.Argument(..., help="Run folder."),
                format: str = typer.Option("onnx", "--format", help="Export format (onnx).")) -> None:
     """Export the student and check the file against PyTorch."""
-    from . import api
-
     if format != "onnx":
         raise ProtegeError(f"--format {format!r} is not supported; allowed: onnx")
     api.export_onnx(run)
 
 
-@app.command("compress")
-def compress_cmd(
-    run: Path = typer.Argument(..., help="Run folder with a finished student."),
-    prune: Optional[float] = typer.Option(None, "--prune", help="Fraction to remove, in (0, 1): channels (structured) or weights."),
-    structured: bool = typer.Option(True, "--structured/--unstructured", help="Remove whole channels/neurons (default) or mask weights."),
-    target_params: Optional[int] = typer.Option(None, "--target-params", help="Structured: prune to at most this many parameters."),
-    scope: str = typer.Option("layer", "--scope", help="layer (same ratio per layer) or global."),
-    keep: List[str] = typer.Option([], "--keep", help="Module path to leave unpruned (repeatable)."),
-    steps: int = typer.Option(1, "--steps", help="Iterative pruning: rounds of prune + distil."),
-    finetune_epochs: int = typer.Option(0, "--finetune-epochs", help="KD recovery epochs after each pruning step (default 0: no recovery)."),
-    quantize: Optional[str] = typer.Option(None, "--quantize", help="auto | int8 | static | dynamic | qat (int8 in ONNX Runtime)."),
-    target: str = typer.Option("portable", "--target", help="portable (7-bit weights, exact on every CPU) | this_cpu (full range)."),
-    calibration: str = typer.Option("minmax", "--calibration", help="Static calibration: minmax | entropy | percentile."),
-    calibration_data: Optional[Path] = typer.Option(None, "--calibration-data", help=".npy array of inputs to calibrate on."),
-    allow_fallback: bool = typer.Option(False, "--allow-fallback", help="Leave ops ONNX Runtime cannot quantize in float."),
-) -> None:
-    """Prune and/or int8-quantize a run's student, recover by distillation, evaluate every stage, write report.html."""
-    from . import api
+def _option(cls, prefix: str, name: str, field) -> inspect.Parameter:
+    """A typer option for one config field: its name from the config (--field-name unless ``cls.CLI`` says otherwise),
+    its help from the field's description; None (or an empty list) when not given, so the config's default applies."""
+    flag = cls.CLI.get(name, "--" + name.replace("_", "-"))
+    kind = field.annotation
+    if typing.get_origin(kind) is typing.Union:  # Optional[X] -> X
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if typing.get_origin(kind) is typing.Annotated:  # PathStr -> str
+        kind = typing.get_args(kind)[0]
+    if typing.get_origin(kind) is list:
+        return inspect.Parameter(f"{prefix}{name}", inspect.Parameter.KEYWORD_ONLY, annotation=List[str],
+                                 default=typer.Option([], flag, help=field.description))
+    if kind is bool or "/" in flag:  # an on/off pair: --x/--no-x, or the config's own pair of names
+        flag = flag if "/" in flag else f"{flag}/--no-{flag[2:]}"
+        return inspect.Parameter(f"{prefix}{name}", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[bool],
+                                 default=typer.Option(None, flag, help=field.description))
+    if typing.get_origin(kind) is typing.Literal:
+        kind = type(typing.get_args(kind)[0])
+    return inspect.Parameter(f"{prefix}{name}", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind],
+                             default=typer.Option(None, flag, help=field.description))
 
-    api.compress_cli(run, prune=prune, structured=structured, target_params=target_params, scope=scope, keep=keep,
-                     steps=steps, finetune_epochs=finetune_epochs, quantize=quantize, target=target, calibration=calibration,
-                     calibration_data=calibration_data, allow_fallback=allow_fallback)
+
+def _given(cls, prefix: str, options: dict) -> dict:
+    """The fields whose options were given (an on/off pair for a two-value field: on = the first value)."""
+    out = {}
+    for name, field in cls.model_fields.items():
+        value = options[f"{prefix}{name}"]
+        if value is None or value == []:
+            continue
+        if isinstance(value, bool) and typing.get_origin(field.annotation) is typing.Literal:
+            value = typing.get_args(field.annotation)[0 if value else 1]
+        out[name] = value
+    return out
+
+
+def compress_cmd(run: Path, **options) -> None:
+    """Prune and/or int8-quantize a run's student, recover by distillation, evaluate every stage, write report.html."""
+    api.compress_cli(run, prune=_given(PruneConfig, "p_", options), quantize=_given(QuantizeConfig, "q_", options))
+
+
+def _compress_signature() -> inspect.Signature:
+    """compress_cmd's options, one per PruneConfig and QuantizeConfig field: a new field is a new option."""
+    run = inspect.Parameter("run", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path,
+                            default=typer.Argument(..., help="Run folder with a finished student."))
+    return inspect.Signature([run] + [_option(cls, prefix, name, field) for cls, prefix in ((PruneConfig, "p_"), (QuantizeConfig, "q_"))
+                                      for name, field in cls.model_fields.items()])
+
+
+compress_cmd.__signature__ = _compress_signature()
+app.command("compress")(compress_cmd)
 
 
 @app.command("convert-gguf")
 def convert_gguf_cmd(gguf: Path = typer.Argument(..., help="A .gguf checkpoint (llama.cpp format)."),
                      out: Path = typer.Argument(..., help="New model folder (config.json, model.safetensors, tokenizer).")) -> None:
     """Dequantize a GGUF causal LM once into a safetensors model folder that recipes can name as a teacher."""
-    from . import api
-
     print(f"converted: {api.convert_gguf(gguf, out)}")
 
 
@@ -106,8 +132,6 @@ def generate_cmd(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle weights (can run code)."),
 ) -> None:
     """Sequence-level KD: the teacher writes a corpus for a student (any tokenizer) to learn with next-token CE."""
-    from . import api
-
     api.generate_corpus(teacher, prompts, out, column=column, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                         temperature=temperature, batch_size=batch_size, limit=limit, seed=seed, overwrite=overwrite,
                         allow_pickle=allow_pickle)
@@ -121,8 +145,6 @@ def inspect_cmd(
     teacher: bool = typer.Option(False, "--teacher", help="For a run folder: inspect its teacher instead of its student."),
 ) -> None:
     """Print every module path with its output shape and parameters (one dry forward pass), to pick hook points."""
-    from . import api
-
     print(api.inspect(model, input_shape, classes=classes, which="teacher" if teacher else "student"))
 
 
@@ -131,9 +153,6 @@ def demo_cmd(out: Path = typer.Option(Path("runs/demo"), "--out", help="Run fold
              overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier demo run."),
              set_: List[str] = typer.Option([], "--set", help="Override a field of the demo's recipe, e.g. --set train.epochs=5.")) -> None:
     """Bundled data end to end: teacher -> student -> ONNX -> report (a few minutes on 2 cores)."""
-    from . import api
-    from .demo import demo_recipe
-
     api.distill(demo_recipe(list(set_)), out, overwrite=overwrite)
 
 
@@ -152,8 +171,6 @@ def _interrupted() -> str:
 def _os_error(e: OSError) -> str:
     """A failed read or write (full disk, no permission, read-only disk) as one line that names the file."""
     import errno
-
-    from .files import write_error, write_fix
 
     where = f"{e.filename}: " if e.filename else ""
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS):

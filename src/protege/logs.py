@@ -31,7 +31,9 @@ def setup(level: int = logging.INFO) -> None:
     for h in [h for h in logger.handlers if getattr(h, "_protege", False)]:
         logger.removeHandler(h)
     if sys.stdout.isatty():
-        from rich.console import Console  # (rich: a dependency, imported only where a terminal is drawn on)
+        from rich.console import (
+            Console,  # (rich: a dependency, imported only where a terminal is drawn on)
+        )
         from rich.logging import RichHandler
 
         handler: logging.Handler = RichHandler(console=Console(), show_path=False, markup=False, log_time_format="[%X]")
@@ -110,7 +112,9 @@ def quiet_transformers() -> Iterator[None]:
     reports and progress bars ignore the standard logger levels: its verbosity and bars are set for the call and
     put back afterwards. Usable as a decorator."""
     with quiet():
-        from transformers.utils import logging as hf_logging  # heavy: imported only where transformers is used anyway
+        from transformers.utils import (
+            logging as hf_logging,  # heavy: imported only where transformers is used anyway
+        )
 
         level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
         hf_logging.set_verbosity_error()

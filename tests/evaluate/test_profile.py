@@ -3,6 +3,7 @@ the report keys, and the timers for PyTorch models and ONNX Runtime sessions. No
 anything runs: calls are counted, and the clock is a fake one that each stage advances by a known amount."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -14,8 +15,9 @@ from torch import nn
 
 from protege.evaluate import profile
 from protege.evaluate.profile import (MAX_SPREAD, LoadProbe, Measurement, example_batch, latency_section, load_verdict,
-                                      measure, ort_latency, ort_timer, other_share, paired_ratio, record, settle_threads,
-                                      split_calls, stage_fields, summarize, torch_latency, torch_threads, torch_timer)
+                                      measure, ort_latency, ort_timer, other_share, paired_ratio, proc_stat_times,
+                                      record, settle_threads, split_calls, stage_fields, summarize, torch_latency,
+                                      torch_threads, torch_timer)
 from protege.export.onnx import ort_session
 
 QUIET = {"other_share": 0.0, "resolution": 0.001, "loadavg_1min": 0.1, "cpus": 2, "busy": False, "reason": None}
@@ -349,10 +351,11 @@ def test_torch_latency_counts_and_keys(monkeypatch):
 
 
 def test_ort_latency_opens_a_session_with_the_threads_and_counts_runs(monkeypatch, tmp_path):
-    from protege.export import onnx as onnx_module
+    import importlib
 
+    profile_module = importlib.import_module("protege.evaluate.profile")
     session, opened = FakeSession(), []
-    monkeypatch.setattr(onnx_module, "ort_session", lambda path, threads: opened.append((path, threads)) or session)
+    monkeypatch.setattr(profile_module, "ort_session", lambda path, threads: opened.append((path, threads)) or session)
     out = ort_latency(tmp_path / "m.onnx", (3,), batch=2, threads=1, warmup=1, repeats=4)
     assert opened == [(tmp_path / "m.onnx", 1)] and set(out) == {"p50", "p95"} and out["p50"] <= out["p95"]
     assert len(session.feeds) == 1 + 1 + 4 and all(f["pixels"].shape == (2, 3) for f in session.feeds)
@@ -391,3 +394,135 @@ def test_settle_threads_returns_once_the_process_is_idle_or_after_max_s(monkeypa
     settle_threads(max_s=0.1, step_s=0.002)
     assert len(fake.sleeps) == pytest.approx(sleeps, abs=1) and set(fake.sleeps) == {0.002}
     assert fake.wall <= 0.1 + 0.002 + 1e-9
+
+
+# ---------------------------------------------------------------- recording
+@pytest.mark.parametrize("total, rounds, expected", [(50, 5, [10] * 5), (10, 5, [2] * 5), (7, 5, [2, 2, 1, 1, 1]),
+                                                     (3, 5, [1] * 5), (1, 1, [1])])
+def test_split_calls_spreads_the_total_over_the_rounds_at_least_one_each(total, rounds, expected):
+    assert split_calls(total, rounds) == expected
+
+
+def test_record_warms_up_each_stage_then_calls_them_round_robin():
+    calls: list[str] = []
+    stages = {n: (lambda n=n: calls.append(n)) for n in ("teacher", "student", "int8")}
+    ticks = itertools.count()
+    samples = record(stages, [2, 1], warmup=1, settle=lambda: calls.append("settle"), clock=lambda: float(next(ticks)))
+    # each stage in a round: wait for the previous one's threads to settle, one untimed call, then the timed calls
+    assert calls == ["teacher", "student", "int8",                                                       # warm-up
+                     "settle", "teacher", "teacher", "teacher", "settle", "student", "student", "student",
+                     "settle", "int8", "int8", "int8",                                                 # round 1
+                     "settle", "teacher", "teacher", "settle", "student", "student", "settle", "int8", "int8"]  # round 2
+    assert samples == {n: [[1e3, 1e3], [1e3]] for n in stages}  # milliseconds, grouped by round
+
+
+def test_record_without_priming_makes_no_untimed_calls():
+    """Slow calls (text generation, seconds each) are not primed: every call after the warm-up is timed."""
+    calls: list[str] = []
+    stages = {n: (lambda n=n: calls.append(n)) for n in ("teacher", "student")}
+    ticks = itertools.count()
+    samples = record(stages, [1, 1], warmup=0, settle=lambda: None, clock=lambda: float(next(ticks)), prime=False)
+    assert calls == ["teacher", "student", "teacher", "student"] and samples == {n: [[1e3], [1e3]] for n in stages}
+
+
+def test_measure_times_every_stage_in_every_round_and_probes_the_load():
+    calls: list[str] = []
+    m = measure({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3, total_calls=3, warmup=0,
+                threads=1, read_stat=lambda: None, settle=lambda: None)
+    assert calls == ["a", "a", "b", "b"] * 3  # each round: one untimed call after the switch, one timed
+    assert [len(r) for r in m.samples["a"]] == [1, 1, 1] and "busy" in m.load and "seconds" in m.load
+
+
+# ---------------------------------------------------------------- statistics
+def test_summarize_median_quartiles_p95_spread_and_round_medians():
+    s = summarize([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])
+    assert s["median"] == pytest.approx(4.5)
+    assert s["iqr"] == pytest.approx(6.25 - 2.75)            # linear-interpolated quartiles of 1..8
+    assert s["spread"] == pytest.approx(3.5 / 4.5)
+    assert s["p95"] == pytest.approx(7.65)
+    assert s["round_medians"] == [2.5, 6.5] and s["calls"] == 8
+
+
+def test_ratio_is_paired_by_round_not_a_ratio_of_medians_taken_at_different_moments():
+    teacher = [[10.0], [20.0], [30.0]]
+    student = [[1.0], [4.0], [5.0]]
+    assert paired_ratio(teacher, student) == pytest.approx(6.0)   # median of 10, 5, 6 (ratio of medians: 20 / 4 = 5)
+    # a slow moment of the machine hits every stage in that round alike, and the paired ratio does not move
+    assert paired_ratio([[1.0], [100.0], [1.0]], [[0.1], [10.0], [0.1]]) == pytest.approx(10.0)
+
+
+# ---------------------------------------------------------------- the load probe
+def test_proc_stat_times_reads_busy_and_total_including_steal(tmp_path):
+    f = tmp_path / "stat"
+    f.write_text("cpu  100 10 50 800 20 3 5 12 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n")
+    tick = profile.os.sysconf("SC_CLK_TCK")
+    busy, total = proc_stat_times(str(f))
+    assert busy == pytest.approx((100 + 10 + 50 + 3 + 5 + 12) / tick)     # user nice system irq softirq steal
+    assert total == pytest.approx((100 + 10 + 50 + 800 + 20 + 3 + 5 + 12) / tick)
+    assert proc_stat_times(str(tmp_path / "missing")) is None
+
+
+def test_other_share_subtracts_this_process_and_clamps():
+    assert other_share((10.0, 100.0), (15.0, 110.0), own_seconds=1.0) == pytest.approx(0.4)
+    assert other_share((10.0, 100.0), (15.0, 110.0), own_seconds=9.0) == 0.0
+    assert other_share((10.0, 100.0), (10.0, 100.0), own_seconds=0.0) is None
+
+
+def _fake_stat(after_busy: float):
+    readings = iter([(100.0, 1000.0), (100.0 + after_busy, 1020.0)])  # 20 s of all CPUs' time between the two
+    return lambda: next(readings)
+
+
+def test_load_probe_with_a_faked_busy_proc_stat_marks_the_machine_busy():
+    with LoadProbe(_fake_stat(8.6)) as probe:
+        pass
+    assert probe.result["busy"] and probe.result["other_share"] == pytest.approx(0.43, abs=0.01)
+    assert probe.result["reason"] == "machine busy: other processes used 43% of the CPU while measuring"
+    with LoadProbe(_fake_stat(0.2)) as quiet:
+        pass
+    assert not quiet.result["busy"] and quiet.result["reason"] is None
+
+
+def test_measure_under_a_faked_busy_machine_marks_every_stage_and_the_section():
+    m = measure({"teacher": lambda: None, "student": lambda: None}, rounds=2, total_calls=2, warmup=0, threads=1,
+                read_stat=_fake_stat(8.6), settle=lambda: None)
+    fields = stage_fields({"b1": m}, "teacher")
+    assert set(fields) == {"latency_ms_b1", "latency_ms_b1_p95", "latency_ms_b1_iqr", "latency_b1_reliable"}
+    assert fields["latency_b1_reliable"] is False
+    section = latency_section({"b1": m}, rounds=2)
+    assert section["reliable"] is False and section["rounds"] == 2 and section["b1"]["calls_per_stage"] == 2
+    assert section["reasons"][0] == "b1: machine busy: other processes used 43% of the CPU while measuring"
+
+
+def test_without_proc_stat_the_load_average_against_the_cores_decides(monkeypatch):
+    monkeypatch.setattr(profile, "_loadavg", lambda: 5.0)
+    with LoadProbe(lambda: None) as probe:
+        pass
+    assert probe.result["busy"] and "load average 5.0 above its" in probe.result["reason"]
+    assert not load_verdict(None, 0.0, 0.5, 2)["busy"]
+    assert load_verdict(0.9, 0.5, 5.0, 2)["busy"]    # a window too short for /proc/stat: the load average decides
+
+
+class _FakeTime:
+    """time for settle_threads: sleeping advances the wall clock, and this process's CPU time by ``spinning`` CPUs."""
+
+    def __init__(self, spinning: float):
+        self.wall = self.cpu = 0.0
+        self.spinning, self.sleeps = spinning, 0
+
+    def perf_counter(self) -> float:
+        return self.wall
+
+    def process_time(self) -> float:
+        return self.cpu
+
+    def sleep(self, s: float) -> None:
+        self.wall, self.cpu, self.sleeps = self.wall + s, self.cpu + self.spinning * s, self.sleeps + 1
+
+
+@pytest.mark.parametrize("spinning, sleeps", [(0.0, 1), (0.1, 1), (1.0, 50), (2.0, 50)])
+def test_settle_threads_waits_while_the_process_spins_at_most_max_s(monkeypatch, spinning, sleeps):
+    fake = _FakeTime(spinning)
+    monkeypatch.setattr(profile, "time", fake)
+    profile.settle_threads(max_s=0.1, step_s=0.002)
+    assert fake.sleeps == sleeps  # quiet: one short sleep; a thread still spinning: waited for, up to max_s

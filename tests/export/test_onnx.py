@@ -359,3 +359,31 @@ def test_ort_logits_batches_give_the_same_result_as_one_batch(mlp_file, batch_si
     assert torch.allclose(got, whole, atol=1e-6)
     with torch.no_grad():
         assert torch.allclose(got, model(x), atol=1e-5)
+
+
+def test_ctrl_c_during_export_propagates(tmp_path, monkeypatch):
+    """The exporter wraps a KeyboardInterrupt raised mid-import in its own error; it must still come out as one."""
+    from protege.export.onnx import export_model_onnx
+
+    def interrupted(*args, **kwargs):  # as seen with torch 2.13: KeyboardInterrupt <- AttributeError <- TorchExportError
+        try:
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                raise AttributeError("module 'torch._dynamo' has no attribute 'exc'")
+        except AttributeError as e:
+            raise RuntimeError("Failed to export the model with torch.export.") from e
+
+    monkeypatch.setattr(torch.onnx, "export", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_model_onnx(nn.Linear(4, 2), torch.randn(2, 4), tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setattr(torch.onnx, "export", failing)
+    from protege.errors import ExportError
+
+    with pytest.raises(ExportError, match="ONNX export failed: RuntimeError: unsupported operator"):
+        export_model_onnx(nn.Linear(4, 2), torch.randn(2, 4), tmp_path / "m.onnx")

@@ -431,3 +431,20 @@ def test_non_finite_weights_after_an_epoch_raise_diverged_before_saving(tmp_path
     assert "weight tensor(s) hold NaN or inf" in str(e.value) and "teacher.train.lr" in str(e.value)
     assert "epoch 2/3" in str(e.value)
     assert _ckpt_epoch(tmp_path / "ckpt" / "last.safetensors") == 1
+
+
+def _strict_json_lines(path: Path) -> list[dict]:
+    def refuse(token):
+        raise ValueError(f"{path} holds {token}, which is not JSON")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def test_old_nan_tokens_in_metrics_become_null(tmp_path, capsys):
+    """A metrics.jsonl from an older version with bare NaN tokens is rewritten as strict JSON on the next row."""
+    from protege.train.fit import _append_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"stage": "teacher", "epoch": 1, "loss": NaN}\n{"broken\n')
+    _append_metrics(path, "student", 0, {"stage": "student", "epoch": 1, "loss": float("inf")})
+    assert _strict_json_lines(path) == [{"stage": "teacher", "epoch": 1, "loss": None}, {"stage": "student", "epoch": 1, "loss": None}]

@@ -11,18 +11,47 @@ from __future__ import annotations
 import copy
 import difflib
 from dataclasses import dataclass, field
+from typing import ClassVar, Literal, Optional
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 from torch.nn.utils import prune as tprune
 
+from ..config import _Strict
 from ..errors import CompressError
-from ..recipe import PruneConfig
 
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 MAX_GLOBAL = 0.9  # global scope: no layer loses more than this share of its channels
 UNSTRUCTURED_NOTE = ("unstructured pruning zeroes weights but keeps every tensor dense: no speedup and no smaller "
                      "file by itself (it needs a sparse kernel or compression to pay)")
+
+
+class PruneConfig(_Strict):
+    """Pruning of the distilled student, then recovery by distillation from the same teacher. Each field is also an
+    option of `protege compress` (``CLI``: the option names that differ from --field-name)."""
+
+    CLI: ClassVar[dict[str, str]] = {"ratio": "--prune", "method": "--structured/--unstructured"}
+
+    method: Literal["structured", "unstructured"] = Field(
+        "structured", description="structured removes whole channels/neurons (really faster); unstructured masks weights")
+    ratio: Optional[float] = Field(None, gt=0, lt=1, description="fraction to remove, in (0, 1): channels (structured) or weights")
+    target_params: Optional[int] = Field(None, ge=1, description="structured: prune to at most this many parameters")
+    scope: Literal["layer", "global"] = Field("layer", description="layer (the same ratio in every layer) or global (one threshold)")
+    keep: list[str] = Field(default_factory=list, description="module path to leave unpruned (repeatable; the output layer always is)")
+    steps: int = Field(1, ge=1, le=100, description="iterative pruning: rounds of prune + distil")
+    finetune_epochs: int = Field(0, ge=0, le=100_000, description="KD recovery epochs after each pruning step (0: no recovery)")
+    finetune_lr: Optional[float] = Field(None, gt=0, le=100, description="recovery learning rate (default: train.lr / 5)")
+
+    @model_validator(mode="after")
+    def _one_amount(self) -> "PruneConfig":
+        if (self.ratio is None) == (self.target_params is None):
+            raise ValueError("give exactly one of `ratio` (fraction removed, between 0 and 1) or `target_params`")
+        if self.target_params is not None and self.method != "structured":
+            raise ValueError("`target_params` needs method: structured (unstructured pruning keeps every parameter)")
+        if self.target_params is not None and self.steps > 1:
+            raise ValueError("`target_params` is reached in one step; use `ratio` for iterative pruning (steps > 1)")
+        return self
 
 
 @dataclass

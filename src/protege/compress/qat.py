@@ -15,16 +15,18 @@ import logging
 import math
 import os
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from torch import nn
 
 from ..data import Split
 from ..errors import CompressError
 from ..export.onnx import _first_arg, ort_logits, ort_session
 from ..logs import quiet
-from ..train.guard import check_loss
+from ..train.fit import Hooks, TrainConfig, fit
 from .verify import PORTABLE_MAX
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,31 @@ def _pt2e(portable: bool = True):
     return pt2e, prepare_qat_pt2e, convert_pt2e, quantizer
 
 
+def _qat_hooks(pt2e, prepared: torch.fx.GraphModule, model: nn.Module, epochs: int, lr: float) -> Hooks:
+    """The fit loop's hooks for QAT: the exported graph's own training mode; in the last epoch (of two or more: one
+    epoch alone must still calibrate the observers) observers and BatchNorm statistics frozen at a tenth of the
+    learning rate; weights pruned to zero (unstructured) kept at zero after every step; the last epoch kept."""
+    params = dict(prepared.named_parameters())
+    zeros = {n: (p == 0) for n, p in model.named_parameters() if n in params and p.dim() > 1 and bool((p == 0).any())}
+
+    def epoch_start(epoch: int, opt, sched) -> None:
+        if epochs > 1 and epoch == epochs - 1:
+            prepared.apply(pt2e.disable_observer)
+            _freeze_batchnorm(prepared)
+            for group in opt.param_groups:
+                group["lr"] = lr / 10
+            sched.base_lrs = [lr / 10 for _ in sched.base_lrs]  # the constant schedule keeps it there
+            log.info("qat: last epoch with observers and BatchNorm frozen, learning rate / 10")
+
+    @torch.no_grad()
+    def after_step() -> None:
+        for name, mask in zeros.items():
+            params[name].masked_fill_(mask, 0.0)
+
+    return Hooks(train_mode=pt2e.move_exported_model_to_train, epoch_start=epoch_start, after_step=after_step,
+                 select_best=False, shuffle_stride=7919)
+
+
 def _freeze_batchnorm(gm: torch.fx.GraphModule) -> None:
     """Stop BatchNorm statistics from moving (the graph's batch_norm ``training`` argument -> False)."""
     for node in gm.graph.nodes:
@@ -82,18 +109,17 @@ def _convert_with_trained_scales(prepared: torch.fx.GraphModule, convert_pt2e) -
         return convert_pt2e(prepared)
 
 
-def _batches(n: int, batch_size: int, seed: int) -> list[torch.Tensor]:
-    return list(torch.randperm(n, generator=torch.Generator().manual_seed(seed)).split(batch_size))
-
-
 def qat_to_onnx(student: nn.Module, loss_fn, train: Split, val: Split, out: Path, *, epochs: int, lr: float,
-                batch_size: int, seed: int, portable: bool = True) -> dict:
-    """Fine-tune a copy of ``student`` with fake-quant and ``loss_fn`` (the Distiller); write int8 ONNX to ``out``.
+                batch_size: int, seed: int, portable: bool = True, accelerator: Optional[Accelerator] = None,
+                ckpt_dir: Optional[Path] = None, metrics_path: Optional[Path] = None) -> dict:
+    """Fine-tune a copy of ``student`` with fake-quant and ``loss_fn`` (the Distiller) through the fit loop; write
+    int8 ONNX to ``out``.
 
     The last epoch runs with frozen observers and BatchNorm statistics at a tenth of the learning rate, so
     the exported scales are the ones the weights adapted to. ``portable``: 7-bit weights (see verify.py).
     The export is checked against the PyTorch int8 model through the file's exact QDQ arithmetic (graph
     optimisations off), so the check does not depend on this CPU's int8 kernels. Returns measurements of the export.
+    ``ckpt_dir``: the fit loop's checkpoints (default: beside ``out``); ``metrics_path``: its metrics.jsonl rows.
     """
     pt2e, prepare_qat_pt2e, convert_pt2e, quantizer = _pt2e(portable)
     torch.manual_seed(seed)
@@ -107,31 +133,10 @@ def qat_to_onnx(student: nn.Module, loss_fn, train: Split, val: Split, out: Path
     except Exception as e:
         raise CompressError(f"QAT could not capture the student with torch.export ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:160]}); use quantize.mode: static") from None
-    opt = torch.optim.AdamW(prepared.parameters(), lr=lr, weight_decay=0.0)
-    # weights pruned to zero (unstructured) stay zero: re-applied after every step
-    params = dict(prepared.named_parameters())
-    zeros = {n: (p == 0) for n, p in model.named_parameters() if n in params and p.dim() > 1 and bool((p == 0).any())}
-    pt2e.move_exported_model_to_train(prepared)
-    for epoch in range(epochs):
-        final = epochs > 1 and epoch == epochs - 1  # one epoch alone must still calibrate the observers
-        if final:
-            prepared.apply(pt2e.disable_observer)
-            _freeze_batchnorm(prepared)
-            for group in opt.param_groups:
-                group["lr"] = lr / 10
-        total, idxs = 0.0, _batches(len(train), batch_size, seed * 7919 + epoch)
-        for step, idx in enumerate(idxs, 1):
-            losses = loss_fn(prepared, train.x[idx], train.y[idx], idx)
-            check_loss(float(losses["loss"].detach()), stage="qat", epoch=epoch + 1, epochs=epochs, step=step,
-                       lr_field="quantize.qat_lr", lr=lr, kept="no int8 file was written")
-            opt.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            opt.step()
-            with torch.no_grad():
-                for name, mask in zeros.items():
-                    params[name].masked_fill_(mask, 0.0)
-            total += float(losses["loss"].detach())
-        log.info(f"qat epoch {epoch + 1}/{epochs}  loss {total / len(idxs):.4f}" + ("  (observers and BatchNorm frozen)" if final else ""))
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer="adamw", lr=lr, weight_decay=0.0, schedule="constant")
+    fit(prepared, loss_fn, train, val, cfg, seed=seed, ckpt_dir=ckpt_dir or out.parent / f"{out.stem}_checkpoints",
+        metrics_path=metrics_path, stage="qat", accelerator=accelerator or Accelerator(cpu=True), lr_field="quantize.qat_lr",
+        hooks=_qat_hooks(pt2e, prepared, model, epochs, lr))
     pt2e.move_exported_model_to_eval(prepared)
     prepared.apply(pt2e.disable_observer)  # evaluation must not move the activation ranges
     converted = _convert_with_trained_scales(prepared, convert_pt2e)

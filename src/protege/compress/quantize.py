@@ -14,17 +14,39 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Literal, Optional
 
 import numpy as np
+from pydantic import Field
 
+from ..config import PathStr, _Strict
 from ..errors import CompressError
 from ..logs import quiet
-from ..recipe import QuantizeConfig
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "LSTM", "GRU", "RNN", "Attention", "Einsum")
 INT8_OPS = ("QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
             "DynamicQuantizeLSTM", "QAttention", "QGemm")
+
+
+class QuantizeConfig(_Strict):
+    """int8 in ONNX Runtime: static (QDQ, calibrated), dynamic, quantization-aware training, or auto (measured). Each
+    field is also an option of `protege compress` (``CLI``: the option names that differ from --field-name)."""
+
+    CLI: ClassVar[dict[str, str]] = {"mode": "--quantize"}
+
+    mode: Literal["auto", "int8", "static", "dynamic", "qat"] = Field(
+        "auto", description="auto | int8 | static | dynamic | qat (int8: the faster of static/dynamic; auto: fp32 too)")
+    target: Literal["portable", "this_cpu"] = Field(
+        "portable", description="portable (7-bit weights, exact on every CPU) | this_cpu (full range)")
+    calibration: Literal["minmax", "entropy", "percentile"] = Field("minmax", description="static calibration: minmax | entropy | percentile")
+    calibration_size: int = Field(512, ge=1, description="training examples used to calibrate static int8")
+    calibration_data: Optional[PathStr] = Field(None, description=".npy array of inputs to calibrate on instead")
+    per_channel: bool = Field(True, description="per-channel weight scales")
+    tolerance: float = Field(0.005, ge=0, le=1, description="auto: largest validation-accuracy drop accepted (0.005 = 0.5 point)")
+    latency_batch: Literal[1, 32] = Field(1, description="auto: the batch size whose latency decides (1 or 32)")
+    allow_fallback: bool = Field(False, description="leave ops ONNX Runtime cannot quantize in float instead of failing")
+    qat_epochs: int = Field(3, ge=1, le=100_000, description="qat: fine-tuning epochs with fake quantization")
+    qat_lr: Optional[float] = Field(None, gt=0, le=100, description="qat: learning rate (default: train.lr / 10)")
 
 
 def input_shape(path: Path) -> tuple[str, tuple]:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import CompressError
+from ..export.onnx import ort_session
 from ..machine import cpu, int8_kernels
 
 PORTABLE_MAX = 64  # |int8 weight| bound under which no x86 kernel saturates (see the module docstring)
@@ -129,8 +130,6 @@ def verify(path: str | Path, x: torch.Tensor, fp32: Optional[str | Path] = None,
     (CompressError on a mismatch). Returns what was measured; ``independent`` is False (and nothing is judged) when
     the file holds int8-only ops that the reference would run in the same kernels."""
     import onnx
-
-    from ..export.onnx import ort_session
 
     model, flags = cpu()
     where = {"cpu": model, "cpu_flags": flags, "int8_kernels": int8_kernels(flags), "examples": len(x),

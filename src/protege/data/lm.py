@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from ..recipe import DataConfig
 from .base import DataSplits, Split
+from .config import DataConfig
 from .text import cache_root, load_tokenizer, read_rows, tokenizer_digest
 
 

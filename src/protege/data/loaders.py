@@ -9,9 +9,11 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from ..errors import DataError
-from ..recipe import DataConfig
 from .base import DataSplits, Split
+from .config import DataConfig
+from .lm import load_lm_corpus
 from .tabular import read_csv_table
+from .text import cached_tokenize, label_ids
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
@@ -111,7 +113,6 @@ def load_csv(cfg: DataConfig, seed: int) -> DataSplits:
 
 def load_text(cfg: DataConfig, seed: int) -> DataSplits:
     """Labelled text (.csv / .jsonl), tokenised once (cached); test from data.test_path or a test_fraction split."""
-    from .text import cached_tokenize, label_ids
 
     if not cfg.path:
         raise DataError("data.source is 'text' but data.path is empty; set data.path to a .csv or .jsonl file")
@@ -141,8 +142,6 @@ def load_text(cfg: DataConfig, seed: int) -> DataSplits:
 
 
 def load_data(cfg: DataConfig, seed: int) -> DataSplits:
-    from .lm import load_lm_corpus
-
     loader = {"digits": load_digits_data, "fashion_mnist": load_fashion_mnist, "csv": load_csv, "text": load_text,
               "lm_text": load_lm_corpus}[cfg.source]
     return loader(cfg, seed)

@@ -78,7 +78,9 @@ def load_tokenizer(folder: str):
         raise ModelError(f"'{folder}' holds no tokenizer (tokenizer.json, vocab.txt or vocab.json); set data.tokenizer to "
                          f"the folder of the model whose tokenizer you use")
     with quiet_transformers():  # transformers and the torchao it imports log warnings at import
-        from transformers import AutoTokenizer  # heavy: imported when a tokenizer is needed
+        from transformers import (
+            AutoTokenizer,  # heavy: imported when a tokenizer is needed
+        )
 
         tok = AutoTokenizer.from_pretrained(str(path))
     if tok.pad_token_id is None:  # causal LM tokenizers often have none: padding is masked anyway

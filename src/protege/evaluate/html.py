@@ -6,6 +6,7 @@ from html import escape
 from pathlib import Path
 from typing import Any, Callable
 
+from ..files import write_atomic
 from .report import speedup_text
 
 W, H = 560, 380                      # svg size
@@ -239,7 +240,6 @@ def render_html(report: dict[str, Any]) -> str:
 
 def write_html(path: Path, report: dict[str, Any]) -> Path:
     """Write render_html(report) to path atomically (a .tmp file, then a rename)."""
-    from ..files import write_atomic
 
     path = Path(path)
     write_atomic(path, render_html(report))

@@ -16,7 +16,11 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
+
+from ..config import _Strict
+from ..export.onnx import ort_session
 
 Call = Callable[[], object]              # one call of a stage, the thing timed
 Timer = Callable[[int], Call]            # batch size -> a call on a batch of that size
@@ -32,6 +36,17 @@ Inputs = Union[Sequence[int], torch.Tensor]
 MAX_SPREAD = 1.0         # IQR / median above this (the middle half of the calls spans more than the median): unreliable
 MAX_OTHER_SHARE = 0.10   # other processes' share of all CPUs' time while measuring above this: the machine was busy
 SETTLE_MAX_S = 0.1       # the longest wait for the previous stage's spinning threads (ONNX Runtime's: ~40 ms here)
+
+
+class EvalConfig(_Strict):
+    """Latency: every stage timed in `rounds` interleaved rounds after `warmup` calls each; repeats_b1 / repeats_b32
+    timed calls per stage in all, split over the rounds (at least one per round)."""
+
+    threads: int = Field(2, ge=1, le=1024)
+    warmup: int = Field(5, ge=0, le=10_000)
+    repeats_b1: int = Field(50, ge=1, le=100_000)
+    repeats_b32: int = Field(10, ge=1, le=100_000)
+    rounds: int = Field(5, ge=1, le=1000)
 
 
 @contextlib.contextmanager
@@ -279,6 +294,5 @@ def torch_latency(model: nn.Module, inputs: Inputs, batch: int, threads: int, wa
 def ort_latency(path: Path, inputs: Inputs, batch: int, threads: int, warmup: int = 5,
                 repeats: int = 30) -> dict[str, float]:
     """p50 / p95 ms of one ONNX file alone in ONNX Runtime on a batch of ``batch``."""
-    from ..export.onnx import ort_session
 
     return _p50_p95(ort_timer(ort_session(path, threads), inputs)(batch), repeats, warmup)

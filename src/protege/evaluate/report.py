@@ -9,11 +9,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from ..files import finite_json, write_atomic
+
 
 def write_report(path: Path, report: dict[str, Any]) -> None:
     """Write report.json atomically; a NaN or inf figure becomes null (strict JSON)."""
-    from ..files import write_atomic
-    from ..files import finite_json
 
     write_atomic(path, json.dumps(finite_json(report), indent=2, allow_nan=False))
 

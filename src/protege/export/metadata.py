@@ -11,12 +11,15 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+from ..errors import StorageError
+from ..files import write_error, write_fix
+from ..version import __version__
+
 PREFIX = "protege."
 
 
 def describe(data, task: str) -> dict[str, Any]:
     """What a deployed file's input and output mean, from the data it was trained on (a DataSplits)."""
-    from ..version import __version__
 
     dtype = "int64" if data.is_text else "float32"
     card: dict[str, Any] = {
@@ -49,8 +52,6 @@ def stamp(path: str | Path, card: dict[str, Any], int8: Optional[dict] = None) -
         onnx.save(model, str(tmp))
         os.replace(tmp, path)
     except OSError as e:
-        from ..errors import StorageError
-        from ..files import write_error, write_fix
 
         raise StorageError(f"cannot write {path} ({write_error(e)}); {write_fix(e, path)}, then run the command again") from None
     finally:

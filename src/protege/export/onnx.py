@@ -4,14 +4,24 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
+from ..config import _Strict
 from ..errors import ExportError, ModelError, StorageError
+from ..files import write_error, write_fix
 from ..logs import quiet
+from ..models.loading import remake_hint, run_folder
+
+
+class ExportConfig(_Strict):
+    format: Literal["onnx"] = "onnx"
+    tolerance: float = Field(1e-4, gt=0)
+    opset: int = Field(18, ge=13)
 
 
 def ort_session(model: str | Path | bytes, threads: int = 0, optimize: bool = True):
@@ -41,7 +51,6 @@ def ort_session(model: str | Path | bytes, threads: int = 0, optimize: bool = Tr
 
 def _remake(path: Path) -> str:
     """How to make an ONNX file again: the command for a run's own file, else re-export it."""
-    from ..models.loading import remake_hint, run_folder
 
     run = run_folder(path)
     return remake_hint(path, run) if run is not None else "export the model to ONNX again"
@@ -79,7 +88,6 @@ def export_model_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset
             raise
         err = _in_chain(e, OSError)
         if err is not None and err.errno in WRITE_ERRNOS:
-            from ..files import write_error, write_fix
 
             raise StorageError(f"cannot write the ONNX file {path} ({write_error(err)}); {write_fix(err, path)}, then run "
                                f"the command again (with --resume for `protege distill`)") from None

@@ -9,10 +9,10 @@ has the checksum it was written with; anything else rebuilds it with a message t
 """
 from __future__ import annotations
 
-import logging
 import hashlib
 import io
 import json
+import logging
 import math
 import re
 import shutil
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import StorageError
+from ..files import write_error, write_fix
 from ..logs import progress
 from .features import extract, model_device
 from .output import ModelOutput
@@ -160,7 +161,6 @@ def build_cache(folder: Path, key: dict, model: nn.Module, x: torch.Tensor, path
         for w in writers.values():
             w.abandon()
         shutil.rmtree(tmp, ignore_errors=True)
-        from ..files import write_error, write_fix
 
         size = f"; the cache needs about {_size(need)}" if need else ""
         raise StorageError(f"cannot write the teacher cache file {e.filename or current} ({write_error(e)}{size}); "

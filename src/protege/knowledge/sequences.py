@@ -11,9 +11,9 @@ interrupted run continues from its last finished batch and gives the same file a
 """
 from __future__ import annotations
 
-import logging
 import hashlib
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -21,8 +21,11 @@ from typing import Optional
 
 import torch
 
+from ..data.lm import read_documents
+from ..data.text import load_tokenizer
 from ..errors import DataError, ModelError
 from ..logs import progress
+from ..models.lm import causal_lm
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +55,6 @@ def generate_corpus(teacher: str | Path, prompts: str | Path, out: str | Path, *
     """Write ``out`` (.jsonl, one row per prompt: ``column`` = prompt + continuation as text, ``document`` = the index of
     the prompt's document among the non-empty ones) with the causal LM in the folder ``teacher``. Returns ``out``;
     ``out``.tmp holds the rows while it runs. Generation runs on the CPU."""
-
-    from ..data.lm import read_documents
-    from ..data.text import load_tokenizer
-    from ..models.lm import causal_lm
 
     out = Path(out)
     for name, value, low in (("prompt_tokens", prompt_tokens, 1), ("new_tokens", new_tokens, 1), ("batch_size", batch_size, 1)):

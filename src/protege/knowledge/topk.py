@@ -16,8 +16,8 @@ Arrays are read with ``np.load(mmap_mode="r")``, never unpickled.
 """
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -26,9 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import DataError
+from ..errors import DataError, StorageError
+from ..files import write_error, write_fix
 from ..logs import progress
 from ..losses.token import TAIL_FLOOR
+from .cache import _NpyWriter
 
 log = logging.getLogger(__name__)
 FILES = ("ids.npy", "logp.npy", "tail.npy")
@@ -73,9 +75,6 @@ class TopKCache:
 def build_topk_cache(folder: Path, key: dict, model: nn.Module, blocks: torch.Tensor, k: int, temperature: float,
                      batch_size: int = 8) -> TopKCache:
     """Run the teacher LM once over ``blocks`` (N, L) token ids; write the top-k folder atomically."""
-    from ..errors import StorageError
-    from ..files import write_error, write_fix
-    from .cache import _NpyWriter
 
     tmp = folder.with_name(folder.name + ".tmp")
     n, length = blocks.shape

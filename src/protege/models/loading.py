@@ -17,7 +17,8 @@ from torch import nn
 
 from ..errors import ModelError, StorageError
 from ..files import write_error, write_fix
-from ..recipe import ModelSpec
+from .config import ModelSpec
+from .lm import causal_lm
 from .text import hf_classifier, is_hf_folder
 from .zoo import ZOO
 
@@ -100,7 +101,6 @@ def build_model(spec: ModelSpec, in_shape: Sequence[int], num_classes: int, extr
     if ref.endswith(".onnx"):
         return OnnxModule(ref)
     if is_hf_folder(ref) and (extras or {}).get("task") == "causal_lm":
-        from .lm import causal_lm
 
         model = causal_lm(ref, allow_pickle=spec.allow_pickle, **spec.kwargs)
     elif is_hf_folder(ref):

@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import RecipeError
+from ..files import write_atomic
 from .schema import MAX_BYTES, MAX_DEPTH, MAX_VALUES, Recipe, _show, _value
 
 
@@ -278,6 +279,5 @@ def load_recipe(path: str | Path, overrides: Optional[list[str]] = None) -> Reci
 
 def dump_recipe(recipe: Recipe, path: Path) -> None:
     """Write the resolved recipe atomically: a full disk leaves the earlier recipe.yaml (if any) intact."""
-    from ..files import write_atomic
 
     write_atomic(path, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), "then run the command again")

@@ -15,9 +15,10 @@ from torch import nn
 from ..errors import ModelError, RunError
 from ..models import OnnxModule, build_model, load_weights
 from ..models.loading import resize_to
-from ..train.guard import require_finite
 from ..recipe import Recipe, dump_recipe, parse_recipe
-from .layout import ARTIFACTS as _ARTIFACTS, COMPRESS_ARTIFACTS, LOCK, MANIFEST
+from ..train.guard import require_finite
+from .layout import ARTIFACTS as _ARTIFACTS
+from .layout import COMPRESS_ARTIFACTS, LOCK, MANIFEST
 from .lock import _rmdir_if_empty, own_files, read_manifest
 
 

@@ -6,7 +6,8 @@ COMPRESS_ARTIFACTS = ("pruned/model.safetensors", "pruned/config.json", "pruned/
                       "pruned/checkpoints/last.prev.safetensors",
                       "pruned/checkpoints/best.safetensors", "pruned.onnx", "pruned.rejected.onnx", "quantized/static.onnx",
                       "quantized/dynamic.onnx", "quantized/qat.onnx", "quantized/qat.rejected.onnx", "quantized/choice.json",
-                      "student.int8.onnx")
+                      "quantized/qat_checkpoints/last.safetensors", "quantized/qat_checkpoints/last.prev.safetensors",
+                      "quantized/qat_checkpoints/best.safetensors", "student.int8.onnx")
 ARTIFACTS = ("teacher/model.safetensors", "teacher/config.json", "teacher/checkpoints/last.safetensors",
              "teacher/checkpoints/last.prev.safetensors", "teacher/checkpoints/best.safetensors",
              "student/model.safetensors", "student/config.json", "student/checkpoints/last.safetensors",

@@ -16,7 +16,6 @@ from ..files import write_atomic
 from .layout import ARTIFACTS, CHECKPOINT_FILES, LOCK, MANIFEST
 
 
-
 def own_files(path: Path) -> list[str]:
     """Files in a run folder at the names protege writes (relative paths): its artifacts, the teacher caches'
     files named in their meta.json, top-k caches, and born-again generations."""

@@ -7,8 +7,8 @@ with the divergence from losses/token.py (forward / reverse KL, generalized JSD,
 """
 from __future__ import annotations
 
-import logging
 import copy
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -25,7 +25,8 @@ from ..errors import CompressError, RecipeError
 from ..evaluate.lm import perplexity
 from ..evaluate.profile import Measurement, latency_section, measure, torch_timer
 from ..evaluate.report import write_report
-from ..export.metadata import read as read_metadata, stamp
+from ..export.metadata import read as read_metadata
+from ..export.metadata import stamp
 from ..export.onnx import ort_logits, ort_session
 from ..knowledge.features import unwrap
 from ..knowledge.topk import TopKCache, load_or_build_topk

@@ -2,32 +2,41 @@
 quantize, and score every stage (accuracy, macro-F1, agreement with the teacher, size, latency)."""
 from __future__ import annotations
 
-import logging
 import copy
+import logging
 from pathlib import Path
 
 import onnx
-
 import torch
 from accelerate import Accelerator
 from torch import nn
 
+from ..compress.verify import int8_note
 from ..data import DataSplits
 from ..errors import DataError, RecipeError
-from ..evaluate.metrics import classification_metrics
-from ..evaluate.profile import Measurement, Timer, latency_section, measure, ort_timer, stage_fields, timing_inputs, torch_timer
 from ..evaluate.html import write_html
+from ..evaluate.metrics import classification_metrics
+from ..evaluate.profile import (
+    Measurement,
+    Timer,
+    latency_section,
+    measure,
+    ort_timer,
+    stage_fields,
+    timing_inputs,
+    torch_timer,
+)
 from ..evaluate.report import print_report, write_report
-from ..export.onnx import ort_logits, ort_session, onnx_parity
+from ..export.onnx import onnx_parity, ort_logits, ort_session
 from ..knowledge import predict_logits
-from ..knowledge.features import LOGITS, extract, resolve as resolve_path
+from ..knowledge.features import LOGITS, extract
+from ..knowledge.features import resolve as resolve_path
 from ..machine import environment
 from ..models import OnnxModule, build_model, num_params
 from ..recipe import Recipe
 from ..run import Run, read_json
-from ..compress.verify import int8_note
-from ..train.distiller import check_no_logit_kd_across_label_sets, feature_adapters
 from ..train import FitResult
+from ..train.distiller import check_no_logit_kd_across_label_sets, feature_adapters
 from ..train.init import init_from_teacher_, recalibrate_bn_
 from .onnx import export_checked
 from .prune import precheck, prune_stage

@@ -2,8 +2,8 @@
 exact arithmetic, measure them on the validation split side by side, and deploy one."""
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Callable, Optional
@@ -14,11 +14,18 @@ from accelerate import Accelerator
 from torch import nn
 
 from ..compress.qat import qat_to_onnx
-from ..compress.quantize import check_calibration, choose, load_calibration, quantize_dynamic, quantize_static
+from ..compress.quantize import (
+    check_calibration,
+    choose,
+    load_calibration,
+    quantize_dynamic,
+    quantize_static,
+)
 from ..compress.verify import scheme, verify
 from ..data import DataSplits
 from ..errors import CompressError
-from ..evaluate.profile import measure as measure_interleaved, ort_timer, timing_inputs
+from ..evaluate.profile import measure as measure_interleaved
+from ..evaluate.profile import ort_timer, timing_inputs
 from ..export.metadata import describe, stamp
 from ..export.onnx import ort_logits, ort_session
 from ..files import write_atomic
@@ -167,6 +174,7 @@ def qat_fn(run: Run, data: DataSplits, teachers: list[nn.Module], acc: Accelerat
         model = run.load_student(data) if model is None else model
         return qat_to_onnx(model, student_loss(run, data, teachers, acc, features=False), data.train, data.val, dst, epochs=q.qat_epochs,
                            lr=q.qat_lr or r.train.lr / 10, batch_size=r.train.batch_size, seed=r.seed,
-                           portable=q.target == "portable")
+                           portable=q.target == "portable", accelerator=acc, ckpt_dir=run.quant_dir / "qat_checkpoints",
+                           metrics_path=run.metrics_path)
 
     return go

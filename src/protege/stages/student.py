@@ -2,8 +2,8 @@
 through the one fit loop, born-again generations, then save the weights and what rebuilds them."""
 from __future__ import annotations
 
-import logging
 import copy
+import logging
 from pathlib import Path
 
 import torch

@@ -3,9 +3,9 @@ student learns from it: the loss (labels only, or the Distiller over cached or l
 teachers, or the student's own running average)."""
 from __future__ import annotations
 
-import logging
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Optional
 

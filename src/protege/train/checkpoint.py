@@ -8,9 +8,9 @@ carries a sha256 of its tensors and state; ``load_checkpoint`` falls back to the
 """
 from __future__ import annotations
 
-import logging
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -21,6 +21,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import StorageError
+from ..files import write_error, write_fix
+from ..models.loading import unshared, with_tied
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +59,6 @@ def _reason(e: BaseException) -> str:
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, loop: dict[str, Any]) -> None:
     """Write the checkpoint; the one it replaces becomes ``previous(path)``. A failed write (full disk, no
     permission) raises StorageError naming the file and leaves the earlier checkpoints as they were."""
-    from ..files import write_error, write_fix
-    from ..models.loading import unshared
 
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in unshared(model.state_dict()).items()}
@@ -127,7 +127,6 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 def _apply(tensors: dict[str, torch.Tensor], state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
            scheduler: Any) -> dict[str, Any]:
-    from ..models.loading import with_tied
 
     model.load_state_dict(with_tied(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}))
     opt_state = {}

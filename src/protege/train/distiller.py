@@ -8,19 +8,64 @@ student, so the fit loop trains them with it and the student itself stays exactl
 """
 from __future__ import annotations
 
-import copy
-from typing import Callable, Optional, Sequence
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
+from pydantic import Field
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
+from ..config import PathStr, _Strict
 from ..errors import RecipeError
 from ..knowledge import ModelOutput, Teacher
 from ..knowledge.features import extract, unwrap
 from ..losses import functional as LF
 from ..losses.token import TOKEN_LOSSES, token_kd
-from ..recipe import DistillConfig, FeatureTerm
 from .adapters import check_term_shapes, make_adapter
+
+
+class FeatureTerm(_Strict):
+    """One feature- or relation-based loss term between a student and a teacher module (by module path).
+
+    hint: FitNets (Romero et al. 2015), MSE after a learned adapter when shapes differ; at: attention
+    transfer (Zagoruyko & Komodakis 2017); rkd_distance / rkd_angle: relational KD (Park et al. 2019);
+    sp: similarity-preserving KD (Tung & Mori 2019); attention_kl: KL between transformer attention maps
+    (TinyBERT / MiniLM; paths ``attention.N``); cosine: 1 - cos between hidden states (DistilBERT; ``hidden.N``).
+    The path ``logits`` means the model's output.
+    """
+
+    loss: Literal["hint", "at", "rkd_distance", "rkd_angle", "sp", "attention_kl", "cosine"]
+    student: str
+    teacher: str
+    weight: float = Field(1.0, ge=0, le=1e6)
+    teacher_index: int = Field(0, ge=0)  # 0: `teacher`; 1, 2, ...: the entries of `more_teachers`
+
+
+class DistillConfig(_Strict):
+    """loss = alpha * CE(hard labels) + (1 - alpha) * response term + sum of weighted feature terms.
+
+    ``response: none`` drops the logit term (loss = CE + feature terms): the way to learn from a teacher
+    trained on another label set (cross-task), through features and relations only.
+    """
+
+    response: Literal["kl", "mse_prob", "mse_logits", "dkd", "none", "forward_kl", "reverse_kl", "jsd", "skew_forward_kl",
+                      "skew_reverse_kl", "uld"] = "kl"  # kl = forward_kl; token losses: losses/token.py (uld: causal_lm only)
+    temperature: float = Field(4.0, gt=0, le=1000)  # far above, the softened targets are uniform (or NaN)
+    alpha: float = Field(0.5, ge=0, le=1)
+    dkd_alpha: float = Field(1.0, ge=0, le=1e6)  # DKD target-class weight (Zhao et al. 2022)
+    dkd_beta: float = Field(8.0, ge=0, le=1e6)  # DKD non-target-class weight
+    features: list[FeatureTerm] = Field(default_factory=list)
+    combine: Literal["weights", "confidence"] = "weights"  # several teachers: fixed weights or per-sample confidence
+    generations: int = Field(1, ge=1, le=100)  # born-again: each further generation is taught by the previous student
+    ema_decay: Optional[float] = Field(None, gt=0, lt=1)  # teacher.model: ema only: the running-average decay (default 0.999)
+    cache_teacher: bool = True  # compute teacher outputs once when inputs do not change between epochs
+    beta: float = Field(0.5, ge=0, le=1)  # jsd: the mixture weight (0: forward KL, 1: reverse KL)
+    skew: float = Field(0.1, ge=0, le=1)  # skew_*_kl: the skew alpha (DistiLLM)
+    topk: Optional[int] = Field(None, ge=1)  # causal_lm: cache the teacher's top-k logits per token (None: full logits, live)
+    topk_cache: Optional[PathStr] = None  # causal_lm: a top-k cache folder to reuse (an error if made for another teacher or corpus)
+    on_policy: float = Field(0.0, ge=0, le=1)  # causal_lm: share of batches on student-generated text (GKD)
+    prompt_tokens: int = Field(16, ge=1, le=1_000_000)  # causal_lm on-policy: tokens of each training sequence kept as the prompt
+
 
 Losses = dict[str, torch.Tensor]
 ResponseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, DistillConfig], torch.Tensor]
@@ -172,10 +217,19 @@ class EmaTeacher(Teacher):
     """Self-distillation from a running average of the student's own weights (mean teacher; Tarvainen & Valpola 2017).
 
     Updated before every training step from the student's current weights; runs live (it changes every step).
+    The average is torch's ``AveragedModel`` with an exponential ``avg_fn``: parameters and float buffers (BatchNorm
+    statistics) move by ``decay``, integer buffers are copied; it starts from the student's initial weights.
     """
 
     def __init__(self, student: nn.Module, decay: float, paths: Sequence[str] = ()):
-        super().__init__(copy.deepcopy(unwrap(student)), None, paths)
+        def ema(average: torch.Tensor, current: torch.Tensor, _n: torch.Tensor) -> torch.Tensor:
+            if not average.dtype.is_floating_point:
+                return current
+            return average.mul(decay).add(current, alpha=1 - decay)
+
+        self.averaged = AveragedModel(unwrap(student), avg_fn=ema, use_buffers=True)
+        self.averaged.n_averaged.fill_(1)  # the copy made here is the first average: the next update is an EMA step
+        super().__init__(self.averaged.module, None, paths)
         self.decay = decay
 
     @torch.no_grad()
@@ -183,12 +237,8 @@ class EmaTeacher(Teacher):
         student = model.student if isinstance(model, DistillModule) else model
         device = next(student.parameters()).device
         if next(self.model.parameters()).device != device:  # fit() moved the student (and, normally, this copy with it)
-            self.model.to(device)
-        for e, s in zip(self.model.state_dict().values(), student.state_dict().values()):
-            if e.dtype.is_floating_point:
-                e.mul_(self.decay).add_(s.detach(), alpha=1 - self.decay)
-            else:
-                e.copy_(s)
+            self.averaged.to(device)
+        self.averaged.update_parameters(student)
 
 
 def check_no_logit_kd_across_label_sets(cfg: DistillConfig, classes: Sequence[int], data_classes: int) -> None:

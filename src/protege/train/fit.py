@@ -1,6 +1,7 @@
-"""The fit loop: seeded shuffling, AdamW/SGD with a cosine schedule, per-epoch validation,
-atomic checkpoints, exact resume, metrics.jsonl and a progress bar. Runs on Hugging Face
-Accelerate, so the same code runs in one process here and in several processes / machines.
+"""The one fit loop of protege (teacher, student, born-again generations, pruning recovery, quantization-aware
+training, causal LMs): seeded shuffling, AdamW/SGD with a cosine schedule, per-epoch validation, atomic checkpoints,
+exact resume, metrics.jsonl and progress. Runs on Hugging Face Accelerate, so the same code runs in one process here
+and in several processes / machines. What a special training changes (QAT) goes in ``Hooks``.
 """
 from __future__ import annotations
 
@@ -11,24 +12,52 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Literal, Optional
 
 import torch
 from accelerate import Accelerator
+from pydantic import Field
 
+from ..config import _Strict
 from ..data import Split
-from ..files import write_atomic
 from ..data.base import augment_images
+from ..files import finite_json, write_atomic
 from ..knowledge import predict_logits
 from ..logs import progress
 from ..models import load_weights, save_weights
-from ..recipe import TrainConfig
 from .checkpoint import load_checkpoint, previous, save_checkpoint
-from ..files import finite_json
 from .guard import check_loss, check_weights
 
 log = logging.getLogger(__name__)
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+
+
+class TrainConfig(_Strict):
+    """How one model is optimised."""
+
+    epochs: int = Field(10, ge=1, le=100_000)
+    batch_size: int = Field(128, ge=1, le=1_000_000)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(3e-3, gt=0, le=100)  # float32 overflows in the optimizer far above this
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    augment: bool = False  # images: random crop (pad 2) + horizontal flip; for a student it means live teacher passes
+
+
+@dataclass
+class Hooks:
+    """What a special training changes in the loop (the defaults: plain training). Quantization-aware training
+    (compress/qat.py) puts an exported graph in training mode its own way, freezes observers and BatchNorm and
+    lowers the learning rate for its last epoch, keeps pruned weights at zero after each step, and keeps the last
+    epoch (validating would move its observers)."""
+
+    train_mode: Callable[[torch.nn.Module], Any] = torch.nn.Module.train
+    epoch_start: Optional[Callable[[int, Any, Any], None]] = None  # (epoch, optimizer, scheduler), after train_mode
+    after_step: Optional[Callable[[], None]] = None
+    select_best: bool = True  # False: no validation, the last epoch's weights are kept
+    shuffle_stride: int = 100_003  # epoch e's batch order: a permutation seeded with seed * stride + e
 
 
 @dataclass
@@ -51,9 +80,10 @@ def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps)))
 
 
-def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[torch.Tensor]:
+def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int,
+                   stride: int = 100_003) -> list[torch.Tensor]:
     """This process's batches of example indices for one epoch: same permutation on every process."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * stride + epoch))
     per_rank = math.ceil(n / world)
     perm = torch.cat([perm, perm[: per_rank * world - n]])[rank::world]
     return list(perm.split(batch_size))
@@ -82,20 +112,21 @@ def _append_metrics(path: Path, stage: str, start_epoch: int, row: dict | None =
 
 
 def fit(model: torch.nn.Module, loss_fn: LossFn, train: Split, val: Split, cfg: TrainConfig, *, seed: int,
-        ckpt_dir: Path, metrics_path: Path, stage: str, accelerator: Accelerator, augment: bool = False,
+        ckpt_dir: Path, metrics_path: Optional[Path], stage: str, accelerator: Accelerator, augment: bool = False,
         resume: bool = False, validate: Optional[Callable[[torch.nn.Module, torch.device], dict]] = None,
-        lr_field: str = "train.lr") -> FitResult:
-    """Train ``model`` in place; on return it holds the validation-selected weights.
+        lr_field: str = "train.lr", hooks: Optional[Hooks] = None) -> FitResult:
+    """Train ``model`` in place; on return it holds the validation-selected weights (``hooks.select_best``).
 
     A NaN or infinite loss, or weights that became non-finite, stop training at once (``Diverged``, naming
     ``lr_field``) before anything non-finite is saved: the last checkpoint stays the last finite epoch.
 
     ``validate(model, device)`` returns the epoch's validation metrics with a ``score`` (higher is better) that
-    selects the epoch; by default the score is validation accuracy.
+    selects the epoch; by default the score is validation accuracy. ``metrics_path`` None: no metrics file.
     """
+    hooks = hooks or Hooks()
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     last, best = ckpt_dir / "last.safetensors", ckpt_dir / "best.safetensors"
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
     steps_per_epoch = math.ceil(math.ceil(len(train) / world) / cfg.batch_size)
     opt = _optimizer(model, cfg)
     sched = _scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
@@ -107,54 +138,75 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, train: Split, val: Split, cfg: 
         # process, or a run resumed at a stage boundary would differ from an uninterrupted one.
         torch.manual_seed(seed * 1_000_003 + zlib.crc32(stage.encode()))
         if accelerator.is_main_process:
-            _append_metrics(metrics_path, stage, 0)
+            if metrics_path is not None:
+                _append_metrics(metrics_path, stage, 0)
             best.unlink(missing_ok=True)  # an earlier run's best epoch must not come back if no epoch of this one scores
     wrapped, opt = accelerator.prepare(model, opt)
-    device = accelerator.device
     for epoch in range(loop["epoch"], cfg.epochs):
         t0 = time.perf_counter()
-        wrapped.train()
-        sums: dict[str, float] = {}
-        batches = _epoch_batches(len(train), cfg.batch_size, seed, epoch, rank, world)
-        shown_loss: dict[str, str] = {}
-        bar = progress(batches, f"{stage} {epoch + 1}/{cfg.epochs}", logger=log, enabled=accelerator.is_main_process, postfix=shown_loss)
         guard = dict(stage=stage, epochs=cfg.epochs, lr_field=lr_field, lr=cfg.lr,
                      kept=f"the last finite checkpoint (epoch {loop['epoch']}) is kept in {last}" if loop["epoch"] else "nothing of this stage was saved")
-        for step, idx in enumerate(bar, 1):
-            x, y = train.x[idx], train.y[idx]
-            if augment:
-                x = augment_images(x)
-            losses = loss_fn(wrapped, x.to(device), y.to(device), idx)
-            check_loss(float(losses["loss"].detach()), epoch=epoch + 1, step=step, **guard)
-            opt.zero_grad(set_to_none=True)
-            accelerator.backward(losses["loss"])
-            opt.step()
-            sched.step()
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            shown_loss["loss"] = f"{float(losses['loss'].detach()):.4f}"
-        if validate is None:
-            val_acc = _accuracy(accelerator.unwrap_model(wrapped), val, device)
-            shown = {"val_accuracy": val_acc}
-        else:
-            shown = validate(accelerator.unwrap_model(wrapped), device)
-            val_acc = shown.pop("score")
-        check_weights(accelerator.unwrap_model(wrapped), epoch=epoch + 1, **guard)
-        row = {"stage": stage, "epoch": epoch + 1, **{k: v / len(batches) for k, v in sums.items()},
+        sums, steps = _epoch(wrapped, loss_fn, train, cfg, seed, epoch, opt, sched, accelerator, augment, hooks, guard)
+        model = accelerator.unwrap_model(wrapped)
+        shown, score = _validation(model, val, validate, accelerator.device) if hooks.select_best else ({}, None)
+        check_weights(model, epoch=epoch + 1, **guard)
+        row = {"stage": stage, "epoch": epoch + 1, **{k: v / steps for k, v in sums.items()},
                **shown, "lr": sched.get_last_lr()[0], "epoch_time_s": time.perf_counter() - t0, "processes": world}
         loop["epoch"] = epoch + 1
         loop["history"].append(row)
-        if val_acc > loop["best_val"]:
-            loop["best_val"], loop["best_epoch"] = val_acc, epoch + 1
+        if score is not None and score > loop["best_val"]:
+            loop["best_val"], loop["best_epoch"] = score, epoch + 1
             if accelerator.is_main_process:
-                save_weights(accelerator.unwrap_model(wrapped), best)
+                save_weights(model, best)
         if accelerator.is_main_process:  # metrics first: a resume drops rows of epochs it redoes
-            _append_metrics(metrics_path, stage, epoch, row)
-            save_checkpoint(last, accelerator.unwrap_model(wrapped), opt.optimizer if hasattr(opt, "optimizer") else opt, sched, loop)
+            if metrics_path is not None:
+                _append_metrics(metrics_path, stage, epoch, row)
+            save_checkpoint(last, model, opt.optimizer if hasattr(opt, "optimizer") else opt, sched, loop)
             val_text = "  ".join(f"{k.replace('_accuracy', '_acc')} {v:.4f}" for k, v in shown.items())
             log.info(f"{stage} epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  {val_text}  ({row['epoch_time_s']:.1f}s)")
         accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(wrapped)
     if best.is_file():
         load_weights(model, best)
+    if not hooks.select_best:
+        return FitResult(loop["epoch"], float("nan"), loop["epoch"], loop["history"])
     return FitResult(loop["best_epoch"], loop["best_val"], loop["epoch"], loop["history"])
+
+
+def _epoch(model: torch.nn.Module, loss_fn: LossFn, train: Split, cfg: TrainConfig, seed: int, epoch: int, opt, sched,
+           accelerator: Accelerator, augment: bool, hooks: Hooks, guard: dict) -> tuple[dict[str, float], int]:
+    """One epoch of steps over this process's batches; the sums of the named losses and the number of steps."""
+    hooks.train_mode(model)
+    if hooks.epoch_start is not None:
+        hooks.epoch_start(epoch, opt, sched)
+    sums: dict[str, float] = {}
+    shown_loss: dict[str, str] = {}
+    batches = _epoch_batches(len(train), cfg.batch_size, seed, epoch, accelerator.process_index, accelerator.num_processes,
+                             hooks.shuffle_stride)
+    bar = progress(batches, f"{guard['stage']} {epoch + 1}/{cfg.epochs}", logger=log, enabled=accelerator.is_main_process,
+                   postfix=shown_loss)
+    for step, idx in enumerate(bar, 1):
+        x, y = train.x[idx], train.y[idx]
+        if augment:
+            x = augment_images(x)
+        losses = loss_fn(model, x.to(accelerator.device), y.to(accelerator.device), idx)
+        check_loss(float(losses["loss"].detach()), epoch=epoch + 1, step=step, **guard)
+        opt.zero_grad(set_to_none=True)
+        accelerator.backward(losses["loss"])
+        opt.step()
+        sched.step()
+        if hooks.after_step is not None:
+            hooks.after_step()
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        shown_loss["loss"] = f"{float(losses['loss'].detach()):.4f}"
+    return sums, len(batches)
+
+
+def _validation(model: torch.nn.Module, val: Split, validate, device) -> tuple[dict, float]:
+    """The epoch's validation metrics to show, and its score (default: validation accuracy)."""
+    if validate is None:
+        acc = _accuracy(model, val, device)
+        return {"val_accuracy": acc}, acc
+    shown = validate(model, device)
+    return shown, shown.pop("score")

@@ -31,9 +31,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..models.lm import CausalLM
+from ..models.text import TextClassifier
 from ..models.zoo import CNN, MLP, ResNet
 from .init_transformer import init_transformer_
-from .layer_pick import InitReport, fail as _fail, pick_layers
+from .layer_pick import InitReport, pick_layers
+from .layer_pick import fail as _fail
 
 _FAMILIES = ((MLP, "mlp"), (CNN, "cnn"), (ResNet, "resnet"))
 _BN = ("weight", "bias", "running_mean", "running_var")
@@ -189,8 +192,6 @@ def init_from_teacher_(student: nn.Module, teacher: nn.Module, method: str = "se
         raise _fail(f"unknown method {method!r}; use 'select' or 'average'")
     if every is not None and every < 1:
         raise _fail(f"every must be 1 or more, got {every}; leave it unset to infer it from the depths")
-    from ..models.lm import CausalLM
-    from ..models.text import TextClassifier
 
     if all(isinstance(m, (TextClassifier, CausalLM)) for m in (student, teacher)):
         return init_transformer_(student, teacher, method, every)

@@ -15,7 +15,8 @@ import re
 import torch
 from torch import nn
 
-from .layer_pick import InitReport, fail as _fail, pick_layers
+from .layer_pick import InitReport, pick_layers
+from .layer_pick import fail as _fail
 
 _LAYER = re.compile(r"^(.*?\.(?:layer|layers|h|block)\.)(\d+)\.(.+)$")
 

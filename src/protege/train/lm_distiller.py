@@ -9,7 +9,7 @@ from torch import nn
 from ..knowledge.features import unwrap
 from ..knowledge.topk import TopKCache
 from ..losses.token import causal_lm_loss, token_kd, token_kd_topk, uld
-from ..recipe import DistillConfig
+from .distiller import DistillConfig
 
 Losses = dict[str, torch.Tensor]
 

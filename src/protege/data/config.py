@@ -1,0 +1,28 @@
+"""The data section of a recipe: where the examples come from and how they are split."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from ..config import PathStr, _Strict
+
+
+class DataConfig(_Strict):
+    """Where the examples come from and how they are split."""
+
+    source: Literal["digits", "fashion_mnist", "csv", "text", "lm_text"] = "digits"
+    path: Optional[PathStr] = None  # csv file, text .csv/.jsonl file, or a folder holding the Fashion-MNIST idx.gz files
+    target: Optional[str] = None  # csv / text: the label column (text default: label)
+    text: str = "text"  # text: the column holding the text
+    test_path: Optional[PathStr] = None  # text / lm_text: a separate test file (default: a test_fraction split of `path`)
+    tokenizer: Optional[PathStr] = None  # text: a Hugging Face folder with the tokenizer (default: the teacher's folder)
+    max_length: int = Field(128, ge=2, le=1_000_000)  # text: tokens per example at most
+    too_long: Literal["truncate", "error"] = "truncate"  # text: cut longer examples (with a warning) or refuse them
+    block_size: int = Field(128, ge=2, le=1_000_000)  # lm_text: tokens per training sequence (documents are joined, then cut)
+    eval_limit: Optional[int] = Field(None, ge=1)  # lm_text: at most this many validation and test blocks (a seeded subset)
+    categorical: Optional[list[str]] = None  # csv: columns to one-hot encode (default: inferred)
+    numeric: Optional[list[str]] = None  # csv: columns that must be numbers (default: inferred)
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)  # ignored for fashion_mnist (own test set)
+    limit: Optional[int] = Field(None, ge=10)  # use at most this many training examples (quick runs)

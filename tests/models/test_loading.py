@@ -1,0 +1,93 @@
+"""Building and loading models (protege.models.loading): user factories, safetensors weights, tied embeddings,
+and an ONNX file as the teacher."""
+import pytest
+import torch
+
+import protege
+from protege.data import load_data
+from protege.export import export_model_onnx
+from protege.models import OnnxModule, build_model, count_params, save_weights
+from protege.models.zoo import CNN, MLP
+from protege.recipe import ModelSpec, parse_recipe
+
+from ..conftest import HERE
+from ..text_fixtures import write_corpus, write_llama_folder
+
+
+def test_user_factory_gets_kwargs_and_data_shape():
+    spec = ModelSpec(model=f"{HERE / 'slow_mlp.py'}:build", kwargs={"hidden": [7]})
+    m = build_model(spec, (1, 8, 8), 4)
+    assert m.head.out_features == 4 and m.head.in_features == 7
+
+
+def test_safetensors_weights_round_trip(tmp_path):
+    torch.manual_seed(1)
+    m = MLP((1, 8, 8), 10, hidden=[16])
+    save_weights(m, tmp_path / "w.safetensors")
+    loaded = build_model(ModelSpec(model="mlp", kwargs={"hidden": [16]}, weights=str(tmp_path / "w.safetensors")), (1, 8, 8), 10)
+    x = torch.randn(4, 1, 8, 8)
+    assert torch.equal(m(x), loaded(x))
+
+
+def test_weights_of_another_shape_are_refused(tmp_path):
+    save_weights(MLP((1, 8, 8), 10, hidden=[16]), tmp_path / "w.safetensors")
+    with pytest.raises(protege.ProtegeError, match="shape"):
+        build_model(ModelSpec(model="mlp", kwargs={"hidden": [32]}, weights=str(tmp_path / "w.safetensors")), (1, 8, 8), 10)
+
+
+def test_onnx_file_as_teacher(tmp_path, tiny):
+    """The route for Keras / TensorFlow / scikit-learn teachers: an ONNX file, run by ONNX Runtime."""
+    torch.manual_seed(0)
+    net = CNN((1, 8, 8), 10, (16, 32), 1)
+    export_model_onnx(net, torch.randn(2, 1, 8, 8), tmp_path / "teacher.onnx")
+    teacher = OnnxModule(tmp_path / "teacher.onnx")
+    x = torch.randn(5, 1, 8, 8)
+    assert torch.allclose(teacher(x), net.eval()(x), atol=1e-5)
+    assert teacher.n_params == pytest.approx(count_params(net), rel=0.05)
+    tiny["teacher"] = {"model": str(tmp_path / "teacher.onnx")}
+    tiny["train"]["epochs"] = 1
+    run = protege.distill(parse_recipe(tiny), tmp_path / "run")
+    assert run.report["teacher"]["runtime"] == "onnxruntime"
+    assert run.report["student_onnx"]["accuracy"] == run.report["student"]["accuracy"]
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm")
+    return {"teacher": write_llama_folder(root / "teacher"), "corpus": write_corpus(root / "corpus.jsonl"), "root": root}
+
+
+def _recipe(lm, **over) -> dict:
+    r = {"name": "lm", "task": "causal_lm",
+         "data": {"source": "lm_text", "path": str(lm["corpus"]), "block_size": 32, "val_fraction": 0.2, "test_fraction": 0.2},
+         "teacher": {"model": str(lm["teacher"])},
+         "student": {"model": str(lm["teacher"]), "kwargs": {"pretrained": False, "num_hidden_layers": 2}},
+         "distill": {"response": "forward_kl", "temperature": 1.0, "alpha": 0.5},
+         "train": {"epochs": 2, "batch_size": 8, "lr": 3e-3}, "eval": {"threads": 1}}
+    for k, v in over.items():
+        r[k] = {**r.get(k, {}), **v} if isinstance(v, dict) else v
+    return r
+
+
+def _teacher_and_data(lm):
+    from protege.models import build_model
+
+    d = load_data(parse_recipe(_recipe(lm)).data, 0)
+    r = parse_recipe(_recipe(lm))
+    return build_model(r.teacher, d.input_shape, d.num_classes, d.model_args).eval(), d
+
+
+def test_tied_embeddings_are_stored_once_and_tied_again_on_load(lm, tmp_path):
+    from safetensors.torch import load_file
+
+    from protege.models import build_model, load_weights, save_weights
+
+    teacher, d = _teacher_and_data(lm)
+    save_weights(teacher, tmp_path / "w.safetensors")
+    keys = set(load_file(str(tmp_path / "w.safetensors")))
+    assert "model.model.embed_tokens.weight" in keys and "model.lm_head.weight" not in keys
+    fresh = build_model(parse_recipe(_recipe(lm)).student.model_copy(update={"kwargs": {"pretrained": False}}),
+                        d.input_shape, d.num_classes, d.model_args)
+    load_weights(fresh, tmp_path / "w.safetensors")
+    assert fresh.model.lm_head.weight is fresh.model.model.embed_tokens.weight
+    assert torch.equal(fresh.model.lm_head.weight, teacher.model.lm_head.weight)
