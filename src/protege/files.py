@@ -54,6 +54,8 @@ def write_fix(e: BaseException, path: Path) -> str:
         return f"make {Path(path).parent} writable or write elsewhere"
     if code == errno.EROFS:
         return "the disk is read-only: write elsewhere"
+    if code in (errno.ENOENT, errno.ENOTDIR):
+        return f"the folder {Path(path).parent} does not exist (or is not a folder): create it or write elsewhere"
     return f"free space on the disk that holds {Path(path).parent}"
 
 
