@@ -3,6 +3,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -57,3 +58,36 @@ def write_recipe(tmp_path):
         return path
 
     return write
+
+
+# --- shared fixtures (a test file may define its own of the same name, which then wins) -----------------------------
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished tiny run, made once per module through the command line; tests copy it before changing anything."""
+    from .helpers import tiny_recipe_file
+
+    tmp = tmp_path_factory.mktemp("finished")
+    out = tmp / "run"
+    proc = subprocess.run([PROTEGE, "distill", str(tiny_recipe_file(tmp)), "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    """A tiny randomly initialised Llama teacher folder and a corpus (tests/text_fixtures.py)."""
+    from .text_fixtures import write_corpus, write_llama_folder
+
+    root = tmp_path_factory.mktemp("lm")
+    return {"teacher": write_llama_folder(root / "teacher"), "corpus": write_corpus(root / "corpus.jsonl"), "root": root}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A tiny BERT teacher folder and a labelled text set (train .csv, test .jsonl)."""
+    from .text_fixtures import write_bert_folder, write_text_data
+
+    root = tmp_path_factory.mktemp("text")
+    return {"teacher": write_bert_folder(root / "teacher", layers=4), "data": write_text_data(root / "train.csv", n=320),
+            "test": write_text_data(root / "test.jsonl", n=80, seed=1), "root": root}

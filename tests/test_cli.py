@@ -23,7 +23,7 @@ from protege.recipe import parse_recipe
 
 from .conftest import HERE, PROTEGE, TINY
 from .slow_mlp import HOLD
-from .text_fixtures import write_corpus, write_llama_folder
+from .helpers import seq_lm, jsonl_rows as _rows
 
 
 @pytest.fixture(scope="module")
@@ -216,13 +216,7 @@ def test_inspect_a_run_and_bad_shapes(tmp_path, tiny):
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
-    root = tmp_path_factory.mktemp("seq")
-    return {"teacher": write_llama_folder(root / "teacher"), "train": write_corpus(root / "train.jsonl", docs=6, sentences=12),
-            "test": write_corpus(root / "test.jsonl", docs=3, sentences=20, seed=1)}
-
-
-def _rows(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return seq_lm(tmp_path_factory.mktemp("seq"))
 
 
 def test_the_generate_command(lm, tmp_path, capsys):

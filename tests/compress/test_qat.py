@@ -5,36 +5,9 @@ import onnx
 import torch
 
 from protege.compress import verify as V
-from protege.compress.emulate import available, run_emulated
-from protege.export.onnx import export_model_onnx, ort_logits, ort_session
+from protege.export.onnx import export_model_onnx
 
-
-def _ops(path) -> set[str]:
-    return {n.op_type for n in onnx.load(str(path)).graph.node}
-
-
-def _optimized_ops(path, tmp_path) -> set[str]:
-    """The ops ONNX Runtime actually runs after its graph fusions (int8 kernels show up here)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    return _ops(tmp_path / "optimized.onnx")
-
-
-def _exact_on_avx2(path, fp32, x) -> None:
-    """On an emulated AVX2 CPU without VNNI (where full-range int8 weights saturate) the file computes what its QDQ graph
-    defines; with qemu missing it is checked on this CPU only, unless PROTEGE_REQUIRE_QEMU asks for the emulator."""
-    import os
-
-    ref = ort_logits(ort_session(V.reference_model(path), optimize=False), x).numpy()
-    base = ort_logits(ort_session(fp32), x).numpy()
-    if available() is None or os.environ.get("PROTEGE_REQUIRE_QEMU"):
-        got = run_emulated({"f": path}, x.numpy())["f"]
-    else:
-        got = ort_logits(ort_session(path), x).numpy()
-    V.judge(path, V.compare(got, ref, base))
+from ..int8_checks import optimized_ops as _optimized_ops, exact_on_avx2 as _exact_on_avx2
 
 
 def test_qat_of_a_residual_network_runs_every_conv_in_int8(tmp_path):

@@ -3,7 +3,6 @@ calibration checks, and the measured choice between candidates."""
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from torch import nn
@@ -15,6 +14,8 @@ from protege.errors import CompressError
 from protege.export.onnx import export_model_onnx, ort_session
 from protege.models.zoo import CNN, MLP
 
+from ..int8_checks import ops as _ops
+
 
 @pytest.fixture(scope="module")
 def onnx_files(tmp_path_factory):
@@ -23,10 +24,6 @@ def onnx_files(tmp_path_factory):
     cnn, mlp = CNN((1, 8, 8), 10, (32, 64)).eval(), MLP((64,), 10, (64,)).eval()
     return {"cnn": (cnn, export_model_onnx(cnn, torch.randn(2, 1, 8, 8), d / "cnn.onnx"), torch.randn(64, 1, 8, 8)),
             "mlp": (mlp, export_model_onnx(mlp, torch.randn(2, 64), d / "mlp.onnx"), torch.randn(64, 64)), "dir": d}
-
-
-def _ops(path) -> set[str]:
-    return {n.op_type for n in onnx.load(str(path)).graph.node}
 
 
 def _agree(model, path, x) -> float:

@@ -1,20 +1,17 @@
 """CSV tables (protege.data.tabular): encoding fitted on the training split only, and bad cells and rows."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from protege.data import load_data
 from protege.errors import DataError
 from protege.recipe import DataConfig
 
-from ..conftest import TINY
 from ..helpers import assert_clean_error, run_cli
+from ..helpers import tiny_recipe_file as _recipe
 
 
 def _table(tmp_path, n=60):
@@ -54,17 +51,6 @@ def test_csv_ragged_row(tmp_path):
     p.write_text("a,b,y\n1,2,0\n1,0\n")
     with pytest.raises(DataError, match="row 3"):
         load_data(DataConfig(source="csv", path=str(p), target="y"), 0)
-
-
-def _recipe(tmp: Path, edit=None, name: str = "recipe.yaml") -> Path:
-    r = json.loads(json.dumps(TINY))
-    r["teacher"]["train"]["epochs"] = 1
-    r["train"]["epochs"] = 2
-    if edit:
-        edit(r)
-    path = tmp / name
-    path.write_text(yaml.safe_dump(r))
-    return path
 
 
 def test_csv_with_an_infinite_cell_is_refused(tmp_path, capsys):

@@ -14,6 +14,8 @@ import pytest
 
 from protege.evaluate.html import pareto_front, render_html, write_html
 
+from ..helpers import sample_report as _report
+
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -191,20 +193,6 @@ def test_report_in_headless_chromium(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- the mark in the report
-def _report(reliable: bool) -> dict:
-    def stage(name: str, runtime: str, b1: float, b32: float) -> dict:
-        return {"name": name, "runtime": runtime, "accuracy": 0.9, "params": 100, "bytes": 1000,
-                "latency_ms_b1": b1, "latency_ms_b1_p95": b1, "latency_ms_b1_iqr": 0.0, "latency_b1_reliable": reliable,
-                "latency_ms_b32": b32, "latency_ms_b32_p95": b32, "latency_ms_b32_iqr": 0.0, "latency_b32_reliable": True}
-    reasons = [] if reliable else ["b1: machine busy: other processes used 43% of the CPU while measuring",
-                                   "b1 teacher: spread 38% of the median"]
-    return {"name": "r", "stages": [stage("teacher", "pytorch", 296.0, 22.0), stage("int8 (static)", "onnxruntime", 0.047, 1.0)],
-            "deployed": "int8 (static)", "compression_ratio": 40.0, "bytes_ratio": 10.0, "onnx_max_abs_diff": 1e-6,
-            "speedup_b1": 6319.0, "speedup_b1_reliable": reliable, "speedup_b32": 22.0, "speedup_b32_reliable": True,
-            "latency": {"rounds": 5, "threads": 2, "b1": {"calls_per_stage": 50}, "b32": {"calls_per_stage": 10},
-                        "reliable": reliable, "reasons": reasons}}
-
-
 def test_report_html_marks_unreliable_latency_with_the_reasons():
     page = render_html(_report(False))
     assert '<td class="unreliable"' in page and "296.0?</td>" in page

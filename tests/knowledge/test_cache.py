@@ -1,8 +1,6 @@
 """The teacher cache (protege.knowledge.cache): built once and reused only with a matching fingerprint, fp16
 memory-mapped features, checksums, and damaged or old caches rebuilt."""
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +11,7 @@ from protege.knowledge import Teacher, load_or_build_cache
 from protege.models.zoo import CNN
 
 from ..log_capture import logged
+from ..helpers import truncate_file as _truncate, scribble_file as _scribble
 
 
 def test_cache_reused_only_with_matching_fingerprint(tmp_path):
@@ -63,18 +62,6 @@ def test_cache_with_other_paths_is_rebuilt_never_reused(tmp_path):
         again = load_or_build_cache(tmp_path / "c", {"teacher": "t", "data": "d"}, model, x, ["features.1"])
     assert again.paths == ["features.1"] and any("hooked feature paths changed" in m for m in logs)
     assert not (tmp_path / "c.tmp").exists()
-
-
-def _truncate(path: Path, keep: float = 0.5) -> None:
-    os.truncate(path, int(path.stat().st_size * keep))
-
-
-def _scribble(path: Path, start: int) -> None:
-    """Overwrite everything from ``start`` with random bytes: same size, different values."""
-    n = path.stat().st_size - start
-    with open(path, "r+b") as f:
-        f.seek(start)
-        f.write(np.random.default_rng(0).integers(0, 256, n, dtype=np.uint8).tobytes())
 
 
 def _cache_inputs():

@@ -2,21 +2,18 @@
 and the errors for unknown paths and modules that are never called."""
 from __future__ import annotations
 
-import json
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from torch import nn
 
 from protege.errors import RecipeError
 from protege.knowledge import extract, resolve, unwrap
 from protege.models.zoo import CNN, ResNet
 
-from ..conftest import TINY
 from ..helpers import assert_clean_error, run_cli
+from ..helpers import tiny_recipe_file as _recipe
 
 
 def _cnn() -> CNN:
@@ -63,17 +60,6 @@ def test_unknown_path_lists_the_nearest_valid_ones():
         resolve(_cnn(), "features.3", "student")
     with pytest.raises(RecipeError, match="layer1.0.conv1"):
         resolve(ResNet((1, 8, 8), 10, depth=8), "layer1.0.conv", "teacher")
-
-
-def _recipe(tmp: Path, edit=None, name: str = "recipe.yaml") -> Path:
-    r = json.loads(json.dumps(TINY))
-    r["teacher"]["train"]["epochs"] = 1
-    r["train"]["epochs"] = 2
-    if edit:
-        edit(r)
-    path = tmp / name
-    path.write_text(yaml.safe_dump(r))
-    return path
 
 
 def test_hooking_a_container_that_is_never_called_is_one_line(tmp_path, capsys):

@@ -1,7 +1,5 @@
 """`inspect`'s table of module paths, output shapes and parameters (protege.knowledge.inspect)."""
-import pytest
 
-from ..text_fixtures import write_bert_folder, write_text_data
 
 
 def test_inspect_lists_paths_with_shapes_and_params():
@@ -10,13 +8,6 @@ def test_inspect_lists_paths_with_shapes_and_params():
     table = inspect("cnn", "1,28,28")
     assert "features.1.0" in table and "32x14x14" in table and "4,608" in table
     assert table.strip().splitlines()[-1].split()[-1] == "24,058"  # the zoo student's parameter count
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("text")
-    return {"teacher": write_bert_folder(root / "teacher", layers=4), "data": write_text_data(root / "train.csv", n=320),
-            "test": write_text_data(root / "test.jsonl", n=80, seed=1), "root": root}
 
 
 def test_inspect_lists_hidden_state_and_attention_taps(folders):

@@ -1,6 +1,5 @@
 """Sequence-level KD's corpus (protege.knowledge.sequences): the teacher continues prompts from real text,
 seeded and resumably, and bad settings are refused."""
-import json
 
 import pytest
 
@@ -9,18 +8,12 @@ from protege.data.text import load_tokenizer
 from protege.errors import DataError, ModelError
 
 from ..log_capture import logged
-from ..text_fixtures import write_corpus, write_llama_folder
+from ..helpers import seq_lm, jsonl_rows as _rows
 
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
-    root = tmp_path_factory.mktemp("seq")
-    return {"teacher": write_llama_folder(root / "teacher"), "train": write_corpus(root / "train.jsonl", docs=6, sentences=12),
-            "test": write_corpus(root / "test.jsonl", docs=3, sentences=20, seed=1)}
-
-
-def _rows(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return seq_lm(tmp_path_factory.mktemp("seq"))
 
 
 def test_teacher_continues_every_window_of_every_document(lm, tmp_path):

@@ -4,14 +4,13 @@ import pytest
 import torch
 
 import protege
-from protege.data import load_data
 from protege.export import export_model_onnx
 from protege.models import OnnxModule, build_model, count_params, save_weights
 from protege.models.zoo import CNN, MLP
 from protege.recipe import ModelSpec, parse_recipe
 
 from ..conftest import HERE
-from ..text_fixtures import write_corpus, write_llama_folder
+from ..helpers import lm_recipe as _recipe, lm_teacher_and_data as _teacher_and_data
 
 
 def test_user_factory_gets_kwargs_and_data_shape():
@@ -49,32 +48,6 @@ def test_onnx_file_as_teacher(tmp_path, tiny):
     run = protege.distill(parse_recipe(tiny), tmp_path / "run")
     assert run.report["teacher"]["runtime"] == "onnxruntime"
     assert run.report["student_onnx"]["accuracy"] == run.report["student"]["accuracy"]
-
-
-@pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lm")
-    return {"teacher": write_llama_folder(root / "teacher"), "corpus": write_corpus(root / "corpus.jsonl"), "root": root}
-
-
-def _recipe(lm, **over) -> dict:
-    r = {"name": "lm", "task": "causal_lm",
-         "data": {"source": "lm_text", "path": str(lm["corpus"]), "block_size": 32, "val_fraction": 0.2, "test_fraction": 0.2},
-         "teacher": {"model": str(lm["teacher"])},
-         "student": {"model": str(lm["teacher"]), "kwargs": {"pretrained": False, "num_hidden_layers": 2}},
-         "distill": {"response": "forward_kl", "temperature": 1.0, "alpha": 0.5},
-         "train": {"epochs": 2, "batch_size": 8, "lr": 3e-3}, "eval": {"threads": 1}}
-    for k, v in over.items():
-        r[k] = {**r.get(k, {}), **v} if isinstance(v, dict) else v
-    return r
-
-
-def _teacher_and_data(lm):
-    from protege.models import build_model
-
-    d = load_data(parse_recipe(_recipe(lm)).data, 0)
-    r = parse_recipe(_recipe(lm))
-    return build_model(r.teacher, d.input_shape, d.num_classes, d.model_args).eval(), d
 
 
 def test_tied_embeddings_are_stored_once_and_tied_again_on_load(lm, tmp_path):

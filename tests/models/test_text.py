@@ -8,25 +8,8 @@ from protege.errors import ModelError
 from protege.models import build_model
 from protege.recipe import parse_recipe
 
-from ..text_fixtures import write_bert_folder, write_text_data
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("text")
-    return {"teacher": write_bert_folder(root / "teacher", layers=4), "data": write_text_data(root / "train.csv", n=320),
-            "test": write_text_data(root / "test.jsonl", n=80, seed=1), "root": root}
-
-
-def _recipe(folders, **over) -> dict:
-    r = {"name": "text", "data": {"source": "text", "path": str(folders["data"]), "test_path": str(folders["test"]), "max_length": 16},
-         "teacher": {"model": str(folders["teacher"]), "train": {"epochs": 6, "batch_size": 16, "lr": 3e-3}},
-         "student": {"model": "bilstm", "kwargs": {"hidden": 16, "embed": 16}},
-         "train": {"epochs": 4, "batch_size": 16, "lr": 3e-3}, "distill": {"temperature": 2.0, "alpha": 0.5},
-         "eval": {"warmup": 1, "repeats_b1": 2, "repeats_b32": 1}}
-    for k, v in over.items():
-        r[k] = {**r.get(k, {}), **v} if isinstance(v, dict) else v
-    return r
+from ..text_fixtures import write_bert_folder
+from ..helpers import text_recipe as _recipe
 
 
 def test_model_folder_errors(tmp_path):

@@ -6,6 +6,8 @@ import yaml
 from protege.errors import RecipeError
 from protege.recipe import apply_overrides, dump_recipe, load_recipe, parse_recipe
 
+from ..helpers import recipe_error as _error, recipe_file as _file
+
 
 def test_defaults_and_round_trip(tmp_path, tiny):
     r = parse_recipe(tiny)
@@ -36,24 +38,6 @@ def test_errors_name_file_and_field(tmp_path, tiny):
 
 
 # Hostile recipes (issue 14): every one is a RecipeError of one line that names the file or --set item and the field.
-
-def _error(call, *words: str) -> str:
-    with pytest.raises(RecipeError) as info:
-        call()
-    message = str(info.value)
-    assert len(message.splitlines()) == 1, message
-    for word in words:
-        assert word in message, (word, message)
-    return message
-
-
-def _file(tmp_path, content, name: str = "mine.yaml"):
-    path = tmp_path / name
-    if isinstance(content, dict):
-        content = yaml.safe_dump(content)
-    path.write_bytes(content.encode() if isinstance(content, str) else content)
-    return path
-
 
 def test_non_utf8_file(tmp_path, tiny):
     path = _file(tmp_path, yaml.safe_dump(tiny).encode() + "name: caf\xe9\n".encode("latin-1"))

@@ -2,8 +2,6 @@
 temperature, ignored fields, plain kwargs, and long values shortened in the message."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import pytest
 import yaml
@@ -11,32 +9,15 @@ import yaml
 from protege.errors import RecipeError
 from protege.recipe import load_recipe, parse_recipe
 
-from ..conftest import TINY
 from ..helpers import assert_clean_error, run_cli
+from ..helpers import tiny_recipe_file as _recipe
+from ..helpers import recipe_error as _error, recipe_file as _file
 
 
 def test_teacher_needs_a_source(tiny):
     del tiny["teacher"]["train"]
     with pytest.raises(RecipeError, match="teacher needs"):
         parse_recipe(tiny, "r.yaml")
-
-
-def _error(call, *words: str) -> str:
-    with pytest.raises(RecipeError) as info:
-        call()
-    message = str(info.value)
-    assert len(message.splitlines()) == 1, message
-    for word in words:
-        assert word in message, (word, message)
-    return message
-
-
-def _file(tmp_path, content, name: str = "mine.yaml"):
-    path = tmp_path / name
-    if isinstance(content, dict):
-        content = yaml.safe_dump(content)
-    path.write_bytes(content.encode() if isinstance(content, str) else content)
-    return path
 
 
 def test_long_model_name(tmp_path, tiny):
@@ -123,17 +104,6 @@ def test_rounds_zero_is_a_recipe_error(tiny):
         parse_recipe(tiny, "r.yaml")
     tiny["eval"]["rounds"] = 3
     assert parse_recipe(tiny).eval.rounds == 3
-
-
-def _recipe(tmp: Path, edit=None, name: str = "recipe.yaml") -> Path:
-    r = json.loads(json.dumps(TINY))
-    r["teacher"]["train"]["epochs"] = 1
-    r["train"]["epochs"] = 2
-    if edit:
-        edit(r)
-    path = tmp / name
-    path.write_text(yaml.safe_dump(r))
-    return path
 
 
 @pytest.mark.parametrize("value", ["1e6", ".inf", "1.0e300"])

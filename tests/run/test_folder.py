@@ -1,50 +1,11 @@
 """The run folder (protege.run.folder): damaged run files are one-line errors and stay as they were."""
 from __future__ import annotations
 
-import hashlib
-import json
-import subprocess
-from pathlib import Path
 
 import pytest
-import yaml
 
-from ..conftest import PROTEGE, TINY
 from ..helpers import assert_clean_error, run_cli
-
-
-def _digests(folder: Path, skip: tuple[str, ...] = (".protege.lock",)) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in skip}
-
-
-def _recipe(tmp: Path, edit=None, name: str = "recipe.yaml") -> Path:
-    r = json.loads(json.dumps(TINY))
-    r["teacher"]["train"]["epochs"] = 1
-    r["train"]["epochs"] = 2
-    if edit:
-        edit(r)
-    path = tmp / name
-    path.write_text(yaml.safe_dump(r))
-    return path
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A finished tiny run, made once; tests copy it before changing anything."""
-    tmp = tmp_path_factory.mktemp("finished")
-    out = tmp / "run"
-    proc = subprocess.run([PROTEGE, "distill", str(_recipe(tmp)), "--out", str(out)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    return out
-
-
-def _copy(run: Path, dst: Path) -> Path:
-    import shutil
-
-    shutil.copytree(run, dst)
-    (dst / ".protege.lock").unlink(missing_ok=True)
-    return dst
+from ..helpers import file_digests as _digests, copy_run as _copy
 
 
 @pytest.mark.parametrize("damage", ["recipe_truncated", "recipe_binary", "report_truncated", "choice_garbage"])

@@ -20,6 +20,7 @@ from protege.recipe import parse_recipe
 
 from ..conftest import PROTEGE, TINY
 from ..log_capture import logged
+from ..helpers import truncate_file as _truncate, scribble_file as _scribble
 
 
 def _tiny() -> dict:
@@ -27,18 +28,6 @@ def _tiny() -> dict:
     r["teacher"]["train"]["epochs"] = 2
     r["eval"].update(repeats_b1=1, repeats_b32=1)
     return r
-
-
-def _truncate(path: Path, keep: float = 0.5) -> None:
-    os.truncate(path, int(path.stat().st_size * keep))
-
-
-def _scribble(path: Path, start: int) -> None:
-    """Overwrite everything from ``start`` with random bytes: same size, different values."""
-    n = path.stat().st_size - start
-    with open(path, "r+b") as f:
-        f.seek(start)
-        f.write(np.random.default_rng(0).integers(0, 256, n, dtype=np.uint8).tobytes())
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:

@@ -9,25 +9,7 @@ from protege.errors import RecipeError
 from protege.recipe import parse_recipe
 
 from ..log_capture import logged
-from ..text_fixtures import write_corpus, write_llama_folder
-
-
-@pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lm")
-    return {"teacher": write_llama_folder(root / "teacher"), "corpus": write_corpus(root / "corpus.jsonl"), "root": root}
-
-
-def _recipe(lm, **over) -> dict:
-    r = {"name": "lm", "task": "causal_lm",
-         "data": {"source": "lm_text", "path": str(lm["corpus"]), "block_size": 32, "val_fraction": 0.2, "test_fraction": 0.2},
-         "teacher": {"model": str(lm["teacher"])},
-         "student": {"model": str(lm["teacher"]), "kwargs": {"pretrained": False, "num_hidden_layers": 2}},
-         "distill": {"response": "forward_kl", "temperature": 1.0, "alpha": 0.5},
-         "train": {"epochs": 2, "batch_size": 8, "lr": 3e-3}, "eval": {"threads": 1}}
-    for k, v in over.items():
-        r[k] = {**r.get(k, {}), **v} if isinstance(v, dict) else v
-    return r
+from ..helpers import lm_recipe as _recipe
 
 
 @pytest.mark.parametrize("over, match", [

@@ -1,6 +1,5 @@
 """Sequence-level KD through the causal-LM task: a student learns the teacher's generated text (also with another
 tokenizer) and is tested on real text. Its own tiny-Llama fixture, so it is not in test_causal_lm.py."""
-import json
 
 import pytest
 import torch
@@ -13,18 +12,13 @@ from protege.errors import DataError
 from protege.recipe import parse_recipe
 
 from ..log_capture import logged
-from ..text_fixtures import write_corpus, write_llama_folder
+from ..text_fixtures import write_llama_folder
+from ..helpers import seq_lm, jsonl_rows as _rows
 
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
-    root = tmp_path_factory.mktemp("seq")
-    return {"teacher": write_llama_folder(root / "teacher"), "train": write_corpus(root / "train.jsonl", docs=6, sentences=12),
-            "test": write_corpus(root / "test.jsonl", docs=3, sentences=20, seed=1)}
-
-
-def _rows(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return seq_lm(tmp_path_factory.mktemp("seq"))
 
 
 def test_a_student_learns_the_teachers_text_and_is_tested_on_real_text(lm, tmp_path):
@@ -51,7 +45,6 @@ def test_a_student_learns_the_teachers_text_and_is_tested_on_real_text(lm, tmp_p
 def test_a_student_with_another_tokenizer_learns_from_the_teachers_text(lm, tmp_path):
     from protege.errors import RecipeError
 
-    from ..text_fixtures import write_llama_folder
 
     student = write_llama_folder(tmp_path / "student", layers=1, shuffle_vocab=7, extra_words=10)  # other ids, past 27
     gen = generate_corpus(lm["teacher"], lm["train"], tmp_path / "gen.jsonl", prompt_tokens=4, new_tokens=12)

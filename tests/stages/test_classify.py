@@ -1,24 +1,10 @@
 """The classification task (protege.stages.classify): a student larger than its teacher is warned about."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
-import yaml
 
-from ..conftest import TINY
 from ..log_capture import logged
-
-
-def _recipe(tmp: Path, edit=None, name: str = "recipe.yaml") -> Path:
-    r = json.loads(json.dumps(TINY))
-    r["teacher"]["train"]["epochs"] = 1
-    r["train"]["epochs"] = 2
-    if edit:
-        edit(r)
-    path = tmp / name
-    path.write_text(yaml.safe_dump(r))
-    return path
+from ..helpers import tiny_recipe_file as _recipe
 
 
 def test_student_larger_than_teacher_is_warned(tmp_path):

@@ -2,33 +2,27 @@
 over a finished run (prune, static, dynamic, QAT), and a failed or interrupted pass puts the run back."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
-import yaml
 
 from protege import PruneConfig, QuantizeConfig, Run, compress, distill, parse_recipe
 from protege.compress import verify as V
-from protege.compress.emulate import available, run_emulated
 from protege.errors import CompressError
 from protege.export.metadata import read as read_metadata
-from protege.export.onnx import ort_logits, ort_session
+from protege.export.onnx import ort_session
 
-from ..conftest import HERE, PROTEGE, TINY
+from ..conftest import HERE, PROTEGE
 from ..slow_mlp import HOLD
-
-
-def _ops(path) -> set[str]:
-    return {n.op_type for n in onnx.load(str(path)).graph.node}
+from ..helpers import file_digests as _digests, tiny_recipe_file as _recipe
+from ..int8_checks import ops as _ops, optimized_ops as _optimized_ops, exact_on_avx2 as _exact_on_avx2
 
 
 SMALL = {
@@ -94,30 +88,6 @@ def test_compress_command_replaces_an_earlier_pass(compressed, tmp_path):
     assert "no speedup" in run.report["stages"][-1]["note"]
     assert Run.load(run_dir).recipe.prune.method == "unstructured"  # the recipe records what was done
     assert (run_dir / "student" / "model.safetensors").read_bytes() == (compressed.path / "student" / "model.safetensors").read_bytes()
-
-
-def _optimized_ops(path, tmp_path) -> set[str]:
-    """The ops ONNX Runtime actually runs after its graph fusions (int8 kernels show up here)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    return _ops(tmp_path / "optimized.onnx")
-
-
-def _exact_on_avx2(path, fp32, x) -> None:
-    """On an emulated AVX2 CPU without VNNI (where full-range int8 weights saturate) the file computes what its QDQ graph
-    defines; with qemu missing it is checked on this CPU only, unless PROTEGE_REQUIRE_QEMU asks for the emulator."""
-    import os
-
-    ref = ort_logits(ort_session(V.reference_model(path), optimize=False), x).numpy()
-    base = ort_logits(ort_session(fp32), x).numpy()
-    if available() is None or os.environ.get("PROTEGE_REQUIRE_QEMU"):
-        got = run_emulated({"f": path}, x.numpy())["f"]
-    else:
-        got = ort_logits(ort_session(path), x).numpy()
-    V.judge(path, V.compare(got, ref, base))
 
 
 def test_static_int8_runs_int8_kernels(compressed, tmp_path):
@@ -215,22 +185,6 @@ def test_an_int8_file_onnx_runtime_cannot_run_is_a_one_line_error(compressed, tm
     shutil.copytree(compressed.path, run_dir)
     with pytest.raises(CompressError, match="static int8: ONNX Runtime cannot run static.onnx"):
         compress(run_dir, quantize=QuantizeConfig(mode="static"))
-
-
-def _digests(folder: Path, skip: tuple[str, ...] = (".protege.lock",)) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in skip}
-
-
-def _recipe(tmp: Path, edit=None, name: str = "recipe.yaml") -> Path:
-    r = json.loads(json.dumps(TINY))
-    r["teacher"]["train"]["epochs"] = 1
-    r["train"]["epochs"] = 2
-    if edit:
-        edit(r)
-    path = tmp / name
-    path.write_text(yaml.safe_dump(r))
-    return path
 
 
 def test_ctrl_c_during_compress_puts_the_run_back_with_its_metrics(tmp_path):

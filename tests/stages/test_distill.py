@@ -23,6 +23,7 @@ from protege.recipe import parse_recipe
 
 from ..conftest import ROOT
 from ..text_fixtures import write_bert_folder, write_text_data
+from ..helpers import text_recipe as _recipe
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +261,7 @@ def text_sets(path: Path, tmp: Path) -> list[str]:
     """A text recipe's model folders and files, replaced by tiny offline fixtures with the same columns and depth."""
     import yaml
 
-    from ..text_fixtures import write_bert_folder, write_corpus, write_llama_folder, write_text_data
+    from ..text_fixtures import write_corpus, write_llama_folder
 
     d = yaml.safe_load(path.read_text())["data"]
     if d.get("source") == "lm_text":  # a Llama deep enough for the recipe's layer selection, a small corpus
@@ -287,24 +288,6 @@ def test_shipped_recipe_runs_tiny(path, tmp_path):
         return
     assert run.report["student_onnx"]["accuracy"] == pytest.approx(run.report["student"]["accuracy"])
     assert run.report["student"]["params"] <= run.report["teacher"]["params"]
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("text")
-    return {"teacher": write_bert_folder(root / "teacher", layers=4), "data": write_text_data(root / "train.csv", n=320),
-            "test": write_text_data(root / "test.jsonl", n=80, seed=1), "root": root}
-
-
-def _recipe(folders, **over) -> dict:
-    r = {"name": "text", "data": {"source": "text", "path": str(folders["data"]), "test_path": str(folders["test"]), "max_length": 16},
-         "teacher": {"model": str(folders["teacher"]), "train": {"epochs": 6, "batch_size": 16, "lr": 3e-3}},
-         "student": {"model": "bilstm", "kwargs": {"hidden": 16, "embed": 16}},
-         "train": {"epochs": 4, "batch_size": 16, "lr": 3e-3}, "distill": {"temperature": 2.0, "alpha": 0.5},
-         "eval": {"warmup": 1, "repeats_b1": 2, "repeats_b32": 1}}
-    for k, v in over.items():
-        r[k] = {**r.get(k, {}), **v} if isinstance(v, dict) else v
-    return r
 
 
 @pytest.fixture(scope="module")

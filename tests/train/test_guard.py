@@ -2,19 +2,16 @@
 finite checkpoint is kept, and NaN weights are refused by evaluate and export."""
 from __future__ import annotations
 
-import hashlib
 import json
-import subprocess
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
-from ..conftest import PROTEGE, TINY
 from ..helpers import assert_clean_error, run_cli
+from ..helpers import file_digests as _digests, tiny_recipe_file as _recipe, copy_run as _copy
 
 
 def _strict_json_lines(path: Path) -> list[dict]:
@@ -22,40 +19,6 @@ def _strict_json_lines(path: Path) -> list[dict]:
         raise ValueError(f"{path} holds {token}, which is not JSON")
 
     return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
-
-
-def _digests(folder: Path, skip: tuple[str, ...] = (".protege.lock",)) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in skip}
-
-
-def _recipe(tmp: Path, edit=None, name: str = "recipe.yaml") -> Path:
-    r = json.loads(json.dumps(TINY))
-    r["teacher"]["train"]["epochs"] = 1
-    r["train"]["epochs"] = 2
-    if edit:
-        edit(r)
-    path = tmp / name
-    path.write_text(yaml.safe_dump(r))
-    return path
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A finished tiny run, made once; tests copy it before changing anything."""
-    tmp = tmp_path_factory.mktemp("finished")
-    out = tmp / "run"
-    proc = subprocess.run([PROTEGE, "distill", str(_recipe(tmp)), "--out", str(out)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    return out
-
-
-def _copy(run: Path, dst: Path) -> Path:
-    import shutil
-
-    shutil.copytree(run, dst)
-    (dst / ".protege.lock").unlink(missing_ok=True)
-    return dst
 
 
 # --- divergence --------------------------------------------------------------------------------------------------
