@@ -4,6 +4,7 @@ from __future__ import annotations
 import inspect
 import logging
 import sys
+import types
 import typing
 from pathlib import Path
 from typing import List, Optional
@@ -62,7 +63,7 @@ def _option(cls, prefix: str, name: str, field) -> inspect.Parameter:
     its help from the field's description; None (or an empty list) when not given, so the config's default applies."""
     flag = cls.CLI.get(name, "--" + name.replace("_", "-"))
     kind = field.annotation
-    if typing.get_origin(kind) is typing.Union:  # Optional[X] -> X
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # Optional[X], X | None -> X
         kind = next(a for a in typing.get_args(kind) if a is not type(None))
     if typing.get_origin(kind) is typing.Annotated:  # PathStr -> str
         kind = typing.get_args(kind)[0]

@@ -17,7 +17,6 @@ from ..models import OnnxModule, build_model, load_weights
 from ..models.loading import resize_to
 from ..recipe import Recipe, dump_recipe, parse_recipe
 from ..train.guard import require_finite
-from .layout import ARTIFACTS as _ARTIFACTS
 from .layout import COMPRESS_ARTIFACTS, LOCK, MANIFEST
 from .lock import _rmdir_if_empty, own_files, read_manifest
 
@@ -125,8 +124,6 @@ class Run:
             raise RunError(f"'{path}' is not empty and is not a run; choose an empty or new folder for --out (or --overwrite)")
         return cls(path, recipe)
 
-    ARTIFACTS = _ARTIFACTS
-
     def clear_compressed(self, keep_pruned: bool = False) -> None:
         """A new compress pass: drop what an earlier one wrote, so no stale file is mistaken for this one's."""
         for rel in COMPRESS_ARTIFACTS:
@@ -181,9 +178,7 @@ class Run:
     def load_models(self, data) -> tuple[list[nn.Module], nn.Module]:
         """The finished run's teachers (as trained or loaded; an ema teacher from its saved average) and its student,
         in eval mode; weights holding NaN or inf are refused. ``data``: the run's DataSplits (shapes, classes)."""
-        if not self.student_weights.is_file():
-            raise RunError(f"{self.path} has no finished student ({self.student_weights} missing); finish it with "
-                           f"`protege distill RECIPE --out {self.path} --resume`")
+        self._require_student()  # before the teachers are built: they may take long
         r = self.recipe
         teachers = []
         for i, spec in enumerate(r.teachers):
@@ -199,11 +194,8 @@ class Run:
 
     def load_student(self, data) -> nn.Module:
         """The finished student, in eval mode."""
-        if not self.student_weights.is_file():
-            raise RunError(f"{self.path} has no finished student ({self.student_weights} missing); finish it with "
-                           f"`protege distill RECIPE --out {self.path} --resume`")
-        student = build_model(self.recipe.student.model_copy(update={"weights": None}), data.input_shape, data.num_classes,
-                              data.model_args)
+        self._require_student()
+        student = self._student_shell(data)
         load_weights(student, self.student_weights)
         require_finite(student, self.student_weights, "student")
         return student.eval()
@@ -212,11 +204,19 @@ class Run:
         """The pruned student (channels removed, so rebuilt at its smaller shapes), or None if the run has none."""
         if not self.pruned_weights.is_file():
             return None
-        model = build_model(self.recipe.student.model_copy(update={"weights": None}), data.input_shape, data.num_classes,
-                            data.model_args)
-        model = resize_to(model, self.pruned_weights, self.pruned_info().get("conv_groups")).eval()
+        model = resize_to(self._student_shell(data), self.pruned_weights, self.pruned_info().get("conv_groups")).eval()
         require_finite(model, self.pruned_weights, "pruned student")
         return model
+
+    def _require_student(self) -> None:
+        if not self.student_weights.is_file():
+            raise RunError(f"{self.path} has no finished student ({self.student_weights} missing); finish it with "
+                           f"`protege distill RECIPE --out {self.path} --resume`")
+
+    def _student_shell(self, data) -> nn.Module:
+        """The student's architecture, built for ``data``, before its weights are loaded."""
+        return build_model(self.recipe.student.model_copy(update={"weights": None}), data.input_shape, data.num_classes,
+                           data.model_args)
 
     def pruned_info(self) -> dict:
         """pruned/config.json: what the pruning did (steps, parameters, conv groups)."""
