@@ -91,3 +91,12 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("text")
     return {"teacher": write_bert_folder(root / "teacher", layers=4), "data": write_text_data(root / "train.csv", n=320),
             "test": write_text_data(root / "test.jsonl", n=80, seed=1), "root": root}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished tiny run made through the Python API (a Run), once per module."""
+    import protege
+    from protege.recipe import parse_recipe
+
+    return protege.distill(parse_recipe(dict(TINY)), tmp_path_factory.mktemp("run") / "tiny")

@@ -26,15 +26,6 @@ from .slow_mlp import HOLD
 from .helpers import seq_lm, jsonl_rows as _rows
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    from .conftest import TINY
-
-    out = tmp_path_factory.mktemp("run") / "tiny"
-    run = protege.distill(parse_recipe(dict(TINY)), out)
-    return run
-
-
 def test_evaluate_and_export_commands_rerun(finished_run):
     before = json.loads(finished_run.report_path.read_text())
     out = subprocess.run([PROTEGE, "export", str(finished_run.path)], capture_output=True, text=True)
@@ -199,8 +190,6 @@ def test_two_processes_train_into_one_run_folder(tmp_path):
 
 
 def test_inspect_a_run_and_bad_shapes(tmp_path, tiny):
-    import protege
-    from protege.recipe import parse_recipe
 
     tiny["train"]["epochs"] = tiny["teacher"]["train"]["epochs"] = 1
     run = protege.distill(parse_recipe(tiny), tmp_path / "r", export=False, evaluate_=False)

@@ -26,15 +26,6 @@ from ..text_fixtures import write_bert_folder, write_text_data
 from ..helpers import text_recipe as _recipe
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    from ..conftest import TINY
-
-    out = tmp_path_factory.mktemp("run") / "tiny"
-    run = protege.distill(parse_recipe(dict(TINY)), out)
-    return run
-
-
 def test_report_has_required_fields(finished_run):
     report = json.loads(finished_run.report_path.read_text())
     for key in ("teacher", "student", "student_onnx"):

@@ -2,16 +2,6 @@
 import pytest
 
 import protege
-from protege.recipe import parse_recipe
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    from ..conftest import TINY
-
-    out = tmp_path_factory.mktemp("run") / "tiny"
-    run = protege.distill(parse_recipe(dict(TINY)), out)
-    return run
 
 
 def test_export_over_tolerance_fails_and_keeps_the_good_file(finished_run, monkeypatch):
