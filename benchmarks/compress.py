@@ -52,7 +52,6 @@ from protege.evaluate.profile import ort_latency, torch_latency  # noqa: E402
 from protege.export.onnx import export_model_onnx, onnx_parity, ort_logits, ort_session  # noqa: E402
 from protege.knowledge import Teacher, predict_logits  # noqa: E402
 from protege.models import build_model, load_weights, num_params  # noqa: E402
-from protege.models.loading import resize_to  # noqa: E402
 from protege.recipe import TrainConfig  # noqa: E402
 from protege.train import Distiller, fit  # noqa: E402
 

@@ -33,9 +33,9 @@ TEACHER = ROOT / "teachers" / "fashion_mnist_cnn.safetensors"
 
 def run_one(recipe, out: Path) -> dict:
     if (out / "report.json").is_file():
-        return Run.load(out).report
+        return Run.load(out).report.to_json()  # report.json as a dict
     resume = (out / "recipe.yaml").is_file()
-    return distill(recipe, out, resume=resume, overwrite=not resume).report
+    return distill(recipe, out, resume=resume, overwrite=not resume).report.to_json()
 
 
 def epoch_times(run_dir: Path) -> list[float]:

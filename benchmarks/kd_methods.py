@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from _env import environment  # noqa: E402
 
 from protege.logs import setup as setup_logging  # noqa: E402
-from protege import Run, distill, load_recipe  # noqa: E402
+from protege import distill, load_recipe  # noqa: E402
 from protege.data import load_data  # noqa: E402
 from protege.knowledge import predict_logits  # noqa: E402
 from protege.models import build_model, load_weights  # noqa: E402

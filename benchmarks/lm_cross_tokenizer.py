@@ -96,7 +96,7 @@ def run_one(name: str, out: Path, student: Path) -> dict:
     print(f"== {name}", flush=True)
     run = distill(recipe, run_dir, resume=resume, overwrite=not resume)
     rows = [json.loads(x) for x in run.metrics_path.read_text().splitlines()]
-    result = {"run": name, "overrides": sets, "teacher": run.report["teacher"], "student": run.report["student"],
+    result = {"run": name, "overrides": sets, "teacher": run.report.to_json()["teacher"], "student": run.report.to_json()["student"],
               "epoch_time_s": statistics.median(r["epoch_time_s"] for r in rows if r["stage"] == "student"),
               "best_epoch": json.loads((run_dir / "student" / "config.json").read_text())["best_epoch"],
               "test_blocks_digest": __import__("hashlib").sha256(_test_blocks(recipe).numpy().tobytes()).hexdigest()[:16]}

@@ -157,7 +157,7 @@ def run_one(name: str, out: Path, seed: int = 0) -> dict:
         sets.append(f"distill.topk_cache={out / ('top64_cache' if seed == 0 else f'top64_cache_seed{seed}')}")
     print(f"== {tag}", flush=True)
     run = distill(load_recipe(RECIPE, sets), run_dir, resume=resume, overwrite=not resume)
-    rep = run.report
+    rep = run.report.to_json()  # report.json as a dict
     rows = [json.loads(x) for x in run.metrics_path.read_text().splitlines()]
     cache = None
     d = run.recipe.distill

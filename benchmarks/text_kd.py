@@ -80,7 +80,7 @@ def run_student(name: str, seed: int, teacher: Path, out: Path) -> dict:
     trains_teacher = name == "distilbert" and seed == 0  # this run fine-tunes the teacher; every other run reuses it
     sets = ([] if trains_teacher else [f"teacher.weights={teacher}", "teacher.train=null"]) + STUDENTS[name]
     run = _run(name, seed, sets, out)
-    rep = evaluate(run, show=False)
+    rep = evaluate(run, show=False).to_json()  # report.json as a dict
     rows = [json.loads(x) for x in run.metrics_path.read_text().splitlines()]
     student_rows = [r for r in rows if r["stage"] == "student"]
     result = {"student": name, "seed": seed, "overrides": STUDENTS[name], "teacher": _entry(rep["teacher"]),

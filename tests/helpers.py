@@ -109,7 +109,8 @@ def text_recipe(folders: dict, **over) -> dict:
 # --- small pieces several files use ----------------------------------------------------------------------------------
 
 def sample_report(reliable: bool) -> dict:
-    """A classification report with a teacher and an int8 stage; ``reliable``: whether its b1 latency stands."""
+    """A classification report (as report.json holds it) with a teacher and an int8 stage; ``reliable``: whether its
+    b1 latency stands."""
     def stage(name: str, runtime: str, b1: float, b32: float) -> dict:
         return {"name": name, "runtime": runtime, "accuracy": 0.9, "params": 100, "bytes": 1000,
                 "latency_ms_b1": b1, "latency_ms_b1_p95": b1, "latency_ms_b1_iqr": 0.0, "latency_b1_reliable": reliable,

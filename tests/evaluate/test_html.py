@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from protege.evaluate.html import pareto_front, render_html, write_html
+from protege.evaluate.html import pareto_front, render_html as _render, write_html as _write
+from protege.evaluate.report import Report
 
 from ..helpers import sample_report as _report
 
@@ -66,6 +67,15 @@ def test_pareto_front(points: list[tuple[float, float]], expected: list[int]) ->
 
 
 # ---------------------------------------------------------------- render_html
+def render_html(report: dict) -> str:
+    """The page of a report given as report.json holds it."""
+    return _render(Report.model_validate(report))
+
+
+def write_html(path: Path, report: dict) -> Path:
+    return _write(path, Report.model_validate(report))
+
+
 def _classes(html: str, plot: str) -> list[tuple[str, str]]:
     """(class, data-stage) of each point circle in one plot's svg."""
     svg = re.search(rf'<svg id="{plot}".*?</svg>', html, re.S)
@@ -91,7 +101,7 @@ def test_render_missing_and_null_fields() -> None:
     report = {"name": "sparse", "stages": [
         {"name": "a"},
         {"name": "b", "runtime": None, "accuracy": None, "bytes": None, "latency_ms_b1": float("nan")},
-        {"name": "c", "accuracy": "n/a", "latency_ms_b1": 0.0, "bytes": -5, "params": True},
+        {"name": "c", "accuracy": 0.4, "latency_ms_b1": 0.0, "bytes": -5},   # not plottable on either axis
         {"name": "d", "accuracy": 0.5, "latency_ms_b1": 1.0},   # only this one can be plotted, on latency
     ]}
     html = render_html(report)
@@ -101,6 +111,14 @@ def test_render_missing_and_null_fields() -> None:
     for bare in ({}, {"stages": None}, {"stages": [{}]}, {"name": "x", "environment": None, "quantization": None}):
         out = render_html(bare)
         assert 'id="plot-latency"' in out and 'id="plot-size"' in out
+
+
+def test_a_report_with_wrong_types_is_refused_before_rendering() -> None:
+    """Values of the wrong type (text for a share, a flag for a count) no longer reach the page: the typed
+    report refuses them, naming the field."""
+    for stage in ({"name": "c", "accuracy": "n/a"}, {"name": "c", "params": "many"}):
+        with pytest.raises(ValueError, match=next(k for k in stage if k != "name")):
+            Report.model_validate({"name": "bad", "stages": [stage]})
 
 
 def test_strings_are_escaped() -> None:

@@ -46,8 +46,8 @@ def test_onnx_file_as_teacher(tmp_path, tiny):
     tiny["teacher"] = {"model": str(tmp_path / "teacher.onnx")}
     tiny["train"]["epochs"] = 1
     run = protege.distill(parse_recipe(tiny), tmp_path / "run")
-    assert run.report["teacher"]["runtime"] == "onnxruntime"
-    assert run.report["student_onnx"]["accuracy"] == run.report["student"]["accuracy"]
+    assert run.report.teacher.runtime == "onnxruntime"
+    assert run.report.student_onnx.accuracy == run.report.student.accuracy
 
 
 def test_tied_embeddings_are_stored_once_and_tied_again_on_load(lm, tmp_path):

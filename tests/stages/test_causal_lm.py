@@ -7,6 +7,7 @@ import pytest
 import protege
 from protege.errors import RecipeError
 from protege.recipe import parse_recipe
+from protege.run import Run
 
 from ..log_capture import logged
 from ..helpers import lm_recipe as _recipe
@@ -60,18 +61,18 @@ def test_evaluate_remeasures_an_lm_run_and_export_writes_checked_onnx_and_int8(l
     r = parse_recipe(_recipe(lm, train={"epochs": 1}))
     run = protege.distill(r, tmp_path / "run")
     rep = protege.evaluate(run.path)
-    assert rep["student"]["test_ppl"] == pytest.approx(run.report["student"]["test_ppl"])
-    assert "onnx" not in rep
+    assert rep.student.test_ppl == pytest.approx(run.report.student.test_ppl)
+    assert rep.onnx is None and "onnx" not in rep.to_json()
     seen = []
     with logged(seen):
         assert protege.export_onnx(run.path) == run.onnx_path
     assert run.int8_path.is_file() and any("max |ONNX - PyTorch|" in line for line in seen)
-    rep = json.loads(run.report_path.read_text())
+    rep = Run.load(run.path).report  # report.json, read back
     # the ONNX file scores the test blocks as PyTorch does; int8 weights move the perplexity a little, not wildly
-    assert rep["onnx"]["test_ppl"] == pytest.approx(rep["student"]["test_ppl"], rel=1e-4)
-    assert rep["onnx"]["test_tokens"] == rep["student"]["test_tokens"]
-    assert abs(rep["int8"]["test_ppl"] / rep["student"]["test_ppl"] - 1) < 0.2 and rep["int8"]["bytes"] < rep["onnx"]["bytes"]
-    assert rep["onnx"]["ms_per_block_b1"] > 0 and rep["student"]["ms_per_block_b1"] > 0
-    assert protege.evaluate(run.path)["int8"]["test_ppl"] == pytest.approx(rep["int8"]["test_ppl"], rel=1e-6)
+    assert rep.onnx.test_ppl == pytest.approx(rep.student.test_ppl, rel=1e-4)
+    assert rep.onnx.test_tokens == rep.student.test_tokens
+    assert abs(rep.int8.test_ppl / rep.student.test_ppl - 1) < 0.2 and rep.int8.bytes < rep.onnx.bytes
+    assert rep.onnx.ms_per_block_b1 > 0 and rep.student.ms_per_block_b1 > 0
+    assert protege.evaluate(run.path).int8.test_ppl == pytest.approx(rep.int8.test_ppl, rel=1e-6)
     with pytest.raises(RecipeError, match="for classification runs.*protege export"):
         protege.compress(run.path, quantize=protege.QuantizeConfig(mode="dynamic"))

@@ -39,7 +39,7 @@ def test_a_student_learns_the_teachers_text_and_is_tested_on_real_text(lm, tmp_p
     with pytest.raises(DataError, match="not found; set data.test_path"):
         load_data(parse_recipe({**r, "data": {**r["data"], "test_path": str(tmp_path / "none.jsonl")}}).data, 0)
     run = protege.distill(recipe, tmp_path / "run")
-    assert run.report["student"]["test_tokens"] == n * 15 and run.report["student"]["test_ppl"] > 1
+    assert run.report.student.test_tokens == n * 15 and run.report.student.test_ppl > 1
 
 
 def test_a_student_with_another_tokenizer_learns_from_the_teachers_text(lm, tmp_path):
@@ -58,12 +58,12 @@ def test_a_student_with_another_tokenizer_learns_from_the_teachers_text(lm, tmp_
         run = protege.distill(parse_recipe(r), tmp_path / "run")
     rep = run.report
     assert any("another tokenizer" in line for line in seen)
-    assert rep["teacher"]["test_ppl"] is None and "not comparable" in rep["teacher"]["note"]
-    assert rep["student"]["test_ppl"] > 1 and rep["teacher"]["tokens_per_s"] > 0
+    assert rep.teacher.test_ppl is None and "not comparable" in rep.teacher.note
+    assert rep.student.test_ppl > 1 and rep.teacher.tokens_per_s > 0
     first = load_data(parse_recipe(r).data, 0).train.x[0].tolist()  # the corpus in the student's ids
     words = load_tokenizer(str(student)).decode(first).split()  # a teacher-written text (16 tokens + <eos> each), read back
     assert len(words) == 16 and any(row["text"].split() == words for row in _rows(gen))
-    assert protege.evaluate(run.path)["teacher"]["test_ppl"] is None
+    assert protege.evaluate(run.path).teacher.test_ppl is None
     # any use of the teacher's logits or weights with another tokenizer stays an error
     for over in ({"distill": {"alpha": 0.5}}, {"student": {**r["student"], "init": "select"}}):
         with pytest.raises(RecipeError, match="has its own tokenizer"):

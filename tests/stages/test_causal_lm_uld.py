@@ -97,7 +97,7 @@ def test_uld_pipeline_with_a_student_of_another_tokenizer(lm, tmp_path, monkeypa
     assert any("ULD feeds it each training block re-tokenised" in line for line in seen)
     assert fed and all(any(torch.equal(row, o) for o in own) for ids in fed for row in ids)
     rep = run.report
-    assert rep["teacher"]["test_ppl"] is None and rep["speedup_generation"] is None and rep["student"]["test_ppl"] > 1
+    assert rep.teacher.test_ppl is None and rep.speedup_generation is None and rep.student.test_ppl > 1
     rows = [json.loads(line) for line in run.metrics_path.read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [1, 2] and all(0 < row["kd"] <= 2 for row in rows)
 
@@ -106,7 +106,7 @@ def test_uld_with_one_tokenizer_feeds_the_teacher_the_same_ids(lm, tmp_path):
     r = parse_recipe(_recipe(lm, data={"tokenizer": str(lm["teacher"])},
                              student={"model": str(lm["teacher"]), "kwargs": {"pretrained": False, "num_hidden_layers": 1}}))
     run = protege.distill(r, tmp_path / "run")
-    assert run.report["teacher"]["test_ppl"] > 1 and run.report["speedup_generation"] > 0  # comparable: measured
+    assert run.report.teacher.test_ppl > 1 and run.report.speedup_generation > 0  # comparable: measured
     assert '"kd"' in run.metrics_path.read_text()
 
 

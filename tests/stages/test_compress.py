@@ -56,20 +56,20 @@ def test_deployed_files_describe_themselves(compressed):
     assert "int8" not in read_metadata(compressed.onnx_path) and read_metadata(compressed.onnx_path)["classes"] == meta["classes"]
     session_meta = ort_session(compressed.int8_path).get_modelmeta().custom_metadata_map  # what a server reads
     assert json.loads(session_meta["protege.classes"]) == meta["classes"]
-    q = compressed.report["quantization"]
-    assert q["scheme"]["portable"] and q["verification"]["predictions_changed"] <= max(1, V.MAX_FLIPS * q["verification"]["predictions"])
+    q = compressed.report.quantization
+    assert q.scheme["portable"] and q.verification["predictions_changed"] <= max(1, V.MAX_FLIPS * q.verification["predictions"])
 
 
 def test_recipe_goes_from_teacher_to_int8_onnx(compressed):
     run = compressed
-    names = [s["name"] for s in run.report["stages"]]
+    names = [s.name for s in run.report.stages]
     assert names == ["teacher", "student", "student_onnx", "pruned", "pruned_onnx", "int8 (static)"]
-    assert run.report["deployed"] == "int8 (static)"
+    assert run.report.deployed == "int8 (static)"
     assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(run.int8_path)
-    stages = {s["name"]: s for s in run.report["stages"]}
-    assert stages["pruned"]["params"] < stages["student"]["params"]
-    for s in run.report["stages"]:
-        assert {"accuracy", "params", "bytes", "latency_ms_b1", "latency_ms_b1_p95", "latency_ms_b32", "runtime"} <= set(s)
+    stages = {s.name: s for s in run.report.stages}
+    assert stages["pruned"].params < stages["student"].params
+    for s in run.report.stages:
+        assert {"accuracy", "params", "bytes", "latency_ms_b1", "latency_ms_b1_p95", "latency_ms_b32", "runtime"} <= s.model_fields_set
     choice = json.loads((run.quant_dir / "choice.json").read_text())
     assert choice["chosen"] == "static" and choice["selected_on"] == "validation split"
     rows = [json.loads(x) for x in run.metrics_path.read_text().splitlines()]
@@ -84,8 +84,8 @@ def test_compress_command_replaces_an_earlier_pass(compressed, tmp_path):
     shutil.copytree(compressed.path, run_dir)
     run = compress(run_dir, prune=PruneConfig(method="unstructured", ratio=0.5), quantize=None)
     assert not run.int8_path.exists() and not (run.quant_dir / "choice.json").exists()
-    assert run.report["deployed"] == "pruned_onnx"
-    assert "no speedup" in run.report["stages"][-1]["note"]
+    assert run.report.deployed == "pruned_onnx"
+    assert "no speedup" in run.report.stages[-1].note
     assert Run.load(run_dir).recipe.prune.method == "unstructured"  # the recipe records what was done
     assert (run_dir / "student" / "model.safetensors").read_bytes() == (compressed.path / "student" / "model.safetensors").read_bytes()
 
@@ -100,17 +100,17 @@ def test_qat_with_the_teacher_exports_an_int8_file_ort_runs(compressed, tmp_path
     run_dir = tmp_path / "qat"
     shutil.copytree(compressed.path, run_dir)
     run = compress(run_dir, prune=None, quantize=QuantizeConfig(mode="qat", qat_epochs=1))
-    choice = run.report["quantization"]
-    qat = next(c for c in choice["candidates"] if c["name"] == "qat")
-    assert choice["chosen"] == "qat" and qat["val_agreement_torch_int8"] >= 0.98  # PyTorch int8 vs the file's exact QDQ arithmetic
-    assert choice["scheme"]["portable"] and choice["scheme"]["max_abs_weight"] <= 64 and choice["target"] == "portable"
-    assert read_metadata(run.int8_path)["int8"] == choice["scheme"]
+    choice = run.report.quantization
+    qat = next(c for c in choice.candidates if c["name"] == "qat")
+    assert choice.chosen == "qat" and qat["val_agreement_torch_int8"] >= 0.98  # PyTorch int8 vs the file's exact QDQ arithmetic
+    assert choice.scheme["portable"] and choice.scheme["max_abs_weight"] <= 64 and choice.target == "portable"
+    assert read_metadata(run.int8_path)["int8"] == choice.scheme
     _exact_on_avx2(run.int8_path, run.pruned_onnx, _val_x(run))
     ops = _optimized_ops(run.int8_path, tmp_path)
     assert "QLinearConv" in ops and "Conv" not in ops  # every convolution runs in int8
-    stages = {s["name"]: s for s in run.report["stages"]}
+    stages = {s.name: s for s in run.report.stages}
     # fake-quant training with the teacher keeps (here: improves) the pruned fp32 accuracy, far above chance (10%)
-    assert stages["int8 (qat)"]["accuracy"] >= stages["pruned_onnx"]["accuracy"] - 0.05 and stages["int8 (qat)"]["accuracy"] > 0.2
+    assert stages["int8 (qat)"].accuracy >= stages["pruned_onnx"].accuracy - 0.05 and stages["int8 (qat)"].accuracy > 0.2
 
 
 def test_a_failed_compress_puts_the_earlier_pass_back(compressed, tmp_path, monkeypatch):
@@ -142,8 +142,8 @@ def test_quantizing_alone_keeps_the_earlier_pruning(compressed, tmp_path):
     pruned = (run_dir / "pruned" / "model.safetensors").read_bytes()
     run = compress(run_dir, quantize=QuantizeConfig(mode="dynamic"))
     assert (run_dir / "pruned" / "model.safetensors").read_bytes() == pruned
-    assert [s["name"] for s in run.report["stages"]][-3:] == ["pruned", "pruned_onnx", "int8 (dynamic)"]
-    assert run.report["quantization"]["source"] == "pruned.onnx"
+    assert [s.name for s in run.report.stages][-3:] == ["pruned", "pruned_onnx", "int8 (dynamic)"]
+    assert run.report.quantization.source == "pruned.onnx"
 
 
 def test_qat_keeps_unstructured_zeros(compressed, tmp_path):

@@ -105,8 +105,8 @@ def test_feature_distillation_end_to_end_exports_the_bare_student(tmp_path, cnn_
     assert meta["paths"] == ["features.1", "pool"] and meta["entries"]["features.1"]["dtype"] == "float16"
     saved = protege.models.loading.read_state_dict(run.student_weights)  # the bare student: no adapter, no prefix
     assert sorted(saved) == sorted(CNN((1, 8, 8), 10, (4, 8)).state_dict())
-    assert run.report["student_onnx"]["accuracy"] == pytest.approx(run.report["student"]["accuracy"])
-    assert run.report["student"]["accuracy"] > 0.5
+    assert run.report.student_onnx.accuracy == pytest.approx(run.report.student.accuracy)
+    assert run.report.student.accuracy > 0.5
 
 
 def test_two_teachers_with_confidence_weights(tmp_path, cnn_recipe):
@@ -149,13 +149,13 @@ def test_ema_teacher_is_the_students_running_average(tmp_path, cnn_recipe):
     r["teacher"] = {"model": "ema"}
     r["distill"].update(ema_decay=0.9, alpha=0.5)
     run = protege.distill(parse_recipe(r), tmp_path / "r", export=False)
-    assert run.report["teacher"]["params"] == run.report["student"]["params"]
+    assert run.report.teacher.params == run.report.student.params
     t = protege.models.loading.read_state_dict(run.teacher_weights)
     s = protege.models.loading.read_state_dict(run.student_weights)
     assert any(not torch.equal(t[k], s[k]) for k in s) and not (run.path / "teacher_cache").exists()
     again = protege.distill(parse_recipe(r), tmp_path / "r", resume=True, export=False)  # a finished run: nothing redone
     assert all(torch.equal(t[k], v) for k, v in protege.models.loading.read_state_dict(again.teacher_weights).items())
-    assert again.report["teacher"]["accuracy"] == run.report["teacher"]["accuracy"]
+    assert again.report.teacher.accuracy == run.report.teacher.accuracy
 
 
 def test_student_initialised_from_the_teacher_starts_well_above_chance(tmp_path, tiny):
@@ -167,9 +167,9 @@ def test_student_initialised_from_the_teacher_starts_well_above_chance(tmp_path,
     plain = protege.distill(parse_recipe(r), tmp_path / "plain", export=False)
     r["student"]["init"] = "select"
     init = protege.distill(parse_recipe(r), tmp_path / "init", export=False)
-    print("teacher", init.report["teacher"]["accuracy"], "init", init.report["student"]["accuracy"], "plain", plain.report["student"]["accuracy"])
-    assert init.report["teacher"]["accuracy"] > 0.9
-    assert plain.report["student"]["accuracy"] < 0.3 < 0.6 < init.report["student"]["accuracy"]
+    print("teacher", init.report.teacher.accuracy, "init", init.report.student.accuracy, "plain", plain.report.student.accuracy)
+    assert init.report.teacher.accuracy > 0.9
+    assert plain.report.student.accuracy < 0.3 < 0.6 < init.report.student.accuracy
 
 
 def _cross_task_teacher(tmp_path) -> str:
@@ -202,8 +202,8 @@ def test_cross_task_teacher_teaches_through_features_only(tmp_path, cnn_recipe):
     run = protege.distill(parse_recipe(r), tmp_path / "ok", export=False)
     last = [m for m in _metrics(run) if m["stage"] == "student"][-1]
     assert "kd" not in last and last["hint0"] > 0
-    assert run.report["teacher"]["accuracy"] is None and "cross-task" in run.report["teacher"]["note"]
-    assert "agreement" not in run.report["student"] and run.report["student"]["accuracy"] > 0.5
+    assert run.report.teacher.accuracy is None and "cross-task" in run.report.teacher.note
+    assert "agreement" not in run.report.student.model_fields_set and run.report.student.accuracy > 0.5
 
 
 def test_an_onnx_teacher_and_a_user_module_teacher_join_the_first(tmp_path, cnn_recipe):
@@ -275,10 +275,10 @@ def test_shipped_recipe_runs_tiny(path, tmp_path):
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
     run = protege.distill(recipe, tmp_path / path.stem)
     if recipe.task == "causal_lm":
-        assert run.report["student"]["test_ppl"] > 1 and run.report["student"]["params"] < run.report["teacher"]["params"]
+        assert run.report.student.test_ppl > 1 and run.report.student.params < run.report.teacher.params
         return
-    assert run.report["student_onnx"]["accuracy"] == pytest.approx(run.report["student"]["accuracy"])
-    assert run.report["student"]["params"] <= run.report["teacher"]["params"]
+    assert run.report.student_onnx.accuracy == pytest.approx(run.report.student.accuracy)
+    assert run.report.student.params <= run.report.teacher.params
 
 
 @pytest.fixture(scope="module")
@@ -298,12 +298,12 @@ def distilbert_run(folders, tmp_path_factory):
 
 def test_distilbert_style_student_through_the_whole_pipeline(distilbert_run):
     rep = distilbert_run.report
-    assert rep["teacher"]["accuracy"] >= 0.9  # the words decide the label: a fine-tuned teacher gets it
-    assert rep["student"]["accuracy"] >= 0.9
-    assert rep["student"]["params"] < rep["teacher"]["params"]
-    assert rep["onnx_max_abs_diff"] <= 1e-4 and rep["student_onnx"]["accuracy"] == rep["student"]["accuracy"]
-    q = rep["quantization"]
-    assert {c["name"] for c in q["candidates"]} == {"fp32", "dynamic"}  # static int8 is not tried on token ids
+    assert rep.teacher.accuracy >= 0.9  # the words decide the label: a fine-tuned teacher gets it
+    assert rep.student.accuracy >= 0.9
+    assert rep.student.params < rep.teacher.params
+    assert rep.onnx_max_abs_diff <= 1e-4 and rep.student_onnx.accuracy == rep.student.accuracy
+    q = rep.quantization
+    assert {c["name"] for c in q.candidates} == {"fp32", "dynamic"}  # static int8 is not tried on token ids
     assert (distilbert_run.path / "quantized" / "dynamic.onnx").is_file()
     metrics = [json.loads(line) for line in (distilbert_run.path / "metrics.jsonl").read_text().splitlines()]
     first = next(m for m in metrics if m["stage"] == "student")

@@ -16,7 +16,7 @@ def test_fashion_mnist_short_run_learns(tmp_path):
     recipe = protege.load_recipe(ROOT / "recipes" / "fashion_mnist.yaml",
                                  ["teacher.train.epochs=2", "train.epochs=2", "teacher.train.augment=false"])
     report = protege.distill(recipe, tmp_path / "fmnist").report
-    assert report["teacher"]["accuracy"] > 0.85
-    assert report["student_onnx"]["accuracy"] > 0.80
-    assert report["student"]["agreement"] > 0.80
-    assert report["onnx_max_abs_diff"] <= 1e-4
+    assert report.teacher.accuracy > 0.85
+    assert report.student_onnx.accuracy > 0.80
+    assert report.student.agreement > 0.80
+    assert report.onnx_max_abs_diff <= 1e-4

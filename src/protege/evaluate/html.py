@@ -4,10 +4,10 @@ from __future__ import annotations
 import math
 from html import escape
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from ..files import write_atomic
-from .report import speedup_text
+from .report import CLASSIFY_COLUMNS, Column, Quantization, Report, Stage, number, cell, columns, fmt, speedup_text
 
 W, H = 560, 380                      # svg size
 ML, MR, MT, MB = 62, 20, 52, 52      # margins: left, right, top, bottom
@@ -40,69 +40,43 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def _num(v: Any) -> float | None:
-    """A finite number, or None for anything missing, null, non-numeric or not finite."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        return None
-    return float(v)
-
-
-def _fmt(v: Any, kind: str) -> str:
-    x = _num(v)
-    if x is None:
-        return "-"
-    if kind == "pct":
-        return f"{100 * x:.2f}"
-    if kind == "int":
-        return f"{int(x):,}"
-    if kind == "kb":
-        return f"{x / 1024:,.1f}"
-    return f"{x:.3f}" if x < 10 else f"{x:.1f}"
-
-
-COLUMNS = [("accuracy", "accuracy %", "pct"), ("macro_f1", "macro-F1 %", "pct"), ("agreement", "agreement %", "pct"),
-           ("params", "params", "int"), ("bytes", "size kB", "kb"),
-           ("latency_ms_b1", "b1 p50 ms", "ms"), ("latency_ms_b1_p95", "b1 p95 ms", "ms"),
-           ("latency_ms_b32", "b32 p50 ms", "ms"), ("latency_ms_b32_p95", "b32 p95 ms", "ms")]
-
-
-def _cell(s: dict[str, Any], key: str, kind: str) -> str:
+def _cell(row: Stage, col: Column) -> str:
     """One table cell; a latency the measurement marked unreliable gets a "?" and the class "unreliable"."""
-    text = _fmt(s.get(key), kind)
-    if key.startswith("latency_ms_") and s.get(f"latency_{key.split('_')[2]}_reliable") is False:
-        return f'<td class="unreliable" title="unreliable: see the latency note below the table">{text}?</td>'
-    return f"<td>{text}</td>"
+    c = cell(row, col)
+    if c.unreliable:
+        return f'<td class="unreliable" title="unreliable: see the latency note below the table">{escape(c.text)}</td>'
+    return f"<td>{escape(c.text)}</td>"
 
 
-def _latency_note(report: dict[str, Any]) -> str:
+def _latency_note(report: Report) -> str:
     """How latency was measured, the two speedups (or "unreliable"), and why figures marked ? are unreliable."""
-    lat = report.get("latency")
-    if not isinstance(lat, dict):
+    lat = report.latency
+    if lat is None:
         return '<p class="note">Latency: wall-clock per batch, p50 and p95.</p>'
-    calls = [(lat.get(b) or {}).get("calls_per_stage", "?") for b in ("b1", "b32")]
-    how = (f"Latency: wall-clock per batch in {escape(str(lat.get('rounds')))} interleaved rounds (every stage in turn, "
+    calls = [lat.label(b).get("calls_per_stage", "?") for b in ("b1", "b32")]
+    how = (f"Latency: wall-clock per batch in {escape(str(lat.rounds))} interleaved rounds (every stage in turn, "
            f"then again), {escape(str(calls[0]))} calls per stage at batch 1 and {escape(str(calls[1]))} at batch 32, "
-           f"{escape(str(lat.get('threads')))} threads; p50 and p95 over all calls. Speedup of the deployed stage over "
+           f"{escape(str(lat.threads))} threads; p50 and p95 over all calls. Speedup of the deployed stage over "
            f"the teacher (median of per-round ratios): batch 1 <strong>{escape(speedup_text(report, 'speedup_b1'))}"
            f"</strong>, batch 32 <strong>{escape(speedup_text(report, 'speedup_b32'))}</strong>.")
     out = f'<p class="note">{how}</p>'
-    if lat.get("reliable") is False:
-        reasons = "; ".join(str(r) for r in lat.get("reasons") or [])
+    if not lat.reliable:
         out += (f'<p class="warn" id="latency-warning"><strong>Figures marked ? are unreliable</strong>: '
-                f"{escape(reasons)}. Measure again on a quiet machine (<code>protege evaluate RUN</code>) before quoting them.</p>")
+                f"{escape('; '.join(lat.reasons))}. Measure again on a quiet machine (<code>protege evaluate RUN</code>) "
+                "before quoting them.</p>")
     return out
 
 
-def _table(stages: list[dict[str, Any]]) -> str:
+def _table(rows: list[Stage], cols: list[Column]) -> str:
     head = '<th class="l">stage</th><th class="l">runtime</th>'
-    head += "".join(f"<th>{escape(t)}</th>" for _, t, _ in COLUMNS)
-    rows = []
-    for s in stages:
-        note = f'<div class="note">{escape(str(s["note"]))}</div>' if s.get("note") else ""
-        cells = "".join(_cell(s, k, kind) for k, _, kind in COLUMNS)
-        rows.append(f'<tr><td class="l">{escape(str(s.get("name", "?")))}{note}</td>'
-                    f'<td class="l">{escape(str(s.get("runtime") or "-"))}</td>{cells}</tr>')
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    head += "".join(f"<th>{escape(c.header)}</th>" for c in cols)
+    out = []
+    for s in rows:
+        note = f'<div class="note">{escape(s.note)}</div>' if s.note else ""
+        cells = "".join(_cell(s, c) for c in cols)
+        out.append(f'<tr><td class="l">{escape(s.name or "?")}{note}</td>'
+                   f'<td class="l">{escape(s.runtime or "-")}</td>{cells}</tr>')
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(out)}</tbody></table>"
 
 
 def _log_ticks(lo: float, hi: float) -> list[float]:
@@ -122,11 +96,10 @@ def _lin_ticks(lo: float, hi: float) -> list[float]:
     return [k * step for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
 
 
-def _plot(pid: str, title: str, xlabel: str, stages: list[dict[str, Any]],
-          xof: Callable[[dict[str, Any]], float | None]) -> str:
+def _plot(pid: str, title: str, xlabel: str, stages: list[Stage], xof: Callable[[Stage], float | None]) -> str:
     """Accuracy (%) against a positive x on a log axis; the Pareto front filled and joined by a step line."""
-    pts = [(x, 100 * a, str(s.get("name", "?"))) for s in stages
-           if (x := xof(s)) is not None and x > 0 and (a := _num(s.get("accuracy"))) is not None]
+    pts = [(x, 100 * a, s.name or "?") for s in stages
+           if (x := xof(s)) is not None and x > 0 and (a := number(s.accuracy)) is not None]
     out = [f'<svg id="{pid}" width="{W}" height="{H}" viewBox="0 0 {W} {H}" role="img" aria-label="{escape(title)}">',
            f'<text x="{ML}" y="20" font-size="14" font-weight="600">{escape(title)}</text>']
     if not pts:
@@ -181,64 +154,62 @@ def _plot(pid: str, title: str, xlabel: str, stages: list[dict[str, Any]],
     return "".join(out)
 
 
-def _quantization(q: dict[str, Any]) -> str:
+def _quantization(q: Quantization) -> str:
     nested = ("candidates", "scheme", "verification", "config", "failed")
-    facts = ", ".join(f"{escape(str(k))}: <strong>{escape(str(v))}</strong>" for k, v in q.items()
+    facts = ", ".join(f"{escape(str(k))}: <strong>{escape(str(v))}</strong>" for k, v in q.model_dump().items()
                       if k not in nested and v is not None)
-    cands = q.get("candidates") or []
-    table = _table([c for c in cands if isinstance(c, dict)]) if cands else ""
+    table = _table([Stage.of(c) for c in q.candidates], CLASSIFY_COLUMNS) if q.candidates else ""
     return f"<h2>Quantization</h2><p>{facts}</p>{_int8_file(q)}{table}"
 
 
-def _int8_file(q: dict[str, Any]) -> str:
+def _int8_file(q: Quantization) -> str:
     """The deployed int8 file's scheme, whether it is portable, and the CPU its kernels were checked on."""
-    sch, ver = q.get("scheme"), q.get("verification")
+    sch, ver = q.scheme, q.verification
     if not isinstance(sch, dict):
         return ""
     mark = "portable" if sch.get("portable") else "not portable"
     out = (f'<p class="int8">int8 file: {escape(str(sch.get("mode")))}, {escape(str(sch.get("weights")))}, uint8 activations: '
            f'<strong>{mark}</strong> ({escape(str(sch.get("portable_why")))}).')
     if isinstance(ver, dict):
-        q_err = _num(ver.get("max_abs_diff_fp32"))
+        q_err = number(ver.get("max_abs_diff_fp32"))
         out += (f" Its int8 kernels were checked against the exact arithmetic of its QDQ graph on {escape(str(ver.get('cpu')))} "
                 f"({escape(' '.join(map(str, ver.get('cpu_flags') or [])))}; {escape(str(ver.get('int8_kernels')))}): "
                 f"{ver.get('predictions_changed')} of {ver.get('predictions')} validation predictions changed, largest output "
-                f"difference {_fmt(ver.get('max_abs_diff'), 'ms')}" + (f" (its quantization error: {_fmt(q_err, 'ms')})" if q_err is not None else "") + ".")
+                f"difference {fmt(ver.get('max_abs_diff'), 'ms')}" + (f" (its quantization error: {fmt(q_err, 'ms')})" if q_err is not None else "") + ".")
     return out + "</p>"
 
 
-def render_html(report: dict[str, Any]) -> str:
+def render_html(report: Report) -> str:
     """The whole report as one HTML page with no external resources."""
-    name = escape(str(report.get("name", "")))
-    stages = [s for s in report.get("stages") or [] if isinstance(s, dict)]
-    n = _num(report.get("test_examples"))
-    sub = escape(str(report.get("data") or "")) + (f" &middot; {int(n):,} test examples" if n is not None else "")
+    name = escape(report.name)
+    stages = report.rows()
+    n = report.test_examples
+    sub = escape(report.data or "") + (f" &middot; {n:,} test examples" if n is not None else "")
     plots = (_plot("plot-latency", "Accuracy vs batch-1 latency", "batch-1 latency p50 (ms, log scale)", stages,
-                   lambda s: _num(s.get("latency_ms_b1"))),
+                   lambda s: number(s.latency_ms_b1)),
              _plot("plot-size", "Accuracy vs size", "size (kB, log scale)", stages,
-                   lambda s: None if (b := _num(s.get("bytes"))) is None else b / 1024))
-    q = report.get("quantization")
-    notes = report.get("notes")
-    env = report.get("environment") or {}
+                   lambda s: None if (b := number(s.bytes)) is None else b / 1024))
+    q, notes = report.quantization, report.notes
+    env = report.environment.model_dump(exclude_unset=True) if report.environment else {}
     env_txt = " &middot; ".join(f"{escape(str(k))}: {escape(str(v))}" for k, v in env.items()) or "-"
     return "\n".join([
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>protege report: {name}</title><style>{CSS}</style></head><body>",
         f"<h1>protege report: {name}</h1>", f'<p class="sub">{sub}</p>',
-        "<h2>Stages</h2>", _table(stages),
+        "<h2>Stages</h2>", _table(stages, columns(report)),
         '<p class="note">Agreement: share of test examples where the stage predicts the same class as the teacher.</p>',
         _latency_note(report),
         "<h2>Trade-offs</h2>",
         f'<div class="plots"><figure>{plots[0]}</figure><figure>{plots[1]}</figure></div>',
         '<p class="note">Filled points joined by the step line are the Pareto front: no other stage is at least as '
         "accurate and at least as fast (or small), and strictly better in one.</p>",
-        _quantization(q) if isinstance(q, dict) else "",
+        _quantization(q) if q is not None else "",
         f"<h2>Notes</h2><p>{escape(str(notes))}</p>" if notes else "",
         f"<footer>Environment: {env_txt}</footer>", "</body></html>", ""])
 
 
-def write_html(path: Path, report: dict[str, Any]) -> Path:
+def write_html(path: Path, report: Report) -> Path:
     """Write render_html(report) to path atomically (a .tmp file, then a rename)."""
 
     path = Path(path)

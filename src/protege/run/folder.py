@@ -13,6 +13,8 @@ from typing import Any, Iterator, Optional
 from torch import nn
 
 from ..errors import ModelError, RunError
+from ..evaluate import report as reports
+from ..evaluate.report import Report
 from ..models import OnnxModule, build_model, load_weights
 from ..models.loading import resize_to
 from ..recipe import Recipe, dump_recipe, parse_recipe
@@ -42,7 +44,7 @@ class Run:
 
     path: Path
     recipe: Recipe
-    report: Optional[dict[str, Any]] = field(default=None)
+    report: Optional[Report] = field(default=None)
 
     @property
     def teacher_weights(self) -> Path:
@@ -101,7 +103,7 @@ class Run:
         recipe = parse_recipe(data, str(rec))
         report = None
         if read_report and (path / "report.json").is_file():
-            report = read_json(path / "report.json", f"rewrite it with `protege evaluate {path}`")
+            report = reports.read_report(path / "report.json", f"rewrite it with `protege evaluate {path}`")
         return cls(path, recipe, report)
 
     @classmethod
@@ -247,8 +249,6 @@ def file_digest(path: Path) -> str:
     h = hashlib.sha256()
     files = [Path(path)]
     if str(path).endswith(".index.json"):
-        import json
-
         shards = sorted(set(json.loads(Path(path).read_text()).get("weight_map", {}).values()))
         files += [Path(path).parent / s for s in shards]
     for file in files:
@@ -262,8 +262,6 @@ def weights_bytes(path: Path) -> int:
     """Bytes of a weights file; for a sharded checkpoint's ``*.index.json``, of all its shards."""
     path = Path(path)
     if str(path).endswith(".index.json"):
-        import json
-
         shards = set(json.loads(path.read_text()).get("weight_map", {}).values())
         return sum((path.parent / s).stat().st_size for s in shards)
     return path.stat().st_size

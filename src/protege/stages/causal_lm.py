@@ -24,7 +24,7 @@ from ..data.text import load_tokenizer
 from ..errors import CompressError, RecipeError
 from ..evaluate.lm import perplexity
 from ..evaluate.profile import Measurement, latency_section, measure, torch_timer
-from ..evaluate.report import write_report
+from ..evaluate.report import Report, Stage, print_report, write_report
 from ..export.metadata import read as read_metadata
 from ..export.metadata import stamp
 from ..export.onnx import ort_logits, ort_session
@@ -61,7 +61,7 @@ def _topk(run: Run, data: DataSplits, teacher: nn.Module, teacher_file: Path, ac
 
 
 def evaluate_lm(run: Run, data: DataSplits, teacher: nn.Module, teacher_file: Path, student: nn.Module,
-                gen_tokens: int = 32, teacher_ppl: bool = True) -> dict:
+                gen_tokens: int = 32, teacher_ppl: bool = True, show: bool = False) -> Report:
     """Test perplexity, parameters, bytes and batch-1 generation speed of teacher and student (and, after export,
     perplexity, size and scoring time of the ONNX files); report.json. ``teacher_ppl=False``: a teacher with another
     tokenizer, whose per-token perplexity would not be comparable (and which cannot read the student's ids), is
@@ -90,15 +90,18 @@ def evaluate_lm(run: Run, data: DataSplits, teacher: nn.Module, teacher_file: Pa
     _log_lm(entries, data.input_shape[0])
     t, s = entries["teacher"], entries["student"]
     speedup, reliable = measured["generation"].ratio("teacher", "student")
-    report = {"name": run.recipe.name, "task": "causal_lm", "data": data.description, **entries,
-              "compression_ratio": t["params"] / s["params"],
-              # tokens of two tokenizers cover different lengths of text: no like-for-like speedup then
-              "speedup_generation": speedup if teacher_ppl else None,
-              "speedup_generation_reliable": reliable if teacher_ppl else None,
-              "bytes_ratio": (t["bytes"] / s["bytes"]) if t["bytes"] and s["bytes"] else None,
-              "latency": latency_section(measured, rounds=e.rounds, warmup=e.warmup, threads=e.threads, new_tokens=gen_tokens),
-              "environment": environment(e.threads)}
+    report = Report(name=run.recipe.name, task="causal_lm", data=data.description,
+                    **{k: Stage(**v) for k, v in entries.items()},
+                    compression_ratio=t["params"] / s["params"],
+                    # tokens of two tokenizers cover different lengths of text: no like-for-like speedup then
+                    speedup_generation=speedup if teacher_ppl else None,
+                    speedup_generation_reliable=reliable if teacher_ppl else None,
+                    bytes_ratio=(t["bytes"] / s["bytes"]) if t["bytes"] and s["bytes"] else None,
+                    latency=latency_section(measured, rounds=e.rounds, warmup=e.warmup, threads=e.threads, new_tokens=gen_tokens),
+                    environment=environment(e.threads))
     write_report(run.report_path, report)
+    if show:
+        print_report(report)
     return report
 
 
@@ -232,7 +235,7 @@ class CausalLMTask(Task):
                export: bool, evaluate_: bool) -> Run:
         if evaluate_ and acc.is_main_process:  # measured on CPU, the deployment target
             run.report = evaluate_lm(run, data, models.teachers[0].cpu(), teacher_file(run), student.cpu(),
-                                     teacher_ppl=not models.foreign)
+                                     teacher_ppl=not models.foreign, show=True)
         return run
 
     def export(self, run: Run, data: DataSplits) -> Path:
@@ -259,10 +262,11 @@ class CausalLMTask(Task):
         run.report = self.evaluate(run, data)
         return run.onnx_path
 
-    def evaluate(self, run: Run, data: DataSplits, show: bool = True) -> dict:
+    def evaluate(self, run: Run, data: DataSplits, show: bool = True) -> Report:
         """Rebuild teacher and student from the run, measure again."""
         teachers, student = run.load_models(data)
-        return evaluate_lm(run, data, teachers[0], teacher_file(run), student, teacher_ppl=not teacher_reads_other_text(run.recipe))
+        return evaluate_lm(run, data, teachers[0], teacher_file(run), student, teacher_ppl=not teacher_reads_other_text(run.recipe),
+                           show=show)
 
 
 def _check_vocabularies(recipe: Recipe, data: DataSplits, teacher: nn.Module, student: nn.Module) -> None:

@@ -26,7 +26,7 @@ from ..evaluate.profile import (
     timing_inputs,
     torch_timer,
 )
-from ..evaluate.report import print_report, write_report
+from ..evaluate.report import Report, Stage, print_report, write_report
 from ..export.onnx import onnx_parity, ort_logits, ort_session
 from ..knowledge import predict_logits
 from ..knowledge.features import LOGITS, extract
@@ -258,28 +258,25 @@ class ClassifyTask(Task):
             export_checked(pruned, run, data, run.pruned_onnx)
         return run.onnx_path
 
-    def evaluate(self, run: Run, data: DataSplits, show: bool = True) -> dict:
+    def evaluate(self, run: Run, data: DataSplits, show: bool = True) -> Report:
         """Every stage scored on the test split and timed in interleaved rounds; report.json, report.html."""
         stages, timers, facts = _stages(run, data)
         measured = _latency(run, timers)
-        for st in stages:
-            st.update(stage_fields(measured, st["name"]))
-        by_name = {st["name"]: st for st in stages}
-        report: dict = {"name": run.recipe.name, "data": data.description, "test_examples": len(data.test), **facts}
-        report.update({k: by_name[k] for k in ("teacher", "student", "student_onnx") if k in by_name})
-        deployed, t, e = stages[-1], stages[0], run.recipe.eval
-        report.update({
-            "stages": stages,
-            "deployed": deployed["name"],
-            "compression_ratio": t["params"] / by_name.get("pruned", by_name["student"])["params"],
-            "bytes_ratio": t["bytes"] / deployed["bytes"],
-            **_speedups(measured, deployed["name"]),
-            "latency": latency_section(measured, rounds=e.rounds, warmup=e.warmup, threads=e.threads),
-            "notes": "compression_ratio = teacher params / final student params (pruned if pruned); bytes_ratio and speedup_* "
-                     "compare the deployed file (the last stage) with the teacher as loaded; latency = p50 ms over interleaved "
-                     "rounds, speedups = median of per-round ratios; accuracy on the test split",
-            "environment": environment(e.threads),
-        })
+        rows = [Stage(**st, **stage_fields(measured, st["name"])) for st in stages]
+        by_name = {st.name: st for st in rows}
+        deployed, t, e = rows[-1], rows[0], run.recipe.eval
+        report = Report(
+            name=run.recipe.name, data=data.description, test_examples=len(data.test), **facts,
+            **{k: by_name[k] for k in ("teacher", "student", "student_onnx") if k in by_name},
+            stages=rows, deployed=deployed.name,
+            compression_ratio=t.params / by_name.get("pruned", by_name["student"]).params,
+            bytes_ratio=t.bytes / deployed.bytes,
+            **_speedups(measured, deployed.name),
+            latency=latency_section(measured, rounds=e.rounds, warmup=e.warmup, threads=e.threads),
+            notes="compression_ratio = teacher params / final student params (pruned if pruned); bytes_ratio and speedup_* "
+                  "compare the deployed file (the last stage) with the teacher as loaded; latency = p50 ms over interleaved "
+                  "rounds, speedups = median of per-round ratios; accuracy on the test split",
+            environment=environment(e.threads))
         write_report(run.report_path, report)
         write_html(run.path / "report.html", report)
         if show:

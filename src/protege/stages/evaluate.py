@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import Optional
 
 from ..data import DataSplits, load_data
+from ..evaluate.report import Report
 from ..run import Run, locked
 from .tasks import task_for
 
 
-def evaluate(run: Run | str | Path, *, data: Optional[DataSplits] = None, show: bool = True) -> dict:
+def evaluate(run: Run | str | Path, *, data: Optional[DataSplits] = None, show: bool = True) -> Report:
     """Measure the run's models and write its report; returns the report. The folder is locked."""
     with locked(run.path if isinstance(run, Run) else Path(run), "evaluate"):
         run = run if isinstance(run, Run) else Run.load(run, read_report=False)

@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from ..data import DataSplits
+from ..evaluate.report import Report
 from ..run import Run
 from ..train import FitResult
 
@@ -79,5 +80,5 @@ class Task(ABC):
         """`protege export`: the checked ONNX file(s); returns the deployed one."""
 
     @abstractmethod
-    def evaluate(self, run: Run, data: DataSplits, show: bool = True) -> dict:
+    def evaluate(self, run: Run, data: DataSplits, show: bool = True) -> Report:
         """`protege evaluate`: measure the run's models, write report.json (and report.html); returns the report."""
