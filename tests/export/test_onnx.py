@@ -219,7 +219,27 @@ def test_an_exporter_error_keeps_only_its_first_line(tmp_path, monkeypatch):
     _fake_exporter(monkeypatch, raises=ValueError("unsupported operator Foo\nlong details\nmore"))
     with pytest.raises(ExportError) as e:
         export_model_onnx(_mlp(), _x(2, 4), tmp_path / "m.onnx")
-    assert str(e.value) == "ONNX export failed: ValueError: unsupported operator Foo"
+    assert str(e.value) == ("ONNX export failed: ValueError: unsupported operator Foo; change what it names in the model "
+                            "(or deploy the PyTorch weights instead of ONNX)")
+
+
+def test_an_exporter_error_names_its_innermost_cause_without_terminal_colours(tmp_path, monkeypatch):
+    """torch's exporter wraps the reason (an operator it cannot translate) in errors of its own whose first line is
+    a coloured "step 3/3" banner; the message shows the reason, plain."""
+    try:
+        try:
+            raise KeyError("No ONNX function found for <OpOverload(op='aten.linalg_eig')>")
+        except KeyError as inner:
+            raise RuntimeError("Error when translating node %linalg_eig") from inner
+    except RuntimeError as middle:
+        wrapped = RuntimeError("Failed to convert. \x1b[96mThis is step 3/3\x1b[0m of exporting\n- Next steps")
+        wrapped.__cause__ = middle
+    _fake_exporter(monkeypatch, raises=wrapped)
+    with pytest.raises(ExportError) as e:
+        export_model_onnx(_mlp(), _x(2, 4), tmp_path / "m.onnx")
+    message = str(e.value)
+    assert message.startswith("ONNX export failed: KeyError: \"No ONNX function found for <OpOverload(op='aten.linalg_eig')>")
+    assert "\x1b" not in message and "\n" not in message
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
@@ -285,16 +305,17 @@ def test_a_session_from_bytes_or_unoptimized_gives_the_same_logits(mlp_file):
     assert torch.allclose(ort_logits(ort_session(path, threads=1, optimize=False), x), reference, atol=1e-6)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "random bytes", "zeros"])
+@pytest.mark.parametrize("damage", ["truncated", "random bytes", "zeros", "empty"])
 def test_a_damaged_onnx_file_is_a_one_line_storage_error(mlp_file, tmp_path, damage):
     data = mlp_file[1].read_bytes()
     path = tmp_path / "model.onnx"
     path.write_bytes({"truncated": data[: len(data) // 2], "random bytes": np.random.default_rng(0).bytes(400),
-                      "zeros": b"\x00" * 100}[damage])
+                      "zeros": b"\x00" * 100, "empty": b""}[damage])
     with pytest.raises(StorageError) as e:
         ort_session(path)
     msg = str(e.value)
-    assert "\n" not in msg and str(path) in msg and "truncated or damaged" in msg
+    assert "\n" not in msg and str(path) in msg
+    assert ("is empty (0 bytes)" if damage == "empty" else "truncated or damaged") in msg
     assert msg.endswith("export the model to ONNX again")
 
 

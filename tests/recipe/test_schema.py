@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from protege.errors import RecipeError
-from protege.recipe import load_recipe, parse_recipe
+from protege.recipe import CausalLMRecipe, ClassifyRecipe, DistillConfig, LMDistillConfig, load_recipe, parse_recipe
 
 from ..helpers import assert_clean_error, run_cli
 from ..helpers import tiny_recipe_file as _recipe
@@ -111,3 +111,37 @@ def test_absurd_learning_rates_are_refused_before_training(tmp_path, capsys, val
     code, err = run_cli(["distill", _recipe(tmp_path), "--out", tmp_path / "out", "--set", f"train.lr={value}"], capsys)
     assert_clean_error(code, err, "train.lr")
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- one recipe type per task
+def test_the_task_picks_the_recipe_type_and_its_distill_config(tiny, tmp_path):
+    classify = parse_recipe(tiny)
+    (tmp_path / "tok").mkdir()  # a Hugging Face folder (as far as the recipe can tell)
+    assert isinstance(classify, ClassifyRecipe) and isinstance(classify.distill, DistillConfig)
+    lm = parse_recipe({"task": "causal_lm", "data": {"source": "lm_text", "path": "c.jsonl"},
+                       "teacher": {"model": str(tmp_path / "tok")}, "student": {"model": str(tmp_path / "tok")},
+                       "distill": {"topk": 8}})
+    assert isinstance(lm, CausalLMRecipe) and isinstance(lm.distill, LMDistillConfig) and lm.distill.topk == 8
+    assert "features" not in lm.distill.model_dump() and "topk" not in classify.distill.model_dump()
+
+
+@pytest.mark.parametrize("distill, words", [
+    ({"topk": 8}, ["'distill.topk' is for task: causal_lm, not for task: classify"]),
+    ({"on_policy": 0.5}, ["'distill.on_policy' is for task: causal_lm"]),
+    ({"response": "uld"}, ["'distill.response' is 'uld', which is for task: causal_lm", "allowed values for task: classify"]),
+    ({"response": "nope"}, ["'distill.response' is 'nope'; allowed values: 'kl'"]),
+])
+def test_a_field_or_value_of_the_other_task_is_refused_by_the_type(tiny, distill, words):
+    _error(lambda: parse_recipe({**tiny, "distill": distill}), *words)
+
+
+def test_an_unknown_task_is_refused_with_the_tasks_there_are(tiny):
+    _error(lambda: parse_recipe({**tiny, "task": "seq2seq"}), "field 'task' is 'seq2seq'", "'classify', 'causal_lm'")
+
+
+def test_a_run_folder_written_before_the_split_still_loads(tiny):
+    """recipe.yaml of earlier versions lists every distill field of both tasks at its default: still a recipe."""
+    old = {**tiny, "distill": {**DistillConfig().model_dump(), "topk": None, "topk_cache": None, "on_policy": 0.0,
+                               "prompt_tokens": 16}}
+    assert parse_recipe(old).distill == DistillConfig()
+    _error(lambda: parse_recipe({**old, "distill": {**old["distill"], "topk": 4}}), "'distill.topk' is for task: causal_lm")

@@ -15,13 +15,14 @@ from ..helpers import lm_recipe as _recipe
 
 @pytest.mark.parametrize("over, match", [
     ({"data": {"source": "text"}}, "causal_lm goes with data.source: lm_text"),
-    ({"distill": {"response": "mse_prob"}}, "for classification"),
+    ({"distill": {"response": "mse_prob"}}, "'distill.response' is 'mse_prob', which is for task: classify"),
+    ({"distill": {"features": []}}, "'distill.features' is for task: classify, not for task: causal_lm"),
     ({"quantize": {"mode": "dynamic"}}, "remove prune, quantize"),
 ])
 def test_recipe_errors_for_lm_tasks(lm, over, match):
     with pytest.raises(RecipeError, match=match):
         parse_recipe(_recipe(lm, **over))
-    with pytest.raises(RecipeError, match="for task: causal_lm"):
+    with pytest.raises(RecipeError, match="'distill.topk' is for task: causal_lm, not for task: classify"):
         parse_recipe({"teacher": {"model": "mlp", "train": {}}, "student": {"model": "mlp"}, "distill": {"topk": 8}})
 
 

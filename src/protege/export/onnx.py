@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import re
 import os
 from pathlib import Path
 from typing import Literal, Optional
@@ -44,6 +45,8 @@ def ort_session(model: str | Path | bytes, threads: int = 0, optimize: bool = Tr
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # ONNX Runtime's own exception types (InvalidProtobuf, Fail, InvalidGraph, ...)
         why = (str(e).splitlines() or [""])[0].split(" failed:")[-1].strip()[:160] or type(e).__name__
+        if path.stat().st_size == 0:  # ONNX Runtime reads an empty file as a model with "no graph"
+            raise StorageError(f"{path} is empty (0 bytes): it was cut off while being written; {_remake(path)}") from None
         if type(e).__name__ == "InvalidProtobuf" or "Protobuf parsing failed" in str(e):
             raise StorageError(f"{path} is not a readable ONNX file ({why}): it is truncated or damaged; {_remake(path)}") from None
         raise ModelError(f"ONNX Runtime cannot load {path} ({type(e).__name__}: {why}); {_remake(path)}") from None
@@ -91,8 +94,28 @@ def export_model_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset
 
             raise StorageError(f"cannot write the ONNX file {path} ({write_error(err)}); {write_fix(err, path)}, then run "
                                f"the command again (with --resume for `protege distill`)") from None
-        raise ExportError(f"ONNX export failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}") from None
+        root = _root_cause(e)
+        raise ExportError(f"ONNX export failed: {type(root).__name__}: {_first_line(root)}; change what it names in the "
+                          f"model (or deploy the PyTorch weights instead of ONNX)") from None
     return path
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The innermost exception under ``e`` (the exporter wraps the real reason in two or three layers of its own)."""
+    seen: set[int] = set()
+    while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, without terminal colour codes, at most ``limit`` characters."""
+    text = _ANSI.sub("", str(e)).strip()
+    return (text.splitlines() or [""])[0][:limit]
 
 
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO}

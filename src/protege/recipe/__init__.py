@@ -2,10 +2,13 @@
 from .files import apply_overrides, dump_recipe, load_recipe, parse_recipe
 from .schema import (
                      DataConfig,
+                     CausalLMRecipe,
+                     ClassifyRecipe,
                      DistillConfig,
                      EvalConfig,
                      ExportConfig,
                      FeatureTerm,
+                     LMDistillConfig,
                      ModelSpec,
                      PruneConfig,
                      QuantizeConfig,
@@ -15,6 +18,6 @@ from .schema import (
                      TrainConfig,
 )
 
-__all__ = ["DataConfig", "DistillConfig", "EvalConfig", "ExportConfig", "FeatureTerm", "ModelSpec", "PruneConfig",
+__all__ = ["CausalLMRecipe", "ClassifyRecipe", "DataConfig", "DistillConfig", "LMDistillConfig", "EvalConfig", "ExportConfig", "FeatureTerm", "ModelSpec", "PruneConfig",
            "QuantizeConfig", "Recipe", "StudentConfig", "TeacherConfig", "TrainConfig", "apply_overrides", "dump_recipe",
            "load_recipe", "parse_recipe"]

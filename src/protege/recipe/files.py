@@ -5,14 +5,14 @@ from __future__ import annotations
 import difflib
 import stat
 from pathlib import Path
-from typing import Any, Optional, get_origin
+from typing import Any, Literal, Optional, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import RecipeError
 from ..files import write_atomic
-from .schema import MAX_BYTES, MAX_DEPTH, MAX_VALUES, Recipe, _show, _value
+from .schema import MAX_BYTES, MAX_DEPTH, MAX_VALUES, RECIPES, Recipe, _show, _value
 
 
 def _section(annotation: Any) -> Optional[type[BaseModel]]:
@@ -30,6 +30,17 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
             return []
         model = inner
     return sorted(model.model_fields)
+
+
+def _literal(model: type[BaseModel], loc: tuple) -> tuple:
+    """The values a Literal field at ``loc`` of ``model`` allows (() when it is not a Literal field there)."""
+    *parents, last = [p for p in loc if not isinstance(p, int)] or [""]
+    for part in parents:
+        model = _section(getattr(model.model_fields.get(str(part)), "annotation", None))
+        if model is None:
+            return ()
+    annotation = getattr(model.model_fields.get(str(last)), "annotation", None)
+    return get_args(annotation) if get_origin(annotation) is Literal else ()
 
 
 def _field_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -61,10 +72,17 @@ def _describe(err: dict[str, Any], model: type[BaseModel], dotted: bool = False)
     loc = ".".join(_show(p) for p in err["loc"]) if err["loc"] else "(top level)"
     kind, value = err["type"], _value(err.get("input"))
     if kind == "extra_forbidden":
+        other = [task for task, cls in RECIPES.items() if cls is not model and loc in _field_paths(cls)]
+        if other:  # a field of another task's recipe (distill.topk in a classification recipe)
+            return f"field '{loc}' is for task: {other[0]}, not for task: {_task(model)}; remove it (or set task: {other[0]})"
         near = _nearest(err["loc"], model, dotted)
         hint = f"did you mean '{near}'? " if near else ""
         return f"unknown field '{loc}'; {hint}allowed: {', '.join(_allowed_keys(model, err['loc'][:-1]))}"
     if kind == "literal_error":
+        other = [task for task, cls in RECIPES.items() if cls is not model and err.get("input") in _literal(cls, err["loc"])]
+        if other:  # a value of another task's recipe (distill.response: uld in a classification recipe)
+            return (f"field '{loc}' is {value}, which is for task: {other[0]}; allowed values for task: {_task(model)}: "
+                    f"{err['ctx']['expected']}")
         return f"field '{loc}' is {value}; allowed values: {err['ctx']['expected']}"
     if kind == "value_error":  # a check of a section (or of the whole recipe: no loc), its message names the fields
         why = err["msg"].removeprefix("Value error, ")
@@ -72,6 +90,10 @@ def _describe(err: dict[str, Any], model: type[BaseModel], dotted: bool = False)
     if kind == "missing":
         return f"field '{loc}' is required"
     return f"field '{loc}' is {value}: {err['msg'][0].lower() + err['msg'][1:]}"
+
+
+def _task(model: type[BaseModel]) -> str:
+    return next((task for task, cls in RECIPES.items() if cls is model), "?")
 
 
 def _blame(loc: tuple, source: str, overrides: list[str]) -> tuple[str, bool]:
@@ -88,18 +110,37 @@ def _blame(loc: tuple, source: str, overrides: list[str]) -> tuple[str, bool]:
     return source, False
 
 
+def _without_other_task_defaults(data: dict, cls: type[Recipe]) -> dict:
+    """``data`` without the ``distill`` fields of another task that hold that task's default: recipe.yaml files written
+    before each task had its own ``distill`` type list every field of both (``topk: null`` in a classification run)."""
+    distill = data.get("distill")
+    if not isinstance(distill, dict):
+        return data
+    own = cls.model_fields["distill"].annotation.model_fields
+    others = {name: f for other in RECIPES.values() if other is not cls
+              for name, f in other.model_fields["distill"].annotation.model_fields.items() if name not in own}
+    kept = {k: v for k, v in distill.items()
+            if not (k in others and v == others[k].get_default(call_default_factory=True))}
+    return {**data, "distill": kept}
+
+
 def parse_recipe(data: Any, source: str = "<recipe>", overrides: Optional[list[str]] = None) -> Recipe:
     """Validate a mapping into a Recipe; raise RecipeError naming the source (or the ``--set`` item that gave the
     bad value), the field and the fix."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe must be a YAML mapping (key: value), got {type(data).__name__}")
+    task = data.get("task", "classify")
+    if not isinstance(task, str) or task not in RECIPES:
+        who, _ = _blame(("task",), source, overrides or [])
+        raise RecipeError(f"{who}: field 'task' is {_value(task)}; allowed values: {', '.join(map(repr, RECIPES))}")
+    cls = RECIPES[task]
     try:
-        return Recipe.model_validate(data)
+        return cls.model_validate(_without_other_task_defaults(data, cls))
     except ValidationError as e:
         errors = e.errors()
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         who, dotted = _blame(errors[0]["loc"], source, overrides or [])
-        raise RecipeError(f"{who}: {_describe(errors[0], Recipe, dotted)}{more}") from None
+        raise RecipeError(f"{who}: {_describe(errors[0], cls, dotted)}{more}") from None
 
 
 class _Refused(yaml.MarkedYAMLError):

@@ -24,8 +24,9 @@ from ..data.config import DataConfig
 from ..evaluate.profile import EvalConfig
 from ..export.onnx import ExportConfig
 from ..models.config import ModelSpec
-from ..train.distiller import DistillConfig, FeatureTerm  # noqa: F401 (re-exported)
+from ..train.distiller import DistillConfig, FeatureTerm, ResponseConfig  # noqa: F401 (re-exported)
 from ..train.fit import TrainConfig
+from ..train.lm_distiller import LMDistillConfig  # noqa: F401 (re-exported)
 
 
 class TeacherConfig(ModelSpec):
@@ -43,7 +44,9 @@ class StudentConfig(ModelSpec):
 
 
 class Recipe(_Strict):
-    """A whole run: data -> teacher -> student -> [prune -> quantize] -> export -> evaluate."""
+    """A whole run: data -> teacher -> student -> [prune -> quantize] -> export -> evaluate. The task picks the
+    recipe's type (``RECIPES``: one class per task, each with its own ``distill`` config); ``parse_recipe`` reads
+    ``task`` first and validates with that class."""
 
     name: str = "run"
     task: Literal["classify", "causal_lm"] = "classify"  # causal_lm: next-token distillation of a language model
@@ -51,7 +54,7 @@ class Recipe(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig
     student: StudentConfig
-    distill: DistillConfig = Field(default_factory=DistillConfig)
+    distill: ResponseConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
@@ -79,26 +82,8 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _task_fits(self) -> "Recipe":
-        lm = self.task == "causal_lm"
-        if lm != (self.data.source == "lm_text"):
+        if (self.task == "causal_lm") != (self.data.source == "lm_text"):
             raise ValueError("task: causal_lm goes with data.source: lm_text (a corpus), and lm_text with task: causal_lm")
-        if lm and (self.prune or self.quantize or self.more_teachers or self.distill.features or self.distill.generations > 1
-                   or self.ema_teacher or self.teacher.train):
-            raise ValueError("task: causal_lm supports one loaded teacher (a model folder), token-level response losses "
-                             "and student.init; remove prune, quantize, more_teachers, distill.features, generations, "
-                             "ema and teacher.train")
-        if lm and self.distill.response in ("mse_prob", "mse_logits", "dkd"):
-            raise ValueError(f"distill.response {self.distill.response} is for classification; for task: causal_lm use "
-                             f"forward_kl (= kl), reverse_kl, jsd, skew_forward_kl, skew_reverse_kl, uld or none")
-        if lm and self.distill.on_policy and (self.distill.response == "none" or self.distill.alpha == 1.0):
-            raise ValueError("distill.on_policy needs a teacher signal: set distill.response to a token loss and alpha below 1")
-        if self.distill.response == "uld" and not lm:
-            raise ValueError("distill.response uld (cross-tokenizer) is for task: causal_lm; for classification use kl")
-        if self.distill.response == "uld" and (self.distill.topk or self.distill.topk_cache or self.distill.on_policy):
-            raise ValueError("distill.response uld runs the teacher live on its own tokenisation of each block; remove "
-                             "distill.topk, topk_cache and on_policy")
-        if not lm and (self.distill.topk or self.distill.topk_cache or self.distill.on_policy):
-            raise ValueError("distill.topk, topk_cache and on_policy are for task: causal_lm")
         return self
 
     @model_validator(mode="after")
@@ -115,26 +100,14 @@ class Recipe(_Strict):
     def _teacher_has_a_source(self) -> "Recipe":
         t = self.teacher
         if self.ema_teacher:
-            if t.weights or t.train or t.kwargs or self.more_teachers or self.distill.generations > 1:
+            if t.weights or t.train or t.kwargs or self.more_teachers:
                 raise ValueError("teacher.model: ema is the student's own running average: give it no weights, train, "
-                                 "kwargs, more_teachers or generations")
+                                 "kwargs or more_teachers")
         elif t.weights is None and t.train is None and not t.model.endswith(".onnx") and not _is_dir(t.model):
             raise ValueError("teacher needs `weights`, an .onnx `model`, a Hugging Face model folder, or a `train` section to train it")
         for i, m in enumerate(self.more_teachers):
             if m.weights is None and not m.model.endswith(".onnx"):
                 raise ValueError(f"more_teachers[{i}] needs `weights` or an .onnx `model` (only the first teacher is trained by a recipe)")
-        for i, f in enumerate(self.distill.features):
-            if f.teacher_index >= len(self.teachers):
-                raise ValueError(f"distill.features[{i}].teacher_index is {f.teacher_index} but there are {len(self.teachers)} "
-                                 f"teacher(s); use 0 for `teacher` and 1.. for `more_teachers`")
-        if self.distill.response == "none" and not self.distill.features:
-            raise ValueError("distill.response is none and there are no distill.features: nothing would be distilled; "
-                             "add feature terms or set response: kl")
-        if self.ema_teacher and (self.distill.alpha == 1.0 or self.distill.response == "none") and not self.distill.features:
-            raise ValueError("teacher.model: ema with distill.alpha 1 (or response none) and no features distils nothing; "
-                             "set distill.alpha below 1")
-        if self.distill.ema_decay is not None and not self.ema_teacher:
-            raise ValueError("distill.ema_decay is for `teacher: {model: ema}` only")
         if self.student.init and (self.ema_teacher or self.teacher.model.endswith(".onnx")):
             raise ValueError("student.init copies weights from a PyTorch teacher; it cannot start from an .onnx or ema teacher")
         return self
@@ -162,3 +135,46 @@ class Recipe(_Strict):
             raise ValueError("student.init_every is used only with student.init (select or average); set student.init "
                              "or remove student.init_every")
         return self
+
+
+class ClassifyRecipe(Recipe):
+    """``task: classify``: tables, images and text; every distillation method; pruning and int8."""
+
+    task: Literal["classify"] = "classify"
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+
+    @model_validator(mode="after")
+    def _distill_fits(self) -> "ClassifyRecipe":
+        d = self.distill
+        for i, f in enumerate(d.features):
+            if f.teacher_index >= len(self.teachers):
+                raise ValueError(f"distill.features[{i}].teacher_index is {f.teacher_index} but there are {len(self.teachers)} "
+                                 f"teacher(s); use 0 for `teacher` and 1.. for `more_teachers`")
+        if d.response == "none" and not d.features:
+            raise ValueError("distill.response is none and there are no distill.features: nothing would be distilled; "
+                             "add feature terms or set response: kl")
+        if self.ema_teacher and d.generations > 1:
+            raise ValueError("teacher.model: ema is the student's own running average: it takes no distill.generations")
+        if self.ema_teacher and (d.alpha == 1.0 or d.response == "none") and not d.features:
+            raise ValueError("teacher.model: ema with distill.alpha 1 (or response none) and no features distils nothing; "
+                             "set distill.alpha below 1")
+        if d.ema_decay is not None and not self.ema_teacher:
+            raise ValueError("distill.ema_decay is for `teacher: {model: ema}` only")
+        return self
+
+
+class CausalLMRecipe(Recipe):
+    """``task: causal_lm``: token-level distillation of a language model from one loaded teacher."""
+
+    task: Literal["causal_lm"] = "causal_lm"
+    distill: LMDistillConfig = Field(default_factory=LMDistillConfig)
+
+    @model_validator(mode="after")
+    def _one_loaded_teacher(self) -> "CausalLMRecipe":
+        if self.prune or self.quantize or self.more_teachers or self.ema_teacher or self.teacher.train:
+            raise ValueError("task: causal_lm supports one loaded teacher (a model folder), token-level response losses "
+                             "and student.init; remove prune, quantize, more_teachers, ema and teacher.train")
+        return self
+
+
+RECIPES: dict[str, type[Recipe]] = {"classify": ClassifyRecipe, "causal_lm": CausalLMRecipe}

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 def _topk(run: Run, data: DataSplits, teacher: nn.Module, teacher_file: Path, acc: Accelerator) -> Optional[TopKCache]:
     d = run.recipe.distill
-    if not d.topk or d.response == "none" or d.alpha == 1.0:
+    if not d.topk or d.alpha == 1.0:
         return None
     folder = Path(d.topk_cache) if d.topk_cache else run.path / "teacher_cache" / f"top{d.topk}"
     key = {"teacher": file_digest(teacher_file), "data": data.fingerprint()}
@@ -210,7 +210,7 @@ class CausalLMTask(Task):
     def describe_training(self, run: Run, data: DataSplits, student: nn.Module, models: Models) -> str:
         d = run.recipe.distill
         source = f", top-{d.topk} cache" if d.topk else ", live teacher" + (" on its own tokenisation" if models.teacher_ids else "")
-        how = "labels only (next-token CE)" if d.alpha == 1.0 or d.response == "none" else \
+        how = "labels only (next-token CE)" if d.alpha == 1.0 else \
             f"{d.response} T={d.temperature:g} alpha={d.alpha:g}{source}" + (f", on-policy {d.on_policy:g}" if d.on_policy else "")
         return f"student: {num_params(student):,} params, {how}; {len(data.train)} blocks x {data.input_shape[0]} tokens"
 

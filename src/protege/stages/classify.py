@@ -229,6 +229,9 @@ class ClassifyTask(Task):
     def loss(self, run: Run, data: DataSplits, models: Models, acc: Accelerator, student: nn.Module):
         return student_loss(run, data, models.teachers, acc, student=student)
 
+    def generations(self, run: Run) -> int:
+        return run.recipe.distill.generations
+
     def student_config(self, run: Run, data: DataSplits, student: nn.Module, result: FitResult) -> dict:
         return model_config(run.recipe.student, data, student, result)
 

@@ -42,7 +42,7 @@ def train_student(run: Run, data: DataSplits, task: Task, models: Models, acc: A
     result = _fit_student(run, data, student, loss_fn, acc, resume, "student", run.path / "student" / "checkpoints", r.seed,
                           validate=task.validate(data))
     d = r.distill
-    for g in range(2, d.generations + 1):
+    for g in range(2, task.generations(run) + 1):
         previous = run.path / "student" / f"gen{g - 1}.safetensors"
         if acc.is_main_process:
             save_weights(student, previous)
@@ -50,7 +50,7 @@ def train_student(run: Run, data: DataSplits, task: Task, models: Models, acc: A
         teacher = copy.deepcopy(student).eval()
         torch.manual_seed(r.seed + g)
         student = build_model(r.student.model_copy(update={"weights": None}), data.input_shape, data.num_classes, data.model_args)
-        log.info(f"born-again generation {g}/{d.generations}: a new {r.student.model} taught by generation {g - 1}")
+        log.info(f"born-again generation {g}/{task.generations(run)}: a new {r.student.model} taught by generation {g - 1}")
         same = [f.model_copy(update={"teacher": f.student, "teacher_index": 0}) for f in d.features]  # same architecture
         run_g = Run(run.path, r.model_copy(update={"teacher": r.teacher.model_copy(update={"weight": 1.0}), "more_teachers": [],
                                                    "distill": d.model_copy(update={"features": same})}))

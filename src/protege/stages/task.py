@@ -62,6 +62,10 @@ class Task(ABC):
     def loss(self, run: Run, data: DataSplits, models: Models, acc: Accelerator, student: nn.Module) -> Callable:
         """The student's training loss: (model, x, y, idx) -> {"loss": ..., other named terms}."""
 
+    def generations(self, run: Run) -> int:
+        """How many students are trained one after another, each taught by the previous (born-again); by default one."""
+        return 1
+
     def validate(self, data: DataSplits) -> Optional[Callable]:
         """An epoch's validation for the fit loop (None: validation accuracy)."""
         return None

@@ -15,7 +15,7 @@ from pydantic import Field
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from ..config import PathStr, _Strict
+from ..config import _Strict
 from ..errors import RecipeError
 from ..knowledge import ModelOutput, Teacher
 from ..knowledge.features import extract, unwrap
@@ -41,17 +41,25 @@ class FeatureTerm(_Strict):
     teacher_index: int = Field(0, ge=0)  # 0: `teacher`; 1, 2, ...: the entries of `more_teachers`
 
 
-class DistillConfig(_Strict):
-    """loss = alpha * CE(hard labels) + (1 - alpha) * response term + sum of weighted feature terms.
+class ResponseConfig(_Strict):
+    """What every task's ``distill`` section has: the response term's temperature and the label/teacher mix."""
+
+    temperature: float = Field(4.0, gt=0, le=1000)  # far above, the softened targets are uniform (or NaN)
+    alpha: float = Field(0.5, ge=0, le=1)  # weight of the hard-label cross-entropy; 1 - alpha on the response term
+    beta: float = Field(0.5, ge=0, le=1)  # jsd: the mixture weight (0: forward KL, 1: reverse KL)
+    skew: float = Field(0.1, ge=0, le=1)  # skew_*_kl: the skew alpha (DistiLLM)
+
+
+class DistillConfig(ResponseConfig):
+    """``distill`` of a classification recipe: loss = alpha * CE(hard labels) + (1 - alpha) * response term + sum of
+    weighted feature terms. (A causal LM's section is ``LMDistillConfig``, train/lm_distiller.py.)
 
     ``response: none`` drops the logit term (loss = CE + feature terms): the way to learn from a teacher
     trained on another label set (cross-task), through features and relations only.
     """
 
     response: Literal["kl", "mse_prob", "mse_logits", "dkd", "none", "forward_kl", "reverse_kl", "jsd", "skew_forward_kl",
-                      "skew_reverse_kl", "uld"] = "kl"  # kl = forward_kl; token losses: losses/token.py (uld: causal_lm only)
-    temperature: float = Field(4.0, gt=0, le=1000)  # far above, the softened targets are uniform (or NaN)
-    alpha: float = Field(0.5, ge=0, le=1)
+                      "skew_reverse_kl"] = "kl"  # kl = forward_kl; the token losses: losses/token.py
     dkd_alpha: float = Field(1.0, ge=0, le=1e6)  # DKD target-class weight (Zhao et al. 2022)
     dkd_beta: float = Field(8.0, ge=0, le=1e6)  # DKD non-target-class weight
     features: list[FeatureTerm] = Field(default_factory=list)
@@ -59,12 +67,6 @@ class DistillConfig(_Strict):
     generations: int = Field(1, ge=1, le=100)  # born-again: each further generation is taught by the previous student
     ema_decay: Optional[float] = Field(None, gt=0, lt=1)  # teacher.model: ema only: the running-average decay (default 0.999)
     cache_teacher: bool = True  # compute teacher outputs once when inputs do not change between epochs
-    beta: float = Field(0.5, ge=0, le=1)  # jsd: the mixture weight (0: forward KL, 1: reverse KL)
-    skew: float = Field(0.1, ge=0, le=1)  # skew_*_kl: the skew alpha (DistiLLM)
-    topk: Optional[int] = Field(None, ge=1)  # causal_lm: cache the teacher's top-k logits per token (None: full logits, live)
-    topk_cache: Optional[PathStr] = None  # causal_lm: a top-k cache folder to reuse (an error if made for another teacher or corpus)
-    on_policy: float = Field(0.0, ge=0, le=1)  # causal_lm: share of batches on student-generated text (GKD)
-    prompt_tokens: int = Field(16, ge=1, le=1_000_000)  # causal_lm on-policy: tokens of each training sequence kept as the prompt
 
 
 Losses = dict[str, torch.Tensor]

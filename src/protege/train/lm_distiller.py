@@ -1,17 +1,40 @@
 """The token-level distillation loss of a causal LM (cached top-k, live, on-policy, ULD across tokenizers)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
+
+from ..config import PathStr
 
 from ..knowledge.features import unwrap
 from ..knowledge.topk import TopKCache
 from ..losses.token import causal_lm_loss, token_kd, token_kd_topk, uld
-from .distiller import DistillConfig
+from .distiller import ResponseConfig
 
 Losses = dict[str, torch.Tensor]
+
+
+class LMDistillConfig(ResponseConfig):
+    """``distill`` of a causal-LM recipe: loss = alpha * next-token CE + (1 - alpha) * a token-level response term
+    against the teacher (a top-k cache, the live teacher, on-policy samples, or ULD across tokenizers)."""
+
+    response: Literal["kl", "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "uld"] = "kl"  # kl = forward_kl
+    topk: Optional[int] = Field(None, ge=1)  # cache the teacher's top-k logits per token (None: full logits, live)
+    topk_cache: Optional[PathStr] = None  # a top-k cache folder to reuse (an error if made for another teacher or corpus)
+    on_policy: float = Field(0.0, ge=0, le=1)  # share of batches on student-generated text (GKD)
+    prompt_tokens: int = Field(16, ge=1, le=1_000_000)  # on-policy: tokens of each training sequence kept as the prompt
+
+    @model_validator(mode="after")
+    def _signal_fits(self) -> "LMDistillConfig":
+        if self.on_policy and self.alpha == 1.0:
+            raise ValueError("on_policy needs a teacher signal: set alpha below 1")
+        if self.response == "uld" and (self.topk or self.topk_cache or self.on_policy):
+            raise ValueError("response uld runs the teacher live on its own tokenisation of each block; remove topk, "
+                             "topk_cache and on_policy")
+        return self
 
 
 class LMDistiller:
@@ -23,7 +46,7 @@ class LMDistiller:
     masked out (GKD, Agarwal et al. 2024).
     """
 
-    def __init__(self, cfg: DistillConfig, teacher: Optional[nn.Module], cache: Optional[TopKCache], seed: int = 0,
+    def __init__(self, cfg: LMDistillConfig, teacher: Optional[nn.Module], cache: Optional[TopKCache], seed: int = 0,
                  teacher_ids: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
         self.cfg, self.teacher, self.cache, self.seed = cfg, teacher, cache, seed
         self.teacher_ids = teacher_ids  # ULD across tokenizers: each training block in the teacher's ids, and its length
@@ -55,7 +78,7 @@ class LMDistiller:
         c = self.cfg
         logits = model(x)  # (B, L, V)
         ce = causal_lm_loss(logits[:, :-1], x[:, 1:])
-        if c.response == "none" or c.alpha == 1.0:
+        if c.alpha == 1.0:
             return {"loss": ce, "ce": ce}
         if c.response == "uld":
             kd = self._uld(logits, x, idx)
