@@ -5,13 +5,19 @@ with the same runs of a reference commit (issue 15's redesign had to leave every
     python benchmarks/identity.py --reference 1de8a87      # another reference commit
     python benchmarks/identity.py --cases demo kd dkd      # a subset
     python benchmarks/identity.py --quick                  # every case but the 70-epoch demo (about 3 minutes)
+    python benchmarks/identity.py --repo ../protege        # this tree is no git checkout: the reference from there
 
 Each case is a `protege` command line (the CLI is the interface both versions share) on the bundled digits, a tiny
-BERT text set or a tiny Llama corpus made by tests/text_fixtures.py. The reference commit is checked out into a git
-worktree and run with the same Python, on the same CPU, in the same invocation, so the comparison holds on any
-machine (float results depend on the instruction set; see ../shared/DATA.md). What is compared, per case:
-  * every model tensor of the run's safetensors files (teacher, student, pruned student): sha256 of the bytes;
-  * every accuracy, macro-F1, agreement and perplexity figure and parameter count in report.json.
+BERT text set, a tiny Llama corpus made by tests/text_fixtures.py or a CSV table made here from scikit-learn's
+bundled wine data (missing cells, an empty and a constant column, a categorical column). The reference commit is
+checked out into a git worktree and run with the same Python, on the same CPU, in the same invocation, so the
+comparison holds on any machine (float results depend on the instruction set; see ../shared/DATA.md). What is compared, per case:
+  * every model tensor of the run's safetensors files (teacher, student, pruned student): sha256 of the bytes. A tied
+    tensor (a language model's input and output embeddings) is stored once, under a key that depends on the writer
+    (safetensors' save_model keeps the first in sorted order and names the others in the file's metadata; protege
+    before it kept the first in state-dict order): keys a file's metadata declares one tensor are compared as one;
+  * every accuracy, macro-F1, agreement and perplexity figure and parameter count in report.json;
+  * the input description stamped into every ONNX file (shape, dtype and preprocessing, e.g. a CSV's means and stds).
 Latency, file sizes and timestamps are not compared (they are measurements, or depend on file metadata).
 Writes benchmarks/results/identity.json with the figures, the verdict per case and the environment.
 Exit status 1 if any case differs.
@@ -26,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -64,6 +71,7 @@ CASES: dict[str, tuple[str, list[str], list[list[str]]]] = {
                                "--quantize", "dynamic"]]),
     "text": ("text", [], []),
     "lm": ("lm", [], [["export", "{RUN}"]]),
+    "csv": ("csv", [], []),
     "demo": ("demo", [], []),
 }
 DEPENDS = {"teacher_kd"}  # cases whose teacher file the others read ({T})
@@ -71,20 +79,52 @@ NUMBERS = ("accuracy", "macro_f1", "agreement", "test_ppl", "test_loss", "params
            "compression_ratio", "onnx_max_abs_diff", "chosen")
 
 
+def write_wine_table(path: Path) -> Path:
+    """scikit-learn's wine data as a CSV file the tabular encoder has to work for: about 3% of the numeric cells
+    empty, a column with no value at all, a constant column and a categorical column (with a rare value that may be
+    unseen in training); the label is the cultivar's name. Seeded, so every invocation writes the same bytes."""
+    import csv
+
+    import numpy as np
+    from sklearn.datasets import load_wine
+
+    wine = load_wine()
+    rng = np.random.default_rng(0)
+    cellars = ["north", "south", "east", "west"]
+    names = ["barolo", "grignolino", "barbera"]
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(list(wine.feature_names) + ["lab_note", "batch", "cellar", "cultivar"])
+        for i, (x, y) in enumerate(zip(wine.data, wine.target)):
+            cells = ["" if rng.random() < 0.03 else repr(float(v)) for v in x]
+            cellar = "island" if i % 59 == 7 else cellars[int(rng.integers(len(cellars)))]
+            w.writerow(cells + ["", "1", cellar, names[y]])
+    return path
+
+
 def fixtures(folder: Path) -> dict[str, Path]:
-    """The text and LM inputs (made once per invocation; both versions read the same files)."""
+    """The text, LM and CSV inputs (made once per invocation; both versions read the same files)."""
     from tests.text_fixtures import write_bert_folder, write_corpus, write_llama_folder, write_text_data
 
     folder.mkdir(parents=True, exist_ok=True)
     return {"bert": write_bert_folder(folder / "bert", layers=2), "reviews": write_text_data(folder / "reviews.csv"),
-            "llama": write_llama_folder(folder / "llama"), "corpus": write_corpus(folder / "corpus.jsonl")}
+            "llama": write_llama_folder(folder / "llama"), "corpus": write_corpus(folder / "corpus.jsonl"),
+            "wine": write_wine_table(folder / "wine.csv")}
 
 
 def recipe_file(kind: str, fx: dict[str, Path], folder: Path) -> Path:
-    """A small recipe for the text and LM cases (written as YAML, read by both versions' CLI)."""
+    """A small recipe for the text, LM and CSV cases (written as YAML, read by both versions' CLI)."""
     import yaml
 
-    if kind == "text":
+    if kind == "csv":
+        r = {"name": "csv", "seed": 0, "data": {"source": "csv", "path": str(fx["wine"]), "target": "cultivar",
+                                                "categorical": ["cellar"]},
+             "teacher": {"model": "mlp", "kwargs": {"hidden": [64]}, "train": {"epochs": 5, "batch_size": 16}},
+             "student": {"model": "mlp", "kwargs": {"hidden": [16]}},
+             "distill": {"response": "kl", "temperature": 2.0, "alpha": 0.5},
+             "train": {"epochs": 5, "batch_size": 16, "lr": 0.01}, "eval": {"threads": 1, "repeats_b1": 2, "repeats_b32": 1,
+                                                                            "rounds": 1, "warmup": 0}}
+    elif kind == "text":
         r = {"name": "text", "seed": 0, "data": {"source": "text", "path": str(fx["reviews"]), "max_length": 16},
              "teacher": {"model": str(fx["bert"])}, "student": {"model": str(fx["bert"]), "kwargs": {"num_hidden_layers": 1}},
              "distill": {"response": "kl", "temperature": 2.0, "alpha": 0.5,
@@ -103,21 +143,36 @@ def recipe_file(kind: str, fx: dict[str, Path], folder: Path) -> Path:
     return path
 
 
-def tensor_digests(run: Path) -> dict[str, str]:
-    """sha256 of every tensor in the run's model files (not checkpoints: those hold optimiser state too)."""
+def tensor_digests(run: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """sha256 of every tensor in the run's model files (not checkpoints: those hold optimiser state too), and the
+    tied keys the files left out ({"file:alias": "file:kept key"}, from the metadata safetensors' save_model writes)."""
     import torch
     from safetensors import safe_open
 
-    out = {}
+    out, aliases = {}, {}
     for f in sorted(run.rglob("*.safetensors")):
         rel = f.relative_to(run)
         if any(part.endswith("checkpoints") for part in rel.parts) or "teacher_cache" in rel.parts:
             continue
         with safe_open(str(f), framework="pt") as st:
-            for k in sorted(st.keys()):
+            keys = set(st.keys())
+            for k in sorted(keys):
                 t = st.get_tensor(k).contiguous()
                 data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
                 out[f"{rel}:{k}"] = f"{hashlib.sha256(data).hexdigest()[:16]}:{t.dtype}:{tuple(t.shape)}"
+            aliases.update({f"{rel}:{a}": f"{rel}:{kept}" for a, kept in (st.metadata() or {}).items()
+                            if kept in keys and a not in keys})
+    return out, aliases
+
+
+def onnx_inputs(run: Path) -> dict[str, str]:
+    """sha256 of the protege.input metadata of every ONNX file of the run (what a user feeds the file, and how)."""
+    import onnx
+
+    out = {}
+    for f in sorted(run.rglob("*.onnx")):
+        meta = {p.key: p.value for p in onnx.load(str(f), load_external_data=False).metadata_props}
+        out[f"{f.relative_to(run)}:protege.input"] = hashlib.sha256(meta.get("protege.input", "").encode()).hexdigest()[:16]
     return out
 
 
@@ -149,12 +204,13 @@ def run_version(src: Path, case: str, work: Path, fx: dict[str, Path], teacher: 
     """One case with the protege in ``src`` (its src/ folder first on the path); returns its figures."""
     recipe, sets, after = CASES[case]
     run = work / case
+    work.mkdir(parents=True, exist_ok=True)  # a case run on its own: no earlier case made the folder
     env = {**os.environ, "PYTHONPATH": str(src / "src"), "OMP_NUM_THREADS": "2", "PYTHONHASHSEED": "0"}
     cli = [sys.executable, "-c", "import sys; from protege_entry import main; sys.argv[0] = 'protege'; main()"]
     if recipe == "demo":
         commands = [cli + ["demo", "--out", str(run), "--overwrite"]]
     else:
-        path = recipe_file(recipe, fx, work) if recipe in ("text", "lm") else REPO / recipe
+        path = recipe_file(recipe, fx, work) if recipe in ("text", "lm", "csv") else REPO / recipe
         fill = [s.replace("{T}", str(teacher)) for s in sets]
         commands = [cli + ["distill", str(path), "--out", str(run), "--overwrite"] + [a for s in fill for a in ("--set", s)]]
     commands += [cli + [a.replace("{RUN}", str(run)) for a in c] for c in after]
@@ -163,18 +219,52 @@ def run_version(src: Path, case: str, work: Path, fx: dict[str, Path], teacher: 
         p = subprocess.run(c, env=env, cwd=src, capture_output=True, text=True)
         if p.returncode != 0:
             return {"error": f"{' '.join(c[3:])}: exit {p.returncode}: {(p.stderr or p.stdout).strip().splitlines()[-1:]}"}
-    return {"seconds": round(time.perf_counter() - start, 1), "report": report_numbers(run), "tensors": tensor_digests(run)}
+    tensors, aliases = tensor_digests(run)
+    return {"seconds": round(time.perf_counter() - start, 1), "report": report_numbers(run), "tensors": tensors,
+            "aliases": aliases, "inputs": onnx_inputs(run)}
+
+
+def tied_names(aliases: dict[str, str]) -> Callable[[str], str]:
+    """A key's name for comparing: the least of the keys declared one tensor with it (itself if none)."""
+    groups: dict[str, set[str]] = {}
+    for alias, kept in aliases.items():
+        members = groups.get(alias, {alias}) | groups.get(kept, {kept})
+        groups.update(dict.fromkeys(members, members))
+    return lambda k: min(groups.get(k, {k}))
+
+
+def by_tied_name(tensors: dict[str, str], name: Callable[[str], str]) -> dict[str, str]:
+    """The digests under each key's comparing name (the distinct digests joined, should a file hold two keys of one
+    tied tensor that differ)."""
+    out: dict[str, set[str]] = {}
+    for k, digest in tensors.items():
+        out.setdefault(name(k), set()).add(digest)
+    return {k: " | ".join(sorted(v)) for k, v in out.items()}
 
 
 def differences(a: dict, b: dict) -> list[str]:
     if "error" in a or "error" in b:
         return [f"reference: {a.get('error', 'ok')}; this tree: {b.get('error', 'ok')}"]
     out = []
-    for part in ("report", "tensors"):
-        for k in sorted(set(a[part]) | set(b[part])):
-            if a[part].get(k) != b[part].get(k):
-                out.append(f"{part} {k}: {a[part].get(k)!r} -> {b[part].get(k)!r}")
+    name = tied_names({**a.get("aliases", {}), **b.get("aliases", {})})
+    for part in ("report", "tensors", "inputs"):
+        x, y = a.get(part, {}), b.get(part, {})
+        if part == "tensors":
+            x, y = by_tied_name(x, name), by_tied_name(y, name)
+        for k in sorted(set(x) | set(y)):
+            if x.get(k) != y.get(k):
+                out.append(f"{part} {k}: {x.get(k)!r} -> {y.get(k)!r}")
     return out
+
+
+def tree_label() -> str:
+    """This tree's commit (and whether src/ has uncommitted changes), or its path where it is no git checkout."""
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        return f"{REPO} (not a git checkout)"
+    dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "src"], capture_output=True,
+                                text=True).stdout.strip())
+    return head.stdout.strip() + (" (uncommitted changes in src/)" if dirty else "")
 
 
 def main() -> None:
@@ -183,6 +273,8 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     ap.add_argument("--quick", action="store_true", help="leave out the demo (70 epochs)")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "identity.json")
+    ap.add_argument("--repo", type=Path, default=REPO,
+                    help="the git repository the reference commit is checked out from (default: this tree)")
     args = ap.parse_args()
     cases = [c for c in args.cases if not (args.quick and c == "demo")]
     if any("{T}" in s for c in cases for s in CASES[c][1]) and "teacher_kd" not in cases:
@@ -190,7 +282,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="protege-identity-") as tmp:
         tmp = Path(tmp)
         ref = tmp / "reference"
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(ref), args.reference], check=True)
+        subprocess.run(["git", "-C", str(args.repo), "worktree", "add", "--detach", "-q", str(ref), args.reference], check=True)
         try:
             fx = fixtures(tmp / "fixtures")
             results, verdicts = {}, {}
@@ -209,12 +301,9 @@ def main() -> None:
                 for line in diff[:8]:
                     print(f"    {line}")
         finally:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(ref)], check=False)
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "src"], capture_output=True,
-                                text=True).stdout.strip())
+            subprocess.run(["git", "-C", str(args.repo), "worktree", "remove", "--force", str(ref)], check=False)
     summary = {"command": "python benchmarks/identity.py" + (" --quick" if args.quick else ""), "reference": args.reference,
-               "this_tree": head + (" (uncommitted changes in src/)" if dirty else ""),
+               "this_tree": tree_label(),
                "environment": environment(2), "verdicts": verdicts,
                "identical": sum(v == "identical" for v in verdicts.values()), "cases": len(verdicts), "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from protege.data import load_data
+from protege.data.tabular import read_csv_table
 from protege.errors import DataError
 from protege.recipe import DataConfig
 
@@ -59,3 +60,28 @@ def test_csv_with_an_infinite_cell_is_refused(tmp_path, capsys):
     recipe = _recipe(tmp_path, lambda r: r.update(data={"source": "csv", "path": str(csv), "target": "label"}))
     code, err = run_cli(["distill", recipe, "--out", tmp_path / "out"], capsys)
     assert_clean_error(code, err, "t.csv", "column 'a'", "infinite")
+
+
+def test_csv_encoding_is_the_documented_formula_bit_for_bit(tmp_path):
+    """Numeric: (x - mean) / std with numpy's nanmean and population nanstd over the training rows, to the bit, a
+    missing cell 0 (the mean), a column empty in training mean 0 and std 1; categorical: one-hot in sorted order, a
+    value unseen in training all zeros."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(1000, 37, 300).round(3)
+    x[rng.random(300) < 0.1] = np.nan
+    lines = ["x,empty,const,kind,label"]
+    for i, v in enumerate(x):
+        kind = "zzz" if i == 250 else "cab"[i % 3]
+        lines.append(f"{'' if np.isnan(v) else repr(float(v))},{'' if i < 200 else i},2.5,{kind},{i % 2}")
+    (tmp_path / "t.csv").write_text("\n".join(lines) + "\n")
+    enc = read_csv_table(tmp_path / "t.csv", "label").fit_encoder(np.arange(200), None, None)
+    got = enc(np.arange(300))
+    mean, std = np.nanmean(x[:200]), np.nanstd(x[:200])
+    assert got[:, 0].tobytes() == np.where(np.isnan(x), 0.0, (x - mean) / std).astype(np.float32).tobytes()
+    assert enc.describe["numeric"] == {"x": {"mean": float(mean), "std": float(std)}, "empty": {"mean": 0.0, "std": 1.0},
+                                       "const": {"mean": 2.5, "std": 1.0}}
+    assert np.array_equal(got[:, 1], np.r_[np.zeros(200), np.arange(200, 300)])  # held-out values pass through unscaled
+    assert not got[:, 2].any()
+    assert enc.describe["features_in_order"][3:] == ["kind = 'a' (one-hot)", "kind = 'b' (one-hot)", "kind = 'c' (one-hot)"]
+    kinds = np.array(["cab"[i % 3] for i in range(300)])
+    assert np.array_equal(got[:, 3:], np.stack([kinds == k for k in "abc"], 1) & (np.arange(300) != 250)[:, None])

@@ -58,9 +58,37 @@ def test_tied_embeddings_are_stored_once_and_tied_again_on_load(lm, tmp_path):
     teacher, d = _teacher_and_data(lm)
     save_weights(teacher, tmp_path / "w.safetensors")
     keys = set(load_file(str(tmp_path / "w.safetensors")))
-    assert "model.model.embed_tokens.weight" in keys and "model.lm_head.weight" not in keys
+    assert len(keys & {"model.model.embed_tokens.weight", "model.lm_head.weight"}) == 1
     fresh = build_model(parse_recipe(_recipe(lm)).student.model_copy(update={"kwargs": {"pretrained": False}}),
                         d.input_shape, d.num_classes, d.model_args)
     load_weights(fresh, tmp_path / "w.safetensors")
     assert fresh.model.lm_head.weight is fresh.model.model.embed_tokens.weight
     assert torch.equal(fresh.model.lm_head.weight, teacher.model.lm_head.weight)
+
+
+@pytest.mark.parametrize("kept", ["model.model.embed_tokens.weight", "model.lm_head.weight"])
+def test_a_tied_tensor_stored_under_either_key_loads_tied(lm, tmp_path, kept):
+    """Weights files written before safetensors' save_model did the saving kept a tied tensor under its first key in
+    state-dict order (the input embedding); save_model keeps the first in sorted order (the output layer). Both load,
+    tied."""
+    from safetensors.torch import save_file
+
+    from protege.models import load_weights
+
+    teacher, d = _teacher_and_data(lm)
+    left_out = {"model.model.embed_tokens.weight", "model.lm_head.weight"} - {kept}
+    save_file({k: v.contiguous() for k, v in teacher.state_dict().items() if k not in left_out}, str(tmp_path / "w.safetensors"))
+    fresh = build_model(parse_recipe(_recipe(lm)).student.model_copy(update={"kwargs": {"pretrained": False}}),
+                        d.input_shape, d.num_classes, d.model_args)
+    load_weights(fresh, tmp_path / "w.safetensors")
+    assert fresh.model.lm_head.weight is fresh.model.model.embed_tokens.weight
+    assert torch.equal(fresh.model.lm_head.weight, teacher.model.lm_head.weight)
+
+
+def test_a_parameter_sliced_from_a_larger_tensor_is_refused_with_the_fix(tmp_path):
+    """safetensors stores whole tensors only: a parameter that is a view into a larger tensor gets a clear error."""
+    m = torch.nn.Linear(2, 2)
+    m.weight = torch.nn.Parameter(torch.randn(10)[:4].view(2, 2))
+    with pytest.raises(protege.ProtegeError, match=r"slice of a larger tensor.*\.clone\(\)"):
+        save_weights(m, tmp_path / "w.safetensors")
+    assert list(tmp_path.iterdir()) == []

@@ -16,7 +16,9 @@ from ..helpers import lm_recipe as _recipe
 @pytest.mark.parametrize("over, match", [
     ({"data": {"source": "text"}}, "causal_lm goes with data.source: lm_text"),
     ({"distill": {"response": "mse_prob"}}, "'distill.response' is 'mse_prob', which is for task: classify"),
-    ({"distill": {"features": []}}, "'distill.features' is for task: classify, not for task: causal_lm"),
+    ({"distill": {"features": [{"loss": "cosine", "student": "hidden.1", "teacher": "hidden.1"}]}},
+     "'distill.features' is for task: classify, not for task: causal_lm"),
+    ({"distill": {"generations": 2}}, "'distill.generations' is for task: classify"),
     ({"quantize": {"mode": "dynamic"}}, "remove prune, quantize"),
 ])
 def test_recipe_errors_for_lm_tasks(lm, over, match):

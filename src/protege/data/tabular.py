@@ -1,4 +1,5 @@
-"""CSV tables: numeric and categorical columns, encoders fitted on the training rows only."""
+"""CSV tables: numeric and categorical columns, encoded by a scikit-learn ColumnTransformer fitted on the training
+rows only (numeric: standardised, a missing cell the mean; categorical: one-hot, an unseen value all zeros)."""
 from __future__ import annotations
 
 import csv
@@ -7,6 +8,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+from sklearn.compose import ColumnTransformer
+from sklearn.impute import SimpleImputer
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
 
 from ..errors import DataError
 
@@ -53,6 +58,15 @@ class Table:
                                 f"replace it with a finite value or leave the cell empty (filled with the column mean)")
         return out
 
+    def _matrix(self, rows: np.ndarray, numeric: list[int], categorical: list[int]) -> np.ndarray:
+        """The rows as the encoder's input: the numeric columns parsed (a missing cell NaN), then the categorical cells."""
+        out = np.empty((len(rows), len(numeric) + len(categorical)), dtype=object)
+        for k, j in enumerate(numeric):
+            out[:, k] = self._numeric_column(j, rows)
+        for k, j in enumerate(categorical, start=len(numeric)):
+            out[:, k] = [self.cells[r][j] for r in rows]
+        return out
+
     def fit_encoder(self, train: np.ndarray, numeric: Optional[list[str]], categorical: Optional[list[str]]) -> Encoder:
         for name in (numeric or []) + (categorical or []):
             if name not in self.columns:
@@ -63,37 +77,49 @@ class Table:
         else:
             num_idx = [self.columns.index(c) for c in numeric]
         cat_idx = [j for j in range(len(self.columns)) if j not in num_idx]
-        stats = []
-        for j in num_idx:
-            col = self._numeric_column(j, train)
-            mean = float(np.nanmean(col)) if np.isfinite(col).any() else 0.0
-            std = float(np.nanstd(col)) if np.isfinite(col).any() else 1.0
-            std = std if np.isfinite(std) and std > 0 else 1.0
-            stats.append((j, mean, std))
-        vocab = [(j, sorted({self.cells[r][j] for r in train})) for j in cat_idx]
-        width = len(stats) + sum(len(v) for _, v in vocab)
+        vocab = [sorted({self.cells[r][j] for r in train}) for j in cat_idx]
+        encoder = _column_transformer(len(num_idx), vocab)
+        with np.errstate(divide="ignore", invalid="ignore"):  # a column with no value: NaN statistics, replaced below
+            encoder.fit(self._matrix(train, num_idx, cat_idx))
+        stats = _numeric_statistics(encoder) if num_idx else []
+        width = len(num_idx) + sum(len(v) for v in vocab)
 
         def transform(rows: np.ndarray) -> np.ndarray:
-            parts = []
-            for j, mean, std in stats:
-                col = self._numeric_column(j, rows)
-                parts.append(((np.where(np.isnan(col), mean, col) - mean) / std)[:, None])
-            for j, values in vocab:
-                index = {v: i for i, v in enumerate(values)}
-                onehot = np.zeros((len(rows), len(values)))
-                for k, r in enumerate(rows):
-                    i = index.get(self.cells[r][j])  # unseen category -> all zeros
-                    if i is not None:
-                        onehot[k, i] = 1.0
-                parts.append(onehot)
-            return np.concatenate(parts, axis=1).astype(np.float32) if parts else np.zeros((len(rows), 0), np.float32)
+            if not width:
+                return np.zeros((len(rows), 0), np.float32)
+            return encoder.transform(self._matrix(rows, num_idx, cat_idx)).astype(np.float32)
 
-        describe = {"features_in_order": [f"{self.columns[j]} (numeric)" for j, _, _ in stats]
-                    + [f"{self.columns[j]} = {v!r} (one-hot)" for j, values in vocab for v in values],
-                    "numeric": {self.columns[j]: {"mean": mean, "std": std} for j, mean, std in stats},
+        describe = {"features_in_order": [f"{self.columns[j]} (numeric)" for j in num_idx]
+                    + [f"{self.columns[j]} = {v!r} (one-hot)" for j, values in zip(cat_idx, vocab) for v in values],
+                    "numeric": {self.columns[j]: {"mean": mean, "std": std} for j, (mean, std) in zip(num_idx, stats)},
                     "steps": ["numeric: (x - mean) / std, a missing value becomes the mean",
                               "categorical: one-hot in the listed order, an unseen value all zeros"]}
         return Encoder(width, transform, describe)
+
+
+def _column_major(x: np.ndarray) -> np.ndarray:
+    """float64, column by column in memory: the scaler then sums each column as np.nanmean does (same bits)."""
+    return np.asfortranarray(x, dtype=np.float64)
+
+
+def _column_transformer(numeric: int, vocab: list[list[str]]) -> ColumnTransformer:
+    """The first ``numeric`` input columns standardised (missing cells ignored by the fit, then set to 0: the mean),
+    the rest one-hot over ``vocab`` (one sorted list of training values per column; an unseen value all zeros)."""
+    scale = make_pipeline(FunctionTransformer(_column_major), StandardScaler(),
+                          SimpleImputer(strategy="constant", fill_value=0.0, keep_empty_features=True))
+    onehot = OneHotEncoder(categories=vocab, handle_unknown="ignore", sparse_output=False)
+    return ColumnTransformer([("numeric", scale, list(range(numeric))),
+                              ("categorical", onehot, list(range(numeric, numeric + len(vocab))))])
+
+
+def _numeric_statistics(encoder: ColumnTransformer) -> list[tuple[float, float]]:
+    """(mean, std) per numeric column from the fitted scaler (std 1 for a constant column); a column with no training
+    value gets mean 0 and std 1, written back into the scaler, so that its held-out values pass through unscaled."""
+    scaler = encoder.named_transformers_["numeric"].named_steps["standardscaler"]
+    empty = np.broadcast_to(scaler.n_samples_seen_ == 0, scaler.mean_.shape)
+    scaler.mean_ = np.where(empty, 0.0, scaler.mean_)
+    scaler.scale_ = np.where(np.isfinite(scaler.scale_), scaler.scale_, 1.0)
+    return [(float(m), float(s)) for m, s in zip(scaler.mean_, scaler.scale_)]
 
 
 def read_csv_table(path: Path, target: str) -> Table:

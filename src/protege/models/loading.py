@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save_model
 from torch import nn
 
 from ..errors import ModelError, StorageError
@@ -236,53 +236,46 @@ def _storage_key(v: torch.Tensor) -> tuple:
     return v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype
 
 
-def tied_aliases(model: nn.Module) -> dict[str, str]:
-    """State-dict keys that are the same tensor as an earlier key (a language model's tied input and output
-    embeddings): {alias: the first key}."""
-    first: dict[tuple, str] = {}
-    out = {}
+def tied_groups(model: nn.Module) -> list[list[str]]:
+    """State-dict keys of ``model`` that are one tensor (a language model's tied input and output embeddings), each
+    group in state-dict order; keys that are no other key's tensor are left out."""
+    groups: dict[tuple, list[str]] = {}
     for k, v in model.state_dict(keep_vars=True).items():
-        key = _storage_key(v.detach())
-        if key in first:
-            out[k] = first[key]
-        else:
-            first[key] = k
-    return out
-
-
-def unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU tensors safetensors can store: a key that is the same tensor as an earlier one (tied embeddings) is
-    stored once, under the earlier key; ``with_tied`` restores the alias when loading."""
-    seen, out = set(), {}
-    for k, v in state.items():
-        key = _storage_key(v)
-        if key not in seen:
-            out[k] = v.detach().contiguous().cpu()
-            seen.add(key)
-    return out
+        groups.setdefault(_storage_key(v.detach()), []).append(k)
+    return [g for g in groups.values() if len(g) > 1]
 
 
 def with_tied(model: nn.Module, state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
-    """``state`` plus the tied aliases of ``model`` that a deduplicated file left out."""
+    """``state`` plus the keys of ``model``'s tied groups that a file stored once: each filled from the member the
+    file has, whichever that is (``save_weights`` keeps the one safetensors' save_model picks, files written before
+    it and checkpoints the first in state-dict order)."""
     state = dict(state)
-    for alias, primary in tied_aliases(model).items():
-        if prefix + alias not in state and prefix + primary in state:
-            state[prefix + alias] = state[prefix + primary]
+    for group in tied_groups(model):
+        kept = next((prefix + k for k in group if prefix + k in state), None)
+        if kept is not None:
+            for k in group:
+                state.setdefault(prefix + k, state[kept])
     return state
 
 
 def save_weights(model: nn.Module, path: str | Path) -> None:
-    """Atomic safetensors save (write to a temporary file, then rename)."""
+    """Atomic safetensors save (write to a temporary file, then rename) through safetensors' save_model, which
+    stores tied tensors once (``with_tied`` ties them again on load)."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    state = unshared(model.state_dict())
     try:
-        save_file(state, str(tmp))
+        save_model(model, str(tmp))
         os.replace(tmp, path)
     except (SafetensorError, OSError) as e:  # safetensors reports a full disk as SafetensorError, not OSError
         tmp.unlink(missing_ok=True)
         raise StorageError(f"cannot write the weights file {path} ({write_error(e)}); {write_fix(e, path)}, then run the "
                            f"command again (with --resume for `protege distill`)") from None
+    except RuntimeError as e:
+        tmp.unlink(missing_ok=True)
+        if "no suitable name to keep" not in str(e):
+            raise
+        raise ModelError(f"cannot save the weights to {path}: a parameter or buffer is a slice of a larger tensor, which "
+                         f"safetensors does not store; make it a tensor of its own (.clone()) in the model") from None
 
 
 def num_params(model: nn.Module) -> int:

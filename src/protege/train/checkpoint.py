@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import StorageError
 from ..files import write_error, write_fix
-from ..models.loading import unshared, with_tied
+from ..models.loading import tied_groups, with_tied
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +56,20 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
+def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state as CPU tensors under "model.", a tied tensor (a language model's input and output embeddings)
+    once, under its first key in state-dict order (``with_tied`` ties it again on load). Weights files leave this to
+    safetensors' save_model; a checkpoint cannot, as it holds the optimizer's tensors beside the model's in one file."""
+    aliases = {k for group in tied_groups(model) for k in group[1:]}
+    return {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in aliases}
+
+
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, loop: dict[str, Any]) -> None:
     """Write the checkpoint; the one it replaces becomes ``previous(path)``. A failed write (full disk, no
     permission) raises StorageError naming the file and leaves the earlier checkpoints as they were."""
 
     path = Path(path)
-    tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in unshared(model.state_dict()).items()}
+    tensors = _model_tensors(model)
     opt = optimizer.state_dict()
     opt_meta: dict[str, Any] = {"param_groups": opt["param_groups"], "state": {}}
     for pid, st in opt["state"].items():
