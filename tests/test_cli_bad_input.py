@@ -213,7 +213,8 @@ def test_set_value_not_yaml(distill):
 def test_csv_not_utf8(distill, tmp_path):
     p = tmp_path / "latin.csv"
     p.write_bytes("a,y\n\xe9t\xe9,0\n".encode("latin-1"))
-    assert_clean_error(*distill(lambda r: r.update(data={"source": "csv", "path": str(p), "target": "y"})), "not UTF-8")
+    assert_clean_error(*distill(lambda r: r.update(data={"source": "csv", "path": str(p), "target": "y"})),
+                       "latin.csv: line 2, byte 1 (0xe9) is not UTF-8 text", "data.encoding")
 
 
 def test_corrupt_pickle_with_flag(distill, tmp_path):

@@ -69,3 +69,16 @@ def test_a_test_label_unknown_to_training_and_a_missing_file_are_errors(folders,
 def test_text_without_a_tokenizer_is_refused_at_validation(folders):
     with pytest.raises(RecipeError, match="data.tokenizer"):
         parse_recipe(_recipe(folders, teacher={"model": "mlp", "train": {"epochs": 1}}))
+
+
+def test_a_text_file_in_another_encoding_needs_data_encoding(folders, tmp_path):
+    rows = [{"text": f"caf\xe9 number {i} is {'good' if i % 2 else 'bad'}", "label": "pos" if i % 2 else "neg"} for i in range(60)]
+    path = tmp_path / "cp1252.jsonl"
+    path.write_bytes("\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode("cp1252"))
+    r = _recipe(folders)
+    r["data"].update(path=str(path), test_path=None)
+    with pytest.raises(DataError, match=r"cp1252.jsonl: line 1, byte 14 \(0xe9\) is not UTF-8 text; set data.encoding"):
+        load_data(parse_recipe(r).data, 0)
+    r["data"]["encoding"] = "cp1252"
+    d = load_data(parse_recipe(r).data, 0)
+    assert len(d.train) + len(d.val) + len(d.test) == 60

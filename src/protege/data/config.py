@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..config import PathStr, _Strict
+from .decode import known_encoding
 
 
 class DataConfig(_Strict):
@@ -23,6 +24,23 @@ class DataConfig(_Strict):
     eval_limit: Optional[int] = Field(None, ge=1)  # lm_text: at most this many validation and test blocks (a seeded subset)
     categorical: Optional[list[str]] = None  # csv: columns to one-hot encode (default: inferred)
     numeric: Optional[list[str]] = None  # csv: columns that must be numbers (default: inferred)
+    columns: Optional[list[str]] = None  # csv: the feature columns, in this order (default: every column but the target)
+    drop: list[str] = Field(default_factory=list)  # csv: columns to leave out (an ID column, one the teacher never saw)
+    scaling: Literal["standardize", "minmax", "none"] = "standardize"  # csv: numeric columns (x - mean) / std, to [0, 1], or as they are
+    shape: Optional[list[int]] = None  # csv: each row's features reshaped to this (a pixel table: [1, 28, 28])
     val_fraction: float = Field(0.1, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)  # ignored for fashion_mnist (own test set)
+    encoding: str = "utf-8"  # csv / text / lm_text: the files' text encoding (latin-1, cp1252, ...)
     limit: Optional[int] = Field(None, ge=10)  # use at most this many training examples (quick runs)
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, name: str) -> str:
+        return known_encoding(name)
+
+    @field_validator("shape")
+    @classmethod
+    def _positive_shape(cls, shape: Optional[list[int]]) -> Optional[list[int]]:
+        if shape is not None and (not 1 <= len(shape) <= 4 or any(n < 1 for n in shape)):
+            raise ValueError(f"shape {shape} must be 1 to 4 positive sizes (a pixel table of 28x28 grayscale images: [1, 28, 28])")
+        return shape

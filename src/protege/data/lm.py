@@ -19,16 +19,17 @@ import torch
 from ..errors import DataError
 from .base import DataSplits, Split
 from .config import DataConfig
+from .decode import read_text
 from .text import cache_root, load_tokenizer, read_rows, tokenizer_digest
 
 
-def read_documents(path: Path, column: str, field: str = "data.path") -> list[str]:
+def read_documents(path: Path, column: str, field: str = "data.path", encoding: str = "utf-8") -> list[str]:
     if not path.is_file():
         raise DataError(f"corpus file '{path}' not found; set {field} to a .txt, .jsonl or .csv file")
     if path.suffix == ".txt":
-        docs = [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n")]
+        docs = [d.strip() for d in read_text(path, encoding).split("\n\n")]
     else:
-        rows = read_rows(path)
+        rows = read_rows(path, encoding)
         if rows and column not in rows[0]:
             raise DataError(f"{path} has no column '{column}' (data.text); its columns are: {', '.join(map(str, rows[0]))}")
         docs = [str(r.get(column) or "").strip() for r in rows]
@@ -41,13 +42,13 @@ def read_documents(path: Path, column: str, field: str = "data.path") -> list[st
 def _tokenised(path: Path, cfg: DataConfig, field: str = "data.path") -> tuple[list[np.ndarray], dict]:
     """Token ids of every document, cached by the file's bytes, the column and the tokenizer."""
     h = hashlib.sha256(path.read_bytes() if path.is_file() else b"")
-    h.update(json.dumps([cfg.text, tokenizer_digest(cfg.tokenizer), "lm"]).encode())
+    h.update(json.dumps([cfg.text, tokenizer_digest(cfg.tokenizer), "lm"] + ([cfg.encoding] if cfg.encoding != "utf-8" else [])).encode())
     folder = cache_root() / "lm_tokens" / h.hexdigest()[:20]
     if (folder / "meta.json").is_file():
         meta = json.loads((folder / "meta.json").read_text())
         flat = np.load(folder / "ids.npy")
         return np.split(flat, np.cumsum(meta["lengths"])[:-1]), meta["tokenizer"]
-    docs = read_documents(path, cfg.text, field)
+    docs = read_documents(path, cfg.text, field, cfg.encoding)
     tok = load_tokenizer(cfg.tokenizer)
     if tok.eos_token_id is None:
         raise DataError(f"the tokenizer in '{cfg.tokenizer}' has no end-of-text token to join documents with; use a causal LM's tokenizer")

@@ -11,6 +11,7 @@ from sklearn.model_selection import train_test_split
 from ..errors import DataError
 from .base import DataSplits, Split
 from .config import DataConfig
+from .labels import require_two_classes
 from .lm import load_lm_corpus
 from .tabular import read_csv_table
 from .text import cached_tokenize, label_ids
@@ -100,15 +101,40 @@ def load_csv(cfg: DataConfig, seed: int) -> DataSplits:
         raise DataError("data.source is 'csv' but data.path is empty; set data.path to the .csv file")
     if not cfg.target:
         raise DataError("data.source is 'csv' but data.target is empty; set data.target to the label column")
-    table = read_csv_table(Path(cfg.path), cfg.target)
+    table = read_csv_table(Path(cfg.path), cfg.target, cfg.encoding)
+    require_two_classes(table.classes, cfg.path, cfg.target)
+    if cfg.columns is not None or cfg.drop:
+        table = table.select(cfg.columns, cfg.drop)
     idx = np.arange(len(table.labels))
     rest, test = _split(idx, table.labels, cfg.test_fraction, seed)[:2]
     train, val = _split(rest, table.labels[rest], cfg.val_fraction, seed)[:2]
     train = _limit(train, train, cfg.limit, seed)[0]
-    enc = table.fit_encoder(train, cfg.numeric, cfg.categorical)
+    enc = table.fit_encoder(train, cfg.numeric, cfg.categorical, cfg.scaling)
+    shape = _row_shape(cfg, enc)
     y = table.labels
-    return _splits(enc(train), y[train], enc(val), y[val], enc(test), y[test], num_classes=len(table.classes),
-                   input_shape=(enc.width,), class_names=table.classes, description=f"CSV {cfg.path}", preprocessing=enc.describe)
+    x = {name: enc(rows).reshape(len(rows), *shape) for name, rows in (("train", train), ("val", val), ("test", test))}
+    n_num = len(enc.describe["numeric"])
+    parts = [f"{n_num} numeric columns {SCALED[cfg.scaling]}"] + \
+        ([f"{len(table.columns) - n_num} categorical one-hot"] if len(table.columns) > n_num else []) + \
+        ([f"dropped {', '.join(cfg.drop)}"] if cfg.drop else []) + ([f"rows as {list(shape)}"] if cfg.shape else [])
+    return _splits(x["train"], y[train], x["val"], y[val], x["test"], y[test], num_classes=len(table.classes),
+                   input_shape=shape, class_names=table.classes, is_image=len(shape) == 3,
+                   description=f"CSV {cfg.path} ({'; '.join(parts)})",
+                   preprocessing={**enc.describe, **({"layout": f"N, {', '.join(map(str, shape))}"} if cfg.shape else {})})
+
+
+SCALED = {"standardize": "standardised", "minmax": "scaled to [0, 1]", "none": "unscaled"}
+
+
+def _row_shape(cfg: DataConfig, enc) -> tuple[int, ...]:
+    """(features,), or data.shape when it holds exactly that many values."""
+    if cfg.shape is None:
+        return (enc.width,)
+    if int(np.prod(cfg.shape)) != enc.width:
+        raise DataError(f"{cfg.path}: data.shape {cfg.shape} holds {int(np.prod(cfg.shape))} values but each row has "
+                        f"{enc.width} features after encoding; choose the pixel columns with data.columns / data.drop, or "
+                        f"fix data.shape")
+    return tuple(cfg.shape)
 
 
 def load_text(cfg: DataConfig, seed: int) -> DataSplits:
@@ -118,9 +144,10 @@ def load_text(cfg: DataConfig, seed: int) -> DataSplits:
         raise DataError("data.source is 'text' but data.path is empty; set data.path to a .csv or .jsonl file")
     files = [Path(cfg.path)] + ([Path(cfg.test_path)] if cfg.test_path else [])
     label = cfg.target or "label"
-    parts, info = cached_tokenize(files, cfg.text, label, cfg.tokenizer, cfg.max_length, cfg.too_long)
+    parts, info = cached_tokenize(files, cfg.text, label, cfg.tokenizer, cfg.max_length, cfg.too_long, cfg.encoding)
     ids, labels = parts[0]
     y, classes = label_ids(labels, None, cfg.path)
+    require_two_classes(classes, cfg.path, label)
     if cfg.test_path:
         x_test, y_test = parts[1][0], label_ids(parts[1][1], classes, cfg.test_path)[0]
         x_rest, y_rest = ids, y

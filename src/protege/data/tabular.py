@@ -3,6 +3,7 @@ rows only (numeric: standardised, a missing cell the mean; categorical: one-hot,
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -11,9 +12,11 @@ import numpy as np
 from sklearn.compose import ColumnTransformer
 from sklearn.impute import SimpleImputer
 from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
+from sklearn.preprocessing import FunctionTransformer, MinMaxScaler, OneHotEncoder, StandardScaler
 
 from ..errors import DataError
+from .decode import read_text
+from .labels import check_labels
 
 
 def _is_number(v: str) -> bool:
@@ -67,7 +70,22 @@ class Table:
             out[:, k] = [self.cells[r][j] for r in rows]
         return out
 
-    def fit_encoder(self, train: np.ndarray, numeric: Optional[list[str]], categorical: Optional[list[str]]) -> Encoder:
+    def select(self, columns: Optional[list[str]], drop: list[str]) -> "Table":
+        """The table with only ``columns`` (in that order; default: all) as features, less those in ``drop``."""
+        for name in (columns or []) + drop:
+            if name not in self.columns:
+                field = "data.columns" if name in (columns or []) else "data.drop"
+                raise DataError(f"{self.path}: column '{name}' in {field} is not a feature column of the file; its feature "
+                                f"columns (the target left out): {', '.join(self.columns)}")
+        keep = [c for c in (columns or self.columns) if c not in drop]
+        if not keep:
+            raise DataError(f"{self.path}: data.columns / data.drop leave no feature column; keep at least one of: "
+                            f"{', '.join(self.columns)}")
+        idx = [self.columns.index(c) for c in keep]
+        return Table(self.path, keep, [[row[j] for j in idx] for row in self.cells], self.labels, self.classes)
+
+    def fit_encoder(self, train: np.ndarray, numeric: Optional[list[str]], categorical: Optional[list[str]],
+                    scaling: str = "standardize") -> Encoder:
         for name in (numeric or []) + (categorical or []):
             if name not in self.columns:
                 raise DataError(f"{self.path}: column '{name}' named in the recipe is not in the file; columns: {', '.join(self.columns)}")
@@ -78,10 +96,10 @@ class Table:
             num_idx = [self.columns.index(c) for c in numeric]
         cat_idx = [j for j in range(len(self.columns)) if j not in num_idx]
         vocab = [sorted({self.cells[r][j] for r in train}) for j in cat_idx]
-        encoder = _column_transformer(len(num_idx), vocab)
+        encoder = _column_transformer(len(num_idx), vocab, scaling)
         with np.errstate(divide="ignore", invalid="ignore"):  # a column with no value: NaN statistics, replaced below
             encoder.fit(self._matrix(train, num_idx, cat_idx))
-        stats = _numeric_statistics(encoder) if num_idx else []
+        stats = _numeric_statistics(encoder) if num_idx and scaling == "standardize" else []
         width = len(num_idx) + sum(len(v) for v in vocab)
 
         def transform(rows: np.ndarray) -> np.ndarray:
@@ -91,9 +109,9 @@ class Table:
 
         describe = {"features_in_order": [f"{self.columns[j]} (numeric)" for j in num_idx]
                     + [f"{self.columns[j]} = {v!r} (one-hot)" for j, values in zip(cat_idx, vocab) for v in values],
-                    "numeric": {self.columns[j]: {"mean": mean, "std": std} for j, (mean, std) in zip(num_idx, stats)},
-                    "steps": ["numeric: (x - mean) / std, a missing value becomes the mean",
-                              "categorical: one-hot in the listed order, an unseen value all zeros"]}
+                    "numeric": _numeric_description([self.columns[j] for j in num_idx], encoder, scaling, stats),
+                    "scaling": scaling,
+                    "steps": [f"numeric: {SCALING_STEP[scaling]}", "categorical: one-hot in the listed order, an unseen value all zeros"]}
         return Encoder(width, transform, describe)
 
 
@@ -102,14 +120,41 @@ def _column_major(x: np.ndarray) -> np.ndarray:
     return np.asfortranarray(x, dtype=np.float64)
 
 
-def _column_transformer(numeric: int, vocab: list[list[str]]) -> ColumnTransformer:
-    """The first ``numeric`` input columns standardised (missing cells ignored by the fit, then set to 0: the mean),
-    the rest one-hot over ``vocab`` (one sorted list of training values per column; an unseen value all zeros)."""
-    scale = make_pipeline(FunctionTransformer(_column_major), StandardScaler(),
-                          SimpleImputer(strategy="constant", fill_value=0.0, keep_empty_features=True))
+SCALING_STEP = {"standardize": "(x - mean) / std, a missing value becomes the mean",
+                "minmax": "(x - min) / (max - min), a missing value becomes the mean of the scaled training values",
+                "none": "as it is, a missing value becomes the mean"}
+
+
+def _column_transformer(numeric: int, vocab: list[list[str]], scaling: str = "standardize") -> ColumnTransformer:
+    """The first ``numeric`` input columns scaled (``standardize``: missing cells ignored by the fit, then set to 0,
+    the mean; ``minmax``: to [0, 1] on the training rows; ``none``: as they are; a missing cell then the training
+    mean), the rest one-hot over ``vocab`` (one sorted list of training values per column; an unseen value all zeros)."""
+    if scaling == "standardize":
+        scale = make_pipeline(FunctionTransformer(_column_major), StandardScaler(),
+                              SimpleImputer(strategy="constant", fill_value=0.0, keep_empty_features=True))
+    else:
+        steps = [MinMaxScaler()] if scaling == "minmax" else []
+        scale = make_pipeline(FunctionTransformer(_column_major), *steps,
+                              SimpleImputer(strategy="mean", keep_empty_features=True))
     onehot = OneHotEncoder(categories=vocab, handle_unknown="ignore", sparse_output=False)
     return ColumnTransformer([("numeric", scale, list(range(numeric))),
                               ("categorical", onehot, list(range(numeric, numeric + len(vocab))))])
+
+
+def _numeric_description(names: list[str], encoder: ColumnTransformer, scaling: str,
+                         stats: list[tuple[float, float]]) -> dict[str, dict[str, float]]:
+    """Per numeric column, what a user of the exported file needs to prepare its input the same way."""
+    if scaling == "standardize":
+        return {n: {"mean": mean, "std": std} for n, (mean, std) in zip(names, stats)}
+    if not names:
+        return {}
+    steps = encoder.named_transformers_["numeric"].named_steps
+    fill = steps["simpleimputer"].statistics_
+    if scaling == "minmax":
+        mm = steps["minmaxscaler"]
+        return {n: {"min": float(lo), "max": float(hi), "missing": float(f)}
+                for n, lo, hi, f in zip(names, mm.data_min_, mm.data_max_, fill)}
+    return {n: {"missing": float(f)} for n, f in zip(names, fill)}
 
 
 def _numeric_statistics(encoder: ColumnTransformer) -> list[tuple[float, float]]:
@@ -122,14 +167,11 @@ def _numeric_statistics(encoder: ColumnTransformer) -> list[tuple[float, float]]
     return [(float(m), float(s)) for m, s in zip(scaler.mean_, scaler.scale_)]
 
 
-def read_csv_table(path: Path, target: str) -> Table:
+def read_csv_table(path: Path, target: str, encoding: str = "utf-8") -> Table:
     if not path.is_file():
         raise DataError(f"CSV file '{path}' not found; set data.path to an existing .csv file")
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.reader(f))
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8 CSV") from None
+        rows = list(csv.reader(io.StringIO(read_text(path, encoding), newline="")))
     except csv.Error as e:
         raise DataError(f"{path}: malformed CSV ({e}); fix the quoting") from None
     if len(rows) < 2:
@@ -142,6 +184,7 @@ def read_csv_table(path: Path, target: str) -> Table:
         raise DataError(f"{path}: row {bad + 2} has {len(body[bad])} cells but the header has {len(header)}; fix the row")
     t = header.index(target)
     raw = [r[t].strip() for r in body]
+    check_labels(raw, str(path), target, first_row=2)
     classes = sorted(set(raw), key=lambda v: (float(v), v) if _is_number(v) and v else (float("inf"), v))
     index = {c: i for i, c in enumerate(classes)}
     cells = [[c for k, c in enumerate(r) if k != t] for r in body]

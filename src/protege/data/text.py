@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import warnings
@@ -19,6 +20,8 @@ import numpy as np
 
 from ..errors import DataError, ModelError
 from ..logs import quiet_transformers
+from .decode import read_text
+from .labels import check_labels
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "merges.txt", "vocab.json",
                    "tokenizer.model", "added_tokens.json")
@@ -28,46 +31,44 @@ def cache_root() -> Path:
     return Path(os.environ.get("PROTEGE_CACHE", Path.home() / ".cache" / "protege"))
 
 
-def read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path, encoding: str = "utf-8") -> list[dict]:
     """Rows of a .csv (header line) or .jsonl (one JSON object per line) file."""
     if not path.is_file():
         raise DataError(f"text file '{path}' not found; set data.path (and data.test_path) to a .csv or .jsonl file")
+    if path.suffix not in (".jsonl", ".csv", ".tsv"):
+        raise DataError(f"text file '{path}' has suffix '{path.suffix}'; use .csv, .tsv or .jsonl")
+    text = read_text(path, encoding)
     if path.suffix == ".jsonl":
         rows = []
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:
-                        raise DataError(f"{path}: line {n} is not valid JSON; each line must be one JSON object") from None
-                    if not isinstance(row, dict):
-                        raise DataError(f"{path}: line {n} is not a JSON object; each line must be {{\"text\": ..., \"label\": ...}}")
-                    rows.append(row)
+        for n, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    raise DataError(f"{path}: line {n} is not valid JSON; each line must be one JSON object") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}: line {n} is not a JSON object; each line must be {{\"text\": ..., \"label\": ...}}")
+                rows.append(row)
         return rows
-    if path.suffix in (".csv", ".tsv"):
-        with path.open(encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
-    raise DataError(f"text file '{path}' has suffix '{path.suffix}'; use .csv, .tsv or .jsonl")
+    return list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix == ".tsv" else ","))
 
 
-def texts_and_labels(path: Path, text_col: str, label_col: str) -> tuple[list[str], list[str]]:
-    rows = read_rows(path)
+def texts_and_labels(path: Path, text_col: str, label_col: str, encoding: str = "utf-8") -> tuple[list[str], list[str]]:
+    rows = read_rows(path, encoding)
     if not rows:
         raise DataError(f"text file '{path}' has no rows; add examples")
     for col, field in ((text_col, "data.text"), (label_col, "data.target")):
         if col not in rows[0]:
             raise DataError(f"{path} has no column '{col}' ({field}); its columns are: {', '.join(map(str, rows[0]))}")
-    texts, labels = [], []
+    texts = []
     for n, row in enumerate(rows, 1):
-        text, label = row.get(text_col), row.get(label_col)
+        text = row.get(text_col)
         if text is None or not str(text).strip():
             raise DataError(f"{path}: row {n} has an empty '{text_col}'; remove the row or fill in its text")
-        if label is None or str(label).strip() == "":
-            raise DataError(f"{path}: row {n} has an empty '{label_col}'; remove the row or fill in its label")
         texts.append(str(text))
-        labels.append(str(label).strip())
-    return texts, labels
+    raw = [row.get(label_col) for row in rows]
+    check_labels(raw, str(path), label_col)
+    return texts, [str(label).strip() for label in raw]
 
 
 def load_tokenizer(folder: str):
@@ -119,14 +120,15 @@ def tokenize(texts: list[str], tok, max_length: int, too_long: str, where: str) 
 
 
 def cached_tokenize(files: list[Path], text_col: str, label_col: str, tokenizer: str, max_length: int,
-                    too_long: str) -> tuple[list[tuple[np.ndarray, list[str]]], dict]:
+                    too_long: str, encoding: str = "utf-8") -> tuple[list[tuple[np.ndarray, list[str]]], dict]:
     """(ids, labels) per file, tokenised once and cached; plus the tokenizer facts models need."""
     h = hashlib.sha256()
     for f in files:
         if not f.is_file():
             raise DataError(f"text file '{f}' not found; set data.path (and data.test_path) to a .csv or .jsonl file")
         h.update(f.read_bytes())
-    h.update(json.dumps([text_col, label_col, tokenizer_digest(tokenizer), max_length, too_long]).encode())
+    h.update(json.dumps([text_col, label_col, tokenizer_digest(tokenizer), max_length, too_long]
+                        + ([encoding] if encoding != "utf-8" else [])).encode())
     folder = cache_root() / "tokens" / h.hexdigest()[:20]
     meta_path = folder / "meta.json"
     if meta_path.is_file():
@@ -143,7 +145,7 @@ def cached_tokenize(files: list[Path], text_col: str, label_col: str, tokenizer:
         max_length = limit
     out, truncated = [], 0
     for f in files:
-        texts, labels = texts_and_labels(f, text_col, label_col)
+        texts, labels = texts_and_labels(f, text_col, label_col, encoding)
         ids, n = tokenize(texts, tok, max_length, too_long, str(f))
         out.append((ids, labels))
         truncated += n

@@ -16,6 +16,7 @@ class ModelSpec(_Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict)
     weights: Optional[PathStr] = None  # .safetensors (or a pickle file with allow_pickle)
     allow_pickle: bool = False
+    output: Optional[str] = None  # an .onnx model: the output to read, by name (default: its first floating-point output)
 
     @field_validator("kwargs")
     @classmethod

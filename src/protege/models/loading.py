@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import inspect
 import os
 import re
@@ -22,23 +23,30 @@ from .lm import causal_lm
 from .text import hf_classifier, is_hf_folder
 from .zoo import ZOO
 
+log = logging.getLogger(__name__)
+
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
 
 
 class OnnxModule(nn.Module):
-    """An ONNX file used as a (frozen) teacher: logits only, run by ONNX Runtime on CPU.
+    """An ONNX file used as a (frozen) teacher, run by ONNX Runtime on CPU: what it returns are the teacher's logits.
 
-    This is how a Keras, TensorFlow or scikit-learn model comes in: export it to ONNX first.
+    This is how a Keras, TensorFlow or scikit-learn model comes in: export it to ONNX first. ``output`` names the
+    output to read (default: the first floating-point one, so skl2onnx's int64 ``label`` is passed over for its
+    ``probabilities``). ``in_shape`` (one example, as the data gives it) is checked against the file's input before
+    anything runs. An output of probabilities (see ``forward``) is turned into log-probabilities, which are
+    logits of the same distribution.
     """
 
-    def __init__(self, path: str | Path, threads: int = 0):
+    def __init__(self, path: str | Path, threads: int = 0, output: Optional[str] = None,
+                 in_shape: Optional[Sequence[int]] = None, who: str = "teacher"):
         super().__init__()
         import onnx
         import onnxruntime as ort
 
-        self.path = Path(path)
+        self.path, self.who = Path(path), who
         if not self.path.is_file():
-            raise ModelError(f"ONNX file '{self.path}' not found; check teacher.model")
+            raise ModelError(f"ONNX file '{self.path}' not found; check {who}.model")
         try:
             proto = onnx.load(str(self.path))
             opts = ort.SessionOptions()
@@ -46,12 +54,80 @@ class OnnxModule(nn.Module):
             self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnx / ORT raise many exception types for a bad file
             raise ModelError(f"'{self.path}' is not a valid ONNX model ({str(e).splitlines()[0][:120]}); re-export it") from None
-        self.input_name = self.session.get_inputs()[0].name
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise ModelError(f"{who} {self.path.name} has {len(inputs)} inputs ({_describe_io(inputs)}); protege feeds one "
+                             f"tensor per example: export the model with a single input")
+        self.input_name, self.input_dtype = inputs[0].name, _INPUT.get(inputs[0].type)
+        if self.input_dtype is None:
+            raise ModelError(f"{who} {self.path.name}: input '{inputs[0].name}' is {inputs[0].type}; protege feeds float "
+                             f"tensors (token ids as int64): export the model with such an input")
+        if in_shape is not None:
+            _check_input(inputs[0], tuple(in_shape), f"{who} {self.path.name}")
+        self.output_name = _pick_output(self.session.get_outputs(), output, f"{who} {self.path.name}")
+        self.probabilities: Optional[bool] = None  # decided on the first call: see forward
         self.n_params = int(sum(np.prod(t.dims) for t in proto.graph.initializer))
 
+    def _run(self, x: torch.Tensor) -> np.ndarray:
+        (out,) = self.session.run([self.output_name], {self.input_name: x.detach().cpu().numpy().astype(self.input_dtype)})
+        return np.asarray(out, dtype=np.float32)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        (out,) = self.session.run(None, {self.input_name: x.detach().cpu().numpy().astype(np.float32)})[:1]
-        return torch.from_numpy(np.ascontiguousarray(out))
+        """The output as logits. On the first call the output is read as probabilities when every row is non-negative
+        and sums to 1 (a scikit-learn or Keras softmax output); then, from that call on, their logarithm is returned:
+        the logits of the same distribution (softened by a temperature as logits are, not as probabilities)."""
+        out = self._run(x)
+        if self.probabilities is None:
+            self.probabilities = is_probabilities(out)
+            if self.probabilities:
+                log.info(f"{self.who} {self.path.name}: output '{self.output_name}' holds probabilities (rows of non-negative "
+                         f"numbers summing to 1); distilling from their logarithm, the equivalent logits")
+        out = torch.from_numpy(np.ascontiguousarray(out))
+        return out.clamp_min(1e-12).log() if self.probabilities else out
+
+
+def is_probabilities(out: np.ndarray, atol: float = 1e-4) -> bool:
+    """Rows of class scores that are a probability distribution each: non-negative, summing to 1."""
+    return bool(out.ndim == 2 and out.shape[1] > 1 and (out >= 0).all() and np.allclose(out.sum(axis=1), 1.0, atol=atol))
+
+
+_NUMPY = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}  # class scores
+_INPUT = {**_NUMPY, "tensor(int64)": np.int64, "tensor(int32)": np.int32}  # what protege can feed (text: token ids)
+
+
+def _describe_io(args) -> str:
+    """"label (tensor(int64), [N]), probabilities (tensor(float), [N, 2])": an ONNX file's inputs or outputs."""
+    return ", ".join(f"{a.name} ({a.type}, [{', '.join('N' if not isinstance(d, int) else str(d) for d in a.shape)}])"
+                     for a in args)
+
+
+def _check_input(arg, example: tuple[int, ...], who: str) -> None:
+    """The file's input must take (batch, *example): same rank, and every fixed size equal to the data's."""
+    dims = list(arg.shape)
+    fixed = [d if isinstance(d, int) else None for d in dims[1:]]
+    if len(dims) != len(example) + 1 or any(f is not None and f != e for f, e in zip(fixed, example)):
+        raise ModelError(f"{who} takes input '{arg.name}' of shape [{', '.join('N' if not isinstance(d, int) else str(d) for d in dims)}] "
+                         f"but the data gives examples of shape {list(example)} (batch [N, {', '.join(map(str, example))}]); "
+                         f"choose the data's columns (data.columns / data.drop) or data.shape to match the model's input")
+
+
+def _pick_output(outputs, name: Optional[str], who: str) -> str:
+    """The output to read: ``name`` if given (an unknown name lists the file's outputs), else the first float tensor."""
+    if name is not None:
+        found = next((o for o in outputs if o.name == name), None)
+        if found is None:
+            raise ModelError(f"{who} has no output '{name}'; its outputs: {_describe_io(outputs)}; set output to one of them")
+    else:
+        found = next((o for o in outputs if o.type in _NUMPY), None)
+        if found is None:
+            raise ModelError(f"{who} has no floating-point tensor output ({_describe_io(outputs)}); export scores or "
+                             f"probabilities as a float tensor (skl2onnx: options={{'zipmap': False}})")
+    if found.type not in _NUMPY:
+        raise ModelError(f"{who}: output '{found.name}' is {found.type}, not scores per class; choose another output "
+                         f"({_describe_io(outputs)}), or export probabilities as a float tensor (skl2onnx: options={{'zipmap': False}})")
+    if found is not outputs[0]:
+        log.info(f"{who}: reading its output '{found.name}' ({_describe_io(outputs)})")
+    return found.name
 
 
 def _load_user_factory(ref: str):
@@ -99,7 +175,7 @@ def build_model(spec: ModelSpec, in_shape: Sequence[int], num_classes: int, extr
     """
     ref = spec.model
     if ref.endswith(".onnx"):
-        return OnnxModule(ref)
+        return OnnxModule(ref, output=spec.output, in_shape=in_shape if not (extras or {}).get("vocab_size") else None)
     if is_hf_folder(ref) and (extras or {}).get("task") == "causal_lm":
 
         model = causal_lm(ref, allow_pickle=spec.allow_pickle, **spec.kwargs)

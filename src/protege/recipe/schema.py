@@ -125,6 +125,11 @@ class Recipe(_Strict):
             elif i > 0 and t.train:
                 raise ValueError(f"{who}.train is ignored (only the first teacher is trained by a recipe); remove {who}.train "
                                  f"and give {who}.weights")
+        for who, m in (("teacher", self.teacher), *((f"more_teachers[{i}]", t) for i, t in enumerate(self.more_teachers)),
+                       ("student", self.student)):
+            if m.output is not None and not m.model.endswith(".onnx"):
+                raise ValueError(f"{who}.output is ignored: it names an output of an .onnx model, and {who}.model is not "
+                                 f"one; remove {who}.output")
         if self.teacher.weights and self.teacher.train:
             raise ValueError("teacher.train is ignored when teacher.weights is given (the teacher is loaded, not trained); "
                              "remove teacher.train, or remove teacher.weights to train the teacher here")

@@ -121,8 +121,10 @@ def _latency(run: Run, timers: dict[str, Timer]) -> dict[str, Measurement]:
 
 def _torch_entry(run: Run, model: nn.Module, data: DataSplits, weights: Path, teacher_logits) -> tuple[dict, Timer]:
     """A PyTorch stage's metrics, params and bytes, and its timer (an ONNX teacher is an ONNX stage)."""
-    if isinstance(model, OnnxModule):
-        return _onnx_entry(run, model.path, data, teacher_logits)
+    if isinstance(model, OnnxModule):  # its chosen output, as logits (log-probabilities when it gives probabilities)
+        logits = predict_logits(model, data.test.x)
+        return ({"runtime": "onnxruntime", **classification_metrics(logits, data.test.y, teacher_logits),
+                 "params": model.n_params, "bytes": model.path.stat().st_size}, torch_timer(model, timing_inputs(data)))
     logits = predict_logits(model, data.test.x)
     return ({"runtime": "pytorch", **classification_metrics(logits, data.test.y, teacher_logits),
              "params": num_params(model), "bytes": weights.stat().st_size}, torch_timer(model, timing_inputs(data)))
