@@ -12,8 +12,9 @@ from .decode import known_encoding
 class DataConfig(_Strict):
     """Where the examples come from and how they are split."""
 
-    source: Literal["digits", "fashion_mnist", "csv", "text", "lm_text"] = "digits"
-    path: Optional[PathStr] = None  # csv file, text .csv/.jsonl file, or a folder holding the Fashion-MNIST idx.gz files
+    source: Literal["digits", "fashion_mnist", "csv", "arrays", "text", "lm_text"] = "digits"
+    path: Optional[PathStr] = None  # csv file, arrays .npy/.npz, text .csv/.jsonl file, or the Fashion-MNIST idx.gz folder
+    labels: Optional[PathStr] = None  # arrays: a .npy of one label per example, when path is a .npy of inputs
     target: Optional[str] = None  # csv / text: the label column (text default: label)
     text: str = "text"  # text: the column holding the text
     test_path: Optional[PathStr] = None  # text / lm_text: a separate test file (default: a test_fraction split of `path`)
@@ -26,8 +27,8 @@ class DataConfig(_Strict):
     numeric: Optional[list[str]] = None  # csv: columns that must be numbers (default: inferred)
     columns: Optional[list[str]] = None  # csv: the feature columns, in this order (default: every column but the target)
     drop: list[str] = Field(default_factory=list)  # csv: columns to leave out (an ID column, one the teacher never saw)
-    scaling: Literal["standardize", "minmax", "none"] = "standardize"  # csv: numeric columns (x - mean) / std, to [0, 1], or as they are
-    shape: Optional[list[int]] = None  # csv: each row's features reshaped to this (a pixel table: [1, 28, 28])
+    scaling: Literal["standardize", "minmax", "none"] = "standardize"  # csv: per numeric column; arrays: over all values
+    shape: Optional[list[int]] = None  # csv / arrays: each example reshaped to this (a pixel table: [1, 28, 28])
     val_fraction: float = Field(0.1, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)  # ignored for fashion_mnist (own test set)
     encoding: str = "utf-8"  # csv / text / lm_text: the files' text encoding (latin-1, cp1252, ...)

@@ -9,6 +9,7 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from ..errors import DataError
+from .arrays import read_arrays, scale
 from .base import DataSplits, Split
 from .config import DataConfig
 from .labels import require_two_classes
@@ -137,6 +138,30 @@ def _row_shape(cfg: DataConfig, enc) -> tuple[int, ...]:
     return tuple(cfg.shape)
 
 
+def load_arrays(cfg: DataConfig, seed: int) -> DataSplits:
+    """NumPy inputs and labels; split like a table, scaled over all training values (data.scaling), reshaped
+    (data.shape). Only the examples used are read from a .npy file (memory-mapped)."""
+    if not cfg.path:
+        raise DataError("data.source is 'arrays' but data.path is empty; set data.path to a .npy (with data.labels) or .npz file")
+    x, y, classes = read_arrays(cfg.path, cfg.labels)
+    idx = np.arange(len(y))
+    rest, test = _split(idx, y, cfg.test_fraction, seed)[:2]
+    train, val = _split(rest, y[rest], cfg.val_fraction, seed)[:2]
+    train = _limit(train, train, cfg.limit, seed)[0]
+    shape = tuple(cfg.shape) if cfg.shape else tuple(x.shape[1:])
+    if int(np.prod(shape)) != int(np.prod(x.shape[1:])):
+        raise DataError(f"{cfg.path}: data.shape {list(shape)} holds {int(np.prod(shape))} values but each example has "
+                        f"{int(np.prod(x.shape[1:]))} (shape {list(x.shape[1:])}); fix data.shape")
+    shift, divisor, steps = scale(x[train], cfg.scaling)
+    part = {name: ((np.asarray(x[rows], dtype=np.float32) - shift) / divisor).reshape(len(rows), *shape)
+            for name, rows in (("train", train), ("val", val), ("test", test))}
+    return _splits(part["train"], y[train], part["val"], y[val], part["test"], y[test],
+                   num_classes=len(classes), input_shape=shape, class_names=classes, is_image=len(shape) == 3,
+                   description=f"arrays {cfg.path} ({len(y)} examples of shape {list(shape)}, {SCALED[cfg.scaling]})",
+                   preprocessing={"raw": f"{x.dtype} arrays, each example of shape {list(x.shape[1:])}",
+                                  "layout": f"N, {', '.join(map(str, shape))}", "scaling": cfg.scaling, "steps": steps})
+
+
 def load_text(cfg: DataConfig, seed: int) -> DataSplits:
     """Labelled text (.csv / .jsonl), tokenised once (cached); test from data.test_path or a test_fraction split."""
 
@@ -169,6 +194,6 @@ def load_text(cfg: DataConfig, seed: int) -> DataSplits:
 
 
 def load_data(cfg: DataConfig, seed: int) -> DataSplits:
-    loader = {"digits": load_digits_data, "fashion_mnist": load_fashion_mnist, "csv": load_csv, "text": load_text,
+    loader = {"digits": load_digits_data, "fashion_mnist": load_fashion_mnist, "csv": load_csv, "arrays": load_arrays, "text": load_text,
               "lm_text": load_lm_corpus}[cfg.source]
     return loader(cfg, seed)
