@@ -12,8 +12,8 @@ from .decode import known_encoding
 class DataConfig(_Strict):
     """Where the examples come from and how they are split."""
 
-    source: Literal["digits", "fashion_mnist", "csv", "arrays", "text", "lm_text"] = "digits"
-    path: Optional[PathStr] = None  # csv file, arrays .npy/.npz, text .csv/.jsonl file, or the Fashion-MNIST idx.gz folder
+    source: Literal["digits", "fashion_mnist", "csv", "arrays", "images", "text", "lm_text"] = "digits"
+    path: Optional[PathStr] = None  # csv, arrays .npy/.npz, images folder or manifest, text .csv/.jsonl, Fashion-MNIST folder
     labels: Optional[PathStr] = None  # arrays: a .npy of one label per example, when path is a .npy of inputs
     target: Optional[str] = None  # csv / text: the label column (text default: label)
     text: str = "text"  # text: the column holding the text
@@ -27,8 +27,11 @@ class DataConfig(_Strict):
     numeric: Optional[list[str]] = None  # csv: columns that must be numbers (default: inferred)
     columns: Optional[list[str]] = None  # csv: the feature columns, in this order (default: every column but the target)
     drop: list[str] = Field(default_factory=list)  # csv: columns to leave out (an ID column, one the teacher never saw)
-    scaling: Literal["standardize", "minmax", "none"] = "standardize"  # csv: per numeric column; arrays: over all values
+    scaling: Literal["standardize", "minmax", "none"] = "standardize"  # csv: per numeric column; arrays, images: over all values
     shape: Optional[list[int]] = None  # csv / arrays: each example reshaped to this (a pixel table: [1, 28, 28])
+    channels: Optional[Literal[1, 3]] = None  # images: grayscale or RGB (default: as the first image)
+    image_size: Optional[list[int]] = None  # images: [height, width] every image is resized to (default: all one size already)
+    skip_bad_files: bool = False  # images: skip unreadable files (counted in the log and the report) instead of stopping
     val_fraction: float = Field(0.1, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)  # ignored for fashion_mnist (own test set)
     encoding: str = "utf-8"  # csv / text / lm_text: the files' text encoding (latin-1, cp1252, ...)
@@ -38,6 +41,13 @@ class DataConfig(_Strict):
     @classmethod
     def _known_encoding(cls, name: str) -> str:
         return known_encoding(name)
+
+    @field_validator("image_size")
+    @classmethod
+    def _two_sizes(cls, size: Optional[list[int]]) -> Optional[list[int]]:
+        if size is not None and (len(size) != 2 or not all(1 <= n <= 8192 for n in size)):
+            raise ValueError(f"image_size {size} must be [height, width], each 1 to 8192")
+        return size
 
     @field_validator("shape")
     @classmethod

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -12,6 +13,7 @@ from ..errors import DataError
 from .arrays import read_arrays, scale
 from .base import DataSplits, Split
 from .config import DataConfig
+from .images import read_images
 from .labels import require_two_classes
 from .lm import load_lm_corpus
 from .tabular import read_csv_table
@@ -144,6 +146,25 @@ def load_arrays(cfg: DataConfig, seed: int) -> DataSplits:
     if not cfg.path:
         raise DataError("data.source is 'arrays' but data.path is empty; set data.path to a .npy (with data.labels) or .npz file")
     x, y, classes = read_arrays(cfg.path, cfg.labels)
+    return _array_splits(cfg, seed, x, y, classes, f"arrays {cfg.path}", f"{x.dtype} arrays")
+
+
+def load_images(cfg: DataConfig, seed: int) -> DataSplits:
+    """Image files (class folders or a manifest) decoded with Pillow to one channel count and size, as x / 255, then
+    scaled over all training values (data.scaling)."""
+    if not cfg.path:
+        raise DataError("data.source is 'images' but data.path is empty; set data.path to a folder with one subfolder "
+                        "per class, or a .csv / .jsonl manifest (path, label)")
+    x, y, classes, skipped = read_images(cfg.path, cfg.channels, cfg.image_size, cfg.skip_bad_files, cfg.encoding)
+    skip = f", {len(skipped)} unreadable files skipped" if skipped else ""
+    return _array_splits(cfg, seed, x, y, classes, f"images {cfg.path}{skip}", "uint8 images (0..255)", divide=255.0,
+                         extra={"skipped_files": len(skipped)} if cfg.skip_bad_files else {})
+
+
+def _array_splits(cfg: DataConfig, seed: int, x: np.ndarray, y: np.ndarray, classes: list[str], what: str, raw: str,
+                  divide: float = 1.0, extra: Optional[dict] = None) -> DataSplits:
+    """Stratified seeded splits of in-memory (or memory-mapped) examples, x / ``divide`` scaled over all training
+    values (data.scaling) and reshaped (data.shape)."""
     idx = np.arange(len(y))
     rest, test = _split(idx, y, cfg.test_fraction, seed)[:2]
     train, val = _split(rest, y[rest], cfg.val_fraction, seed)[:2]
@@ -152,14 +173,15 @@ def load_arrays(cfg: DataConfig, seed: int) -> DataSplits:
     if int(np.prod(shape)) != int(np.prod(x.shape[1:])):
         raise DataError(f"{cfg.path}: data.shape {list(shape)} holds {int(np.prod(shape))} values but each example has "
                         f"{int(np.prod(x.shape[1:]))} (shape {list(x.shape[1:])}); fix data.shape")
-    shift, divisor, steps = scale(x[train], cfg.scaling)
-    part = {name: ((np.asarray(x[rows], dtype=np.float32) - shift) / divisor).reshape(len(rows), *shape)
+    shift, divisor, steps = scale(np.asarray(x[train], dtype=np.float32) / divide, cfg.scaling)
+    part = {name: ((np.asarray(x[rows], dtype=np.float32) / divide - shift) / divisor).reshape(len(rows), *shape)
             for name, rows in (("train", train), ("val", val), ("test", test))}
     return _splits(part["train"], y[train], part["val"], y[val], part["test"], y[test],
                    num_classes=len(classes), input_shape=shape, class_names=classes, is_image=len(shape) == 3,
-                   description=f"arrays {cfg.path} ({len(y)} examples of shape {list(shape)}, {SCALED[cfg.scaling]})",
-                   preprocessing={"raw": f"{x.dtype} arrays, each example of shape {list(x.shape[1:])}",
-                                  "layout": f"N, {', '.join(map(str, shape))}", "scaling": cfg.scaling, "steps": steps})
+                   description=f"{what} ({len(y)} examples of shape {list(shape)}, {SCALED[cfg.scaling]})",
+                   preprocessing={"raw": f"{raw}, each example of shape {list(x.shape[1:])}", "layout": f"N, {', '.join(map(str, shape))}",
+                                  "scaling": cfg.scaling, "steps": ([f"x / {divide:g}"] if divide != 1 else []) + steps,
+                                  **(extra or {})})
 
 
 def load_text(cfg: DataConfig, seed: int) -> DataSplits:
@@ -194,6 +216,6 @@ def load_text(cfg: DataConfig, seed: int) -> DataSplits:
 
 
 def load_data(cfg: DataConfig, seed: int) -> DataSplits:
-    loader = {"digits": load_digits_data, "fashion_mnist": load_fashion_mnist, "csv": load_csv, "arrays": load_arrays, "text": load_text,
-              "lm_text": load_lm_corpus}[cfg.source]
+    loader = {"digits": load_digits_data, "fashion_mnist": load_fashion_mnist, "csv": load_csv, "arrays": load_arrays,
+              "images": load_images, "text": load_text, "lm_text": load_lm_corpus}[cfg.source]
     return loader(cfg, seed)

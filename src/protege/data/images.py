@@ -1,0 +1,116 @@
+"""Image files as a data source: a folder with one subfolder per class, or a manifest (.csv / .jsonl with the columns
+`path` and `label`, paths relative to the manifest), decoded with Pillow to one channel count and one size."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import DataError
+from .labels import check_labels, require_two_classes
+from .text import read_rows
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def list_images(path: str, encoding: str = "utf-8") -> tuple[list[Path], list[str]]:
+    """(files, label of each) from a class-folder tree or a manifest file."""
+    root = Path(path)
+    if root.is_dir():
+        return _class_folders(root)
+    if root.is_file() and root.suffix in (".csv", ".jsonl"):
+        return _manifest(root, encoding)
+    if root.is_file():
+        raise DataError(f"data.path '{root}' is a {root.suffix or 'plain'} file; for images give a folder with one "
+                        f"subfolder per class, or a manifest (.csv / .jsonl with columns path and label)")
+    raise DataError(f"image folder or manifest '{root}' not found; set data.path to a folder with one subfolder per "
+                    f"class, or to a .csv / .jsonl manifest")
+
+
+def _class_folders(root: Path) -> tuple[list[Path], list[str]]:
+    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root} has no class subfolders; put each class's images in a subfolder named after the class "
+                        f"({root}/cat/1.png, {root}/dog/2.png, ...)")
+    files, labels = [], []
+    for folder in classes:
+        found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
+        if not found:
+            raise DataError(f"class folder {folder} holds no images ({', '.join(sorted(SUFFIXES))}); add images or remove "
+                            f"the folder")
+        files += found
+        labels += [folder.name] * len(found)
+    return files, labels
+
+
+def _manifest(path: Path, encoding: str) -> tuple[list[Path], list[str]]:
+    rows = read_rows(path, encoding)
+    if not rows:
+        raise DataError(f"manifest {path} has no rows; list one image per row (columns path and label)")
+    missing = [c for c in ("path", "label") if c not in rows[0]]
+    if missing:
+        raise DataError(f"manifest {path} has no column {' or '.join(missing)}; its columns: {', '.join(map(str, rows[0]))}")
+    labels = [r.get("label") for r in rows]
+    check_labels(labels, str(path), "label")
+    files = []
+    for n, r in enumerate(rows, 1):
+        f = path.parent / str(r.get("path") or "")
+        if not f.is_file():
+            raise DataError(f"manifest {path}: row {n} names '{r.get('path')}', which is not a file (paths are relative "
+                            f"to the manifest's folder); fix the path or remove the row")
+        files.append(f)
+    return files, [str(v).strip() for v in labels]
+
+
+def decode(files: list[Path], channels: Optional[int], size: Optional[list[int]], skip_bad: bool) -> tuple[np.ndarray, list[int], list[str]]:
+    """uint8 (N, C, H, W) of the files that decode, their indices, and the files skipped (``skip_bad``; otherwise an
+    unreadable file is an error). Every image is converted to ``channels`` (default: 1 if the first is grayscale,
+    else 3) and resized to ``size`` [H, W] (default: all images must already share one size)."""
+    mode, kept, out, skipped, first = None, [], [], [], None
+    if channels is not None:
+        mode = "L" if channels == 1 else "RGB"
+    for i, f in enumerate(files):
+        try:
+            with Image.open(f) as im:
+                im.load()
+                if mode is None:
+                    mode = "L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB"
+                im = im.convert(mode)
+                if size is not None:
+                    im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+                a = np.asarray(im, dtype=np.uint8)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            if not skip_bad:
+                raise DataError(f"{f} is not a readable image ({type(e).__name__}); fix or remove it, or set "
+                                f"data.skip_bad_files: true to skip unreadable files (they are counted in the report)") from None
+            skipped.append(str(f))
+            continue
+        if first is None:
+            first = (f, a.shape[:2])
+        elif a.shape[:2] != first[1]:
+            raise DataError(f"images of different sizes: {first[0]} is {first[1][1]}x{first[1][0]} but {f} is "
+                            f"{a.shape[1]}x{a.shape[0]} (width x height); set data.image_size: [height, width] to resize them all")
+        out.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+        kept.append(i)
+    if not out:
+        raise DataError(f"none of the {len(files)} image files could be read; check the files")
+    if skipped:
+        log.warning(f"data: skipped {len(skipped)} unreadable image file(s), e.g. {skipped[0]}")
+    return np.stack(out), kept, skipped
+
+
+def read_images(path: str, channels: Optional[int], size: Optional[list[int]], skip_bad: bool,
+                encoding: str = "utf-8") -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """(uint8 images (N, C, H, W), class index per image, class names, files skipped)."""
+    files, labels = list_images(path, encoding)
+    x, kept, skipped = decode(files, channels, size, skip_bad)
+    labels = [labels[i] for i in kept]
+    classes = sorted(set(labels))
+    require_two_classes(classes, str(path), "label (class folders)")
+    index = {c: i for i, c in enumerate(classes)}
+    return x, np.array([index[v] for v in labels], dtype=np.int64), classes, skipped
