@@ -17,7 +17,8 @@ comparison holds on any machine (float results depend on the instruction set; se
     (safetensors' save_model keeps the first in sorted order and names the others in the file's metadata; protege
     before it kept the first in state-dict order): keys a file's metadata declares one tensor are compared as one;
   * every accuracy, macro-F1, agreement and perplexity figure and parameter count in report.json;
-  * the input description stamped into every ONNX file (shape, dtype and preprocessing, e.g. a CSV's means and stds).
+  * the input description stamped into every ONNX file (shape, dtype and preprocessing, e.g. a CSV's means and stds):
+    every key the reference writes, with the same value (this tree may add keys, as later features do);
 Latency, file sizes and timestamps are not compared (they are measurements, or depend on file metadata).
 Writes benchmarks/results/identity.json with the figures, the verdict per case and the environment.
 Exit status 1 if any case differs.
@@ -34,6 +35,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent
@@ -165,15 +167,23 @@ def tensor_digests(run: Path) -> tuple[dict[str, str], dict[str, str]]:
     return out, aliases
 
 
-def onnx_inputs(run: Path) -> dict[str, str]:
-    """sha256 of the protege.input metadata of every ONNX file of the run (what a user feeds the file, and how)."""
+def onnx_inputs(run: Path) -> dict[str, Any]:
+    """The protege.input metadata of every ONNX file of the run (what a user feeds the file, and how), parsed."""
     import onnx
 
     out = {}
     for f in sorted(run.rglob("*.onnx")):
         meta = {p.key: p.value for p in onnx.load(str(f), load_external_data=False).metadata_props}
-        out[f"{f.relative_to(run)}:protege.input"] = hashlib.sha256(meta.get("protege.input", "").encode()).hexdigest()[:16]
+        out[f"{f.relative_to(run)}:protege.input"] = json.loads(meta.get("protege.input") or "null")
     return out
+
+
+def holds(reference: Any, this: Any) -> bool:
+    """Whether ``this`` says everything ``reference`` says, with the same values; it may say more (a key later
+    versions add, such as the CSV's scaling)."""
+    if isinstance(reference, dict):
+        return isinstance(this, dict) and all(k in this and holds(v, this[k]) for k, v in reference.items())
+    return reference == this
 
 
 def report_numbers(run: Path) -> dict:
@@ -252,8 +262,9 @@ def differences(a: dict, b: dict) -> list[str]:
         if part == "tensors":
             x, y = by_tied_name(x, name), by_tied_name(y, name)
         for k in sorted(set(x) | set(y)):
-            if x.get(k) != y.get(k):
-                out.append(f"{part} {k}: {x.get(k)!r} -> {y.get(k)!r}")
+            same = holds(x.get(k), y.get(k)) if part == "inputs" and k in x else x.get(k) == y.get(k)
+            if not same:
+                out.append(f"{part} {k}: {str(x.get(k))[:200]!r} -> {str(y.get(k))[:200]!r}")
     return out
 
 
