@@ -76,6 +76,9 @@ CASES: dict[str, tuple[str, list[str], list[list[str]]]] = {
     "csv": ("csv", [], []),
     "demo": ("demo", [], []),
 }
+# --set items a later version needs to do what the reference did by default, given only to versions that know the
+# field (data.missing: since issue 16 an empty CSV cell is an error unless filling is asked for)
+LATER_DEFAULTS: dict[str, list[tuple[str, str]]] = {"csv": [("data.missing=mean", "missing:")]}
 DEPENDS = {"teacher_kd"}  # cases whose teacher file the others read ({T})
 NUMBERS = ("accuracy", "macro_f1", "agreement", "test_ppl", "test_loss", "params", "test_examples", "test_tokens",
            "compression_ratio", "onnx_max_abs_diff", "chosen")
@@ -221,7 +224,10 @@ def run_version(src: Path, case: str, work: Path, fx: dict[str, Path], teacher: 
         commands = [cli + ["demo", "--out", str(run), "--overwrite"]]
     else:
         path = recipe_file(recipe, fx, work) if recipe in ("text", "lm", "csv") else REPO / recipe
-        fill = [s.replace("{T}", str(teacher)) for s in sets]
+        config = src / "src" / "protege" / "data" / "config.py"  # DataConfig's file since the redesign
+        declared = config.read_text() if config.is_file() else ""
+        fill = [s.replace("{T}", str(teacher)) for s in sets] + [item for item, field in LATER_DEFAULTS.get(case, [])
+                                                                 if f"    {field}" in declared]
         commands = [cli + ["distill", str(path), "--out", str(run), "--overwrite"] + [a for s in fill for a in ("--set", s)]]
     commands += [cli + [a.replace("{RUN}", str(run)) for a in c] for c in after]
     start = time.perf_counter()

@@ -84,3 +84,12 @@ def test_a_damaged_numpy_file_is_a_one_line_error(tmp_path, name, content):
     fields = {"path": str(tmp_path / name), **({"labels": str(tmp_path / "y.npy")} if name.endswith(".npy") else {})}
     with pytest.raises(DataError, match="is not a readable NumPy file"):
         load_data(DataConfig(source="arrays", **fields), 0)
+
+
+def test_a_nan_or_inf_input_names_the_example_and_position(tmp_path):
+    x = np.zeros((20, 2, 3), dtype=np.float32)
+    x[13, 1, 2] = np.inf
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", np.arange(20) % 2)
+    with pytest.raises(DataError, match=r"x.npy: example 13 holds inf at position \[1, 2\]; inputs must be finite"):
+        load_data(DataConfig(source="arrays", path=str(tmp_path / "x.npy"), labels=str(tmp_path / "y.npy")), 0)

@@ -28,7 +28,7 @@ def _table(tmp_path, n=60):
 
 
 def test_csv_numeric_and_categorical(tmp_path):
-    d = load_data(DataConfig(source="csv", path=str(_table(tmp_path)), target="label"), 0)
+    d = load_data(DataConfig(source="csv", path=str(_table(tmp_path)), target="label", missing="mean"), 0)
     assert d.num_classes == 2 and d.class_names == ["no", "yes"]
     assert d.input_shape == (2 + 3,)  # age, income standardised; city one-hot over 3 values
     onehot = d.train.x[:, 2:]
@@ -42,8 +42,8 @@ def test_csv_numeric_and_categorical(tmp_path):
 def test_csv_limit_and_unknown_column(tmp_path):
     p = _table(tmp_path)
     with pytest.raises(DataError, match="column 'zip'"):
-        load_data(DataConfig(source="csv", path=str(p), target="label", categorical=["zip"]), 0)
-    d = load_data(DataConfig(source="csv", path=str(p), target="label", limit=10), 0)
+        load_data(DataConfig(source="csv", path=str(p), target="label", missing="mean", categorical=["zip"]), 0)
+    d = load_data(DataConfig(source="csv", path=str(p), target="label", missing="mean", limit=10), 0)
     assert len(d.train) == 10
 
 
@@ -90,28 +90,28 @@ def test_csv_encoding_is_the_documented_formula_bit_for_bit(tmp_path):
 # ---------------------------------------------------------------- choosing columns, scaling, rows as images
 def test_csv_columns_can_be_chosen_or_dropped(tmp_path):
     p = _table(tmp_path)
-    dropped = load_data(DataConfig(source="csv", path=str(p), target="label", drop=["city"]), 0)
+    dropped = load_data(DataConfig(source="csv", path=str(p), target="label", missing="mean", drop=["city"]), 0)
     assert dropped.input_shape == (2,) and "dropped city" in dropped.description
-    chosen = load_data(DataConfig(source="csv", path=str(p), target="label", columns=["income", "age"]), 0)
-    full = load_data(DataConfig(source="csv", path=str(p), target="label"), 0)
+    chosen = load_data(DataConfig(source="csv", path=str(p), target="label", missing="mean", columns=["income", "age"]), 0)
+    full = load_data(DataConfig(source="csv", path=str(p), target="label", missing="mean"), 0)
     assert torch.equal(chosen.train.x, full.train.x[:, [1, 0]])  # in the order given
     for cfg, field in ((dict(drop=["zip"]), "data.drop"), (dict(columns=["age", "zip"]), "data.columns")):
         with pytest.raises(DataError, match=f"column 'zip' in {field} is not a feature column.*age, city, income"):
-            load_data(DataConfig(source="csv", path=str(p), target="label", **cfg), 0)
+            load_data(DataConfig(source="csv", path=str(p), target="label", missing="mean", **cfg), 0)
     with pytest.raises(DataError, match="leave no feature column"):
-        load_data(DataConfig(source="csv", path=str(p), target="label", columns=["age"], drop=["age"]), 0)
+        load_data(DataConfig(source="csv", path=str(p), target="label", missing="mean", columns=["age"], drop=["age"]), 0)
 
 
 def test_csv_scaling_none_and_minmax(tmp_path):
     p = _table(tmp_path)
-    raw = load_data(DataConfig(source="csv", path=str(p), target="label", drop=["city"], scaling="none"), 0)
+    raw = load_data(DataConfig(source="csv", path=str(p), target="label", missing="mean", drop=["city"], scaling="none"), 0)
     rows = [line.split(",") for line in p.read_text().splitlines()[1:]]
     ages = sorted(float(r[0]) for r in rows)
     assert sorted(torch.cat([raw.train.x[:, 0], raw.val.x[:, 0], raw.test.x[:, 0]]).tolist()) == ages  # as they are
     assert "unscaled" in raw.description and raw.preprocessing["scaling"] == "none"
     incomes = [float(r[2]) for r in rows if r[2]]
     assert raw.preprocessing["numeric"]["income"]["missing"] != 0 and min(incomes) < raw.preprocessing["numeric"]["income"]["missing"] < max(incomes)
-    mm = load_data(DataConfig(source="csv", path=str(p), target="label", drop=["city"], scaling="minmax"), 0)
+    mm = load_data(DataConfig(source="csv", path=str(p), target="label", missing="mean", drop=["city"], scaling="minmax"), 0)
     assert mm.train.x.min() == 0 and mm.train.x.max() == 1 and "scaled to [0, 1]" in mm.description
     assert set(mm.preprocessing["numeric"]["age"]) == {"min", "max", "missing"}
 
@@ -121,11 +121,11 @@ def test_a_pixel_table_becomes_images_with_data_shape(tmp_path):
     p = tmp_path / "pixels.csv"
     p.write_text("id," + ",".join(f"p{i}" for i in range(16)) + ",label\n" + "".join(
         f"{i}," + ",".join(str(v) for v in rng.integers(0, 256, 16)) + f",{i % 3}\n" for i in range(60)))
-    d = load_data(DataConfig(source="csv", path=str(p), target="label", drop=["id"], shape=[1, 4, 4], scaling="none"), 0)
+    d = load_data(DataConfig(source="csv", path=str(p), target="label", missing="mean", drop=["id"], shape=[1, 4, 4], scaling="none"), 0)
     assert d.input_shape == (1, 4, 4) and d.is_image and d.train.x.shape[1:] == (1, 4, 4)
     assert d.preprocessing["layout"] == "N, 1, 4, 4" and "rows as [1, 4, 4]" in d.description
     with pytest.raises(DataError, match=r"data.shape \[1, 4, 4\] holds 16 values but each row has 17 features"):
-        load_data(DataConfig(source="csv", path=str(p), target="label", shape=[1, 4, 4]), 0)
+        load_data(DataConfig(source="csv", path=str(p), target="label", missing="mean", shape=[1, 4, 4]), 0)
     with pytest.raises(ValueError, match="positive sizes"):
         DataConfig(source="csv", shape=[0, 4])
 
@@ -140,3 +140,16 @@ def test_a_file_in_another_encoding_reads_with_data_encoding(tmp_path):
     assert any("zürich" in f or "béziers" in f for f in d.preprocessing["features_in_order"])  # decoded as latin-1
     with pytest.raises(ValueError, match="encoding 'latin-9000' is not one Python knows"):
         DataConfig(source="csv", encoding="latin-9000")
+
+
+def test_an_empty_numeric_cell_is_an_error_unless_filling_is_asked_for(tmp_path):
+    p = _table(tmp_path)  # row 7 (the sixth data row) has no income
+    with pytest.raises(DataError, match=r"t.csv: row 7 column 'income' is empty \(or NaN\); .*data.missing: mean"):
+        load_data(DataConfig(source="csv", path=str(p), target="label"), 0)
+    lines = p.read_text().splitlines()
+    lines[6] = lines[6].replace(",,", ",nan,")
+    p.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"row 7 column 'income' is empty \(or NaN\)"):
+        load_data(DataConfig(source="csv", path=str(p), target="label"), 0)
+    filled = load_data(DataConfig(source="csv", path=str(p), target="label", missing="mean"), 0)
+    assert torch.isfinite(filled.train.x).all()

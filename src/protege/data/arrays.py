@@ -65,6 +65,8 @@ def _checked(x: np.ndarray, y: np.ndarray, p: Path) -> tuple[np.ndarray, np.ndar
                         f"least one value (shape [N, features] or [N, C, H, W])")
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
         raise DataError(f"{p}: inputs of dtype {x.dtype}; save numbers (float or integer)")
+    if np.issubdtype(x.dtype, np.floating):
+        _require_finite(x, p)
     if y.ndim != 1 or len(y) != len(x):
         raise DataError(f"{p}: {len(x)} inputs but labels of shape {list(y.shape)}; give one label per example (shape [{len(x)}])")
     if np.issubdtype(y.dtype, np.floating) and not np.isfinite(y).all():
@@ -76,6 +78,17 @@ def _checked(x: np.ndarray, y: np.ndarray, p: Path) -> tuple[np.ndarray, np.ndar
     require_two_classes(classes, str(p), "labels")
     index = {c: i for i, c in enumerate(classes)}
     return x, np.array([index[str(v)] for v in raw], dtype=np.int64), classes
+
+
+def _require_finite(x: np.ndarray, p: Path, chunk: int = 4096) -> None:
+    """Every input value finite (read in chunks: a memory-mapped file is not copied whole); else one line naming the
+    example and the position of the first NaN or inf."""
+    for start in range(0, len(x), chunk):
+        bad = ~np.isfinite(np.asarray(x[start:start + chunk]))
+        if bad.any():
+            where = np.argwhere(bad)[0]
+            raise DataError(f"{p}: example {start + int(where[0])} holds {x[start + int(where[0])][tuple(where[1:])]} at "
+                            f"position {[int(i) for i in where[1:]]}; inputs must be finite numbers: fix or drop that example")
 
 
 def _numeric(c: str) -> bool:

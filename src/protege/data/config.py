@@ -28,6 +28,7 @@ class DataConfig(_Strict):
     columns: Optional[list[str]] = None  # csv: the feature columns, in this order (default: every column but the target)
     drop: list[str] = Field(default_factory=list)  # csv: columns to leave out (an ID column, one the teacher never saw)
     scaling: Literal["standardize", "minmax", "none"] = "standardize"  # csv: per numeric column; arrays, images: over all values
+    missing: Literal["error", "mean"] = "error"  # csv: an empty (or NaN) numeric cell is an error, or filled with the training mean
     shape: Optional[list[int]] = None  # csv / arrays: each example reshaped to this (a pixel table: [1, 28, 28])
     channels: Optional[Literal[1, 3]] = None  # images: grayscale or RGB (default: as the first image)
     image_size: Optional[list[int]] = None  # images: [height, width] every image is resized to (default: all one size already)

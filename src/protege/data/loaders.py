@@ -112,7 +112,7 @@ def load_csv(cfg: DataConfig, seed: int) -> DataSplits:
     rest, test = _split(idx, table.labels, cfg.test_fraction, seed)[:2]
     train, val = _split(rest, table.labels[rest], cfg.val_fraction, seed)[:2]
     train = _limit(train, train, cfg.limit, seed)[0]
-    enc = table.fit_encoder(train, cfg.numeric, cfg.categorical, cfg.scaling)
+    enc = table.fit_encoder(train, cfg.numeric, cfg.categorical, cfg.scaling, cfg.missing)
     shape = _row_shape(cfg, enc)
     y = table.labels
     x = {name: enc(rows).reshape(len(rows), *shape) for name, rows in (("train", train), ("val", val), ("test", test))}

@@ -61,11 +61,17 @@ class Table:
                                 f"replace it with a finite value or leave the cell empty (filled with the column mean)")
         return out
 
-    def _matrix(self, rows: np.ndarray, numeric: list[int], categorical: list[int]) -> np.ndarray:
-        """The rows as the encoder's input: the numeric columns parsed (a missing cell NaN), then the categorical cells."""
+    def _matrix(self, rows: np.ndarray, numeric: list[int], categorical: list[int], missing: str = "mean") -> np.ndarray:
+        """The rows as the encoder's input: the numeric columns parsed (a missing cell NaN, an error unless ``missing``
+        is "mean"), then the categorical cells."""
         out = np.empty((len(rows), len(numeric) + len(categorical)), dtype=object)
         for k, j in enumerate(numeric):
-            out[:, k] = self._numeric_column(j, rows)
+            col = self._numeric_column(j, rows)
+            if missing == "error" and np.isnan(col).any():
+                r = int(rows[int(np.flatnonzero(np.isnan(col))[0])])
+                raise DataError(f"{self.path}: row {r + 2} column '{self.columns[j]}' is empty (or NaN); fill it in, remove "
+                                f"the row, or set data.missing: mean to fill empty numeric cells with the column's training mean")
+            out[:, k] = col
         for k, j in enumerate(categorical, start=len(numeric)):
             out[:, k] = [self.cells[r][j] for r in rows]
         return out
@@ -85,7 +91,7 @@ class Table:
         return Table(self.path, keep, [[row[j] for j in idx] for row in self.cells], self.labels, self.classes)
 
     def fit_encoder(self, train: np.ndarray, numeric: Optional[list[str]], categorical: Optional[list[str]],
-                    scaling: str = "standardize") -> Encoder:
+                    scaling: str = "standardize", missing: str = "mean") -> Encoder:
         for name in (numeric or []) + (categorical or []):
             if name not in self.columns:
                 raise DataError(f"{self.path}: column '{name}' named in the recipe is not in the file; columns: {', '.join(self.columns)}")
@@ -98,14 +104,14 @@ class Table:
         vocab = [sorted({self.cells[r][j] for r in train}) for j in cat_idx]
         encoder = _column_transformer(len(num_idx), vocab, scaling)
         with np.errstate(divide="ignore", invalid="ignore"):  # a column with no value: NaN statistics, replaced below
-            encoder.fit(self._matrix(train, num_idx, cat_idx))
+            encoder.fit(self._matrix(train, num_idx, cat_idx, missing))
         stats = _numeric_statistics(encoder) if num_idx and scaling == "standardize" else []
         width = len(num_idx) + sum(len(v) for v in vocab)
 
         def transform(rows: np.ndarray) -> np.ndarray:
             if not width:
                 return np.zeros((len(rows), 0), np.float32)
-            return encoder.transform(self._matrix(rows, num_idx, cat_idx)).astype(np.float32)
+            return encoder.transform(self._matrix(rows, num_idx, cat_idx, missing)).astype(np.float32)
 
         describe = {"features_in_order": [f"{self.columns[j]} (numeric)" for j in num_idx]
                     + [f"{self.columns[j]} = {v!r} (one-hot)" for j, values in zip(cat_idx, vocab) for v in values],
