@@ -12,7 +12,7 @@ from .decode import known_encoding
 class DataConfig(_Strict):
     """Where the examples come from and how they are split."""
 
-    source: Literal["digits", "fashion_mnist", "csv", "arrays", "images", "text", "lm_text"] = "digits"
+    source: Literal["digits", "fashion_mnist", "csv", "arrays", "images", "hf_dataset", "text", "lm_text"] = "digits"
     path: Optional[PathStr] = None  # csv, arrays .npy/.npz, images folder or manifest, text .csv/.jsonl, Fashion-MNIST folder
     labels: Optional[PathStr] = None  # arrays: a .npy of one label per example, when path is a .npy of inputs
     target: Optional[str] = None  # csv / text: the label column (text default: label)
@@ -30,6 +30,7 @@ class DataConfig(_Strict):
     scaling: Literal["standardize", "minmax", "none"] = "standardize"  # csv: per numeric column; arrays, images: over all values
     missing: Literal["error", "mean"] = "error"  # csv: an empty (or NaN) numeric cell is an error, or filled with the training mean
     shape: Optional[list[int]] = None  # csv / arrays: each example reshaped to this (a pixel table: [1, 28, 28])
+    image: Optional[str] = None  # hf_dataset: the image column (default: the dataset's one Image column)
     channels: Optional[Literal[1, 3]] = None  # images: grayscale or RGB (default: as the first image)
     image_size: Optional[list[int]] = None  # images: [height, width] every image is resized to (default: all one size already)
     skip_bad_files: bool = False  # images: skip unreadable files (counted in the log and the report) instead of stopping

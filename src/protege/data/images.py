@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -68,15 +68,22 @@ def _manifest(path: Path, encoding: str) -> tuple[list[Path], list[str]]:
 
 
 def decode(files: list[Path], channels: Optional[int], size: Optional[list[int]], skip_bad: bool) -> tuple[np.ndarray, list[int], list[str]]:
-    """uint8 (N, C, H, W) of the files that decode, their indices, and the files skipped (``skip_bad``; otherwise an
-    unreadable file is an error). Every image is converted to ``channels`` (default: 1 if the first is grayscale,
-    else 3) and resized to ``size`` [H, W] (default: all images must already share one size)."""
+    """uint8 (N, C, H, W) of the files that decode, their indices, and the files skipped (see ``decode_images``)."""
+    return decode_images([(str(f), lambda f=f: Image.open(f)) for f in files], channels, size, skip_bad)
+
+
+def decode_images(items: list[tuple[str, Callable[[], Image.Image]]], channels: Optional[int], size: Optional[list[int]],
+                  skip_bad: bool) -> tuple[np.ndarray, list[int], list[str]]:
+    """uint8 (N, C, H, W) of the images that decode, their indices, and the names of those skipped (``skip_bad``;
+    otherwise an unreadable image is an error). ``items``: (name for messages, a call that opens the image). Every
+    image is converted to ``channels`` (default: 1 if the first is grayscale, else 3) and resized to ``size`` [H, W]
+    (default: all images must already share one size)."""
     mode, kept, out, skipped, first = None, [], [], [], None
     if channels is not None:
         mode = "L" if channels == 1 else "RGB"
-    for i, f in enumerate(files):
+    for i, (name, open_image) in enumerate(items):
         try:
-            with Image.open(f) as im:
+            with open_image() as im:
                 im.load()
                 if mode is None:
                     mode = "L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB"
@@ -86,21 +93,21 @@ def decode(files: list[Path], channels: Optional[int], size: Optional[list[int]]
                 a = np.asarray(im, dtype=np.uint8)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             if not skip_bad:
-                raise DataError(f"{f} is not a readable image ({type(e).__name__}); fix or remove it, or set "
+                raise DataError(f"{name} is not a readable image ({type(e).__name__}); fix or remove it, or set "
                                 f"data.skip_bad_files: true to skip unreadable files (they are counted in the report)") from None
-            skipped.append(str(f))
+            skipped.append(name)
             continue
         if first is None:
-            first = (f, a.shape[:2])
+            first = (name, a.shape[:2])
         elif a.shape[:2] != first[1]:
-            raise DataError(f"images of different sizes: {first[0]} is {first[1][1]}x{first[1][0]} but {f} is "
+            raise DataError(f"images of different sizes: {first[0]} is {first[1][1]}x{first[1][0]} but {name} is "
                             f"{a.shape[1]}x{a.shape[0]} (width x height); set data.image_size: [height, width] to resize them all")
         out.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
         kept.append(i)
     if not out:
-        raise DataError(f"none of the {len(files)} image files could be read; check the files")
+        raise DataError(f"none of the {len(items)} images could be read; check the files")
     if skipped:
-        log.warning(f"data: skipped {len(skipped)} unreadable image file(s), e.g. {skipped[0]}")
+        log.warning(f"data: skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}")
     return np.stack(out), kept, skipped
 
 

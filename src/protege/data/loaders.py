@@ -13,6 +13,7 @@ from ..errors import DataError
 from .arrays import read_arrays, scale
 from .base import DataSplits, Split
 from .config import DataConfig
+from .hf_dataset import read_hf_dataset
 from .images import read_images
 from .labels import require_two_classes
 from .lm import load_lm_corpus
@@ -146,7 +147,7 @@ def load_arrays(cfg: DataConfig, seed: int) -> DataSplits:
     if not cfg.path:
         raise DataError("data.source is 'arrays' but data.path is empty; set data.path to a .npy (with data.labels) or .npz file")
     x, y, classes = read_arrays(cfg.path, cfg.labels)
-    return _array_splits(cfg, seed, x, y, classes, f"arrays {cfg.path}", f"{x.dtype} arrays")
+    return _array_splits(cfg, seed, {"all": (x, y)}, classes, f"arrays {cfg.path}", f"{x.dtype} arrays")
 
 
 def load_images(cfg: DataConfig, seed: int) -> DataSplits:
@@ -157,18 +158,52 @@ def load_images(cfg: DataConfig, seed: int) -> DataSplits:
                         "per class, or a .csv / .jsonl manifest (path, label)")
     x, y, classes, skipped = read_images(cfg.path, cfg.channels, cfg.image_size, cfg.skip_bad_files, cfg.encoding)
     skip = f", {len(skipped)} unreadable files skipped" if skipped else ""
-    return _array_splits(cfg, seed, x, y, classes, f"images {cfg.path}{skip}", "uint8 images (0..255)", divide=255.0,
+    return _array_splits(cfg, seed, {"all": (x, y)}, classes, f"images {cfg.path}{skip}", "uint8 images (0..255)", divide=255.0,
                          extra={"skipped_files": len(skipped)} if cfg.skip_bad_files else {})
 
 
-def _array_splits(cfg: DataConfig, seed: int, x: np.ndarray, y: np.ndarray, classes: list[str], what: str, raw: str,
-                  divide: float = 1.0, extra: Optional[dict] = None) -> DataSplits:
-    """Stratified seeded splits of in-memory (or memory-mapped) examples, x / ``divide`` scaled over all training
-    values (data.scaling) and reshaped (data.shape)."""
-    idx = np.arange(len(y))
-    rest, test = _split(idx, y, cfg.test_fraction, seed)[:2]
-    train, val = _split(rest, y[rest], cfg.val_fraction, seed)[:2]
-    train = _limit(train, train, cfg.limit, seed)[0]
+def load_hf_dataset(cfg: DataConfig, seed: int) -> DataSplits:
+    """A Hugging Face datasets folder or Parquet files: an image column (as the images source) or numeric columns
+    (as the arrays source); the dataset's test and validation splits are used where it has them."""
+    if not cfg.path:
+        raise DataError("data.source is 'hf_dataset' but data.path is empty; set data.path to a save_to_disk folder or "
+                        "Parquet files")
+    parts, classes, kind = read_hf_dataset(cfg.path, cfg.target or "label", cfg.columns, cfg.image, cfg.channels,
+                                           cfg.image_size, cfg.skip_bad_files)
+    return _array_splits(cfg, seed, parts, classes, f"Hugging Face dataset {cfg.path} ({', '.join(parts)})",
+                         "uint8 images (0..255)" if kind == "images" else "float32 columns",
+                         divide=255.0 if kind == "images" else 1.0)
+
+
+def _roles(cfg: DataConfig, seed: int, y: np.ndarray, given: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices of train, validation and test: the ``given`` ones (indices of a dataset's own splits), the others split
+    off the training examples (stratified, seeded)."""
+    pool = given.get("train", given.get("all"))
+    if "test" in given:
+        rest, test = pool, given["test"]
+    else:
+        rest, test = _split(pool, y[pool], cfg.test_fraction, seed)[:2]
+    if "val" in given:
+        train, val = rest, given["val"]
+    else:
+        train, val = _split(rest, y[rest], cfg.val_fraction, seed)[:2]
+    return _limit(train, train, cfg.limit, seed)[0], val, test
+
+
+def _array_splits(cfg: DataConfig, seed: int, parts: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str],
+                  what: str, raw: str, divide: float = 1.0, extra: Optional[dict] = None) -> DataSplits:
+    """Splits of in-memory (or memory-mapped) examples: ``parts`` maps a role (train, val, test; "all" when the data
+    has no splits of its own) to (inputs, class indices). x / ``divide`` is scaled over all training values
+    (data.scaling) and each example reshaped (data.shape)."""
+    if len(parts) == 1:
+        (x, y), = parts.values()
+        given = {"all": np.arange(len(y))}
+    else:
+        x = np.concatenate([p[0] for p in parts.values()])
+        y = np.concatenate([p[1] for p in parts.values()])
+        ends = np.cumsum([len(p[1]) for p in parts.values()])
+        given = {role: np.arange(end - len(p[1]), end) for (role, p), end in zip(parts.items(), ends)}
+    train, val, test = _roles(cfg, seed, y, given)
     shape = tuple(cfg.shape) if cfg.shape else tuple(x.shape[1:])
     if int(np.prod(shape)) != int(np.prod(x.shape[1:])):
         raise DataError(f"{cfg.path}: data.shape {list(shape)} holds {int(np.prod(shape))} values but each example has "
@@ -217,5 +252,5 @@ def load_text(cfg: DataConfig, seed: int) -> DataSplits:
 
 def load_data(cfg: DataConfig, seed: int) -> DataSplits:
     loader = {"digits": load_digits_data, "fashion_mnist": load_fashion_mnist, "csv": load_csv, "arrays": load_arrays,
-              "images": load_images, "text": load_text, "lm_text": load_lm_corpus}[cfg.source]
+              "images": load_images, "hf_dataset": load_hf_dataset, "text": load_text, "lm_text": load_lm_corpus}[cfg.source]
     return loader(cfg, seed)
