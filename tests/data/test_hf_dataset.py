@@ -76,3 +76,18 @@ def test_a_run_on_a_saved_image_dataset_end_to_end(tmp_path, tiny):
     tiny["teacher"]["train"]["epochs"] = 1
     run = protege.distill(parse_recipe(tiny), tmp_path / "run")
     assert run.report.test_examples == 100 and run.report.student_onnx.accuracy == run.report.student.accuracy
+
+
+def test_a_text_column_is_tokenised_like_the_text_source(folders, tmp_path):
+    from ..helpers import text_recipe
+
+    rows = [{"text": f"{'good great fine' if i % 2 else 'bad awful poor'} number {i}", "label": "pos" if i % 2 else "neg"}
+            for i in range(120)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "reviews"))
+    r = text_recipe(folders)
+    r["data"] = {"source": "hf_dataset", "path": str(tmp_path / "reviews"), "max_length": 16}
+    data = load_data(parse_recipe(r).data, 0)  # the tokenizer defaults to the teacher's folder
+    assert data.is_text and data.class_names == ["neg", "pos"] and len(data.train) + len(data.val) + len(data.test) == 120
+    assert data.train.x.dtype.is_floating_point is False and (data.train.x[:, 0] == 2).all()  # [CLS] first
+    with pytest.raises(DataError, match="set data.tokenizer"):
+        load_data(DataConfig(source="hf_dataset", path=str(tmp_path / "reviews")), 0)

@@ -59,7 +59,7 @@ def _labels(parts: dict[str, Any], target: str, where: str) -> tuple[dict[str, n
     names = getattr(feature, "names", None)
     if names is not None:  # a ClassLabel: integers with names
         return {role: np.asarray(ds[target], dtype=np.int64) for role, ds in parts.items()}, list(names)
-    raw = {role: ds[target] for role, ds in parts.items()}
+    raw = {role: list(ds[target]) for role, ds in parts.items()}
     for role, values in raw.items():
         check_labels(values, f"{where} ({role})", target, first_row=0)
     classes = sorted({str(v) for v in raw.get("train", raw.get("all"))}, key=_class_order)
@@ -93,9 +93,10 @@ def _image_column(ds: Any, wanted: Optional[str], where: str) -> Optional[str]:
 
 
 def read_hf_dataset(path: str, target: str, columns: Optional[list[str]], image: Optional[str], channels: Optional[int],
-                    size: Optional[list[int]], skip_bad: bool) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str], str]:
-    """role -> (inputs, class indices), the class names, and what the inputs are ("images" uint8 (N, C, H, W), or
-    "columns" float32 (N, features))."""
+                    size: Optional[list[int]], skip_bad: bool, text: str = "text") -> tuple[dict[str, tuple[Any, np.ndarray]], list[str], str]:
+    """role -> (inputs, class indices), the class names, and what the inputs are: "columns" (float32 (N, features)
+    from ``columns``), "images" (uint8 (N, C, H, W) from the image column) or "text" (a list of strings from the
+    column ``text``, when there is no image column)."""
     parts = open_dataset(path)
     first = next(iter(parts.values()))
     labels, classes = _labels(parts, target, path)
@@ -114,9 +115,11 @@ def read_hf_dataset(path: str, target: str, columns: Optional[list[str]], image:
             out[role] = (x, labels[role])
         return out, classes, "columns"
     col = _image_column(first, image, path)
+    if col is None and text in first.column_names and image is None:
+        return {role: (list(ds[text]), labels[role]) for role, ds in parts.items()}, classes, "text"
     if col is None:
-        raise DataError(f"{path}: say which columns are the inputs: data.image (an image column) or data.columns (numeric "
-                        f"columns); its columns: {', '.join(f'{c} ({type(f).__name__})' for c, f in first.features.items())}")
+        raise DataError(f"{path}: say which columns are the inputs: data.image (an image column), data.columns (numeric "
+                        f"columns) or data.text (a text column); its columns: {', '.join(f'{c} ({type(f).__name__})' for c, f in first.features.items())}")
     shape = None
     for role, ds in parts.items():  # train first: its channel count holds for the other splits
         items = [(f"{path} ({role}) row {i}", lambda ds=ds, i=i: ds[i][col]) for i in range(len(ds))]

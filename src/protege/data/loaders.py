@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +20,7 @@ from .images import read_images
 from .labels import require_two_classes
 from .lm import load_lm_corpus
 from .tabular import read_csv_table
-from .text import cached_tokenize, label_ids
+from .text import cached_tokenize, label_ids, tokenize_cached, tokenizer_digest
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
@@ -163,16 +165,56 @@ def load_images(cfg: DataConfig, seed: int) -> DataSplits:
 
 
 def load_hf_dataset(cfg: DataConfig, seed: int) -> DataSplits:
-    """A Hugging Face datasets folder or Parquet files: an image column (as the images source) or numeric columns
-    (as the arrays source); the dataset's test and validation splits are used where it has them."""
+    """A Hugging Face datasets folder or Parquet files: an image column (as the images source), numeric columns (as
+    the arrays source) or a text column (as the text source); the dataset's test and validation splits are used where
+    it has them."""
     if not cfg.path:
         raise DataError("data.source is 'hf_dataset' but data.path is empty; set data.path to a save_to_disk folder or "
                         "Parquet files")
     parts, classes, kind = read_hf_dataset(cfg.path, cfg.target or "label", cfg.columns, cfg.image, cfg.channels,
-                                           cfg.image_size, cfg.skip_bad_files)
-    return _array_splits(cfg, seed, parts, classes, f"Hugging Face dataset {cfg.path} ({', '.join(parts)})",
-                         "uint8 images (0..255)" if kind == "images" else "float32 columns",
+                                           cfg.image_size, cfg.skip_bad_files, cfg.text)
+    what = f"Hugging Face dataset {cfg.path} ({', '.join(parts)})"
+    if kind == "text":
+        if not cfg.tokenizer:
+            raise DataError(f"{cfg.path}: its inputs are the text column '{cfg.text}': set data.tokenizer to a Hugging Face "
+                            f"folder with the tokenizer")
+        h = hashlib.sha256(json.dumps([cfg.text, tokenizer_digest(cfg.tokenizer), cfg.max_length, cfg.too_long]).encode())
+        for role, (texts, y) in parts.items():
+            h.update(json.dumps([role, texts, y.tolist()]).encode())
+        read = lambda: [(f"{cfg.path} ({role})", texts, [classes[i] for i in y]) for role, (texts, y) in parts.items()]  # noqa: E731
+        tokens, info = tokenize_cached(h.hexdigest()[:20], read, cfg.tokenizer, cfg.max_length, cfg.too_long)
+        ids = {role: (t[0], parts[role][1]) for role, t in zip(parts, tokens)}
+        return _text_splits(cfg, seed, ids, classes, info, what)
+    return _array_splits(cfg, seed, parts, classes, what, "uint8 images (0..255)" if kind == "images" else "float32 columns",
                          divide=255.0 if kind == "images" else 1.0)
+
+
+def _given(parts: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """All examples of ``parts`` (role -> (inputs, class indices)) in one array, and the indices of each role."""
+    if len(parts) == 1:
+        (x, y), = parts.values()
+        return x, y, {"all": np.arange(len(y))}
+    ends = np.cumsum([len(p[1]) for p in parts.values()])
+    given = {role: np.arange(end - len(p[1]), end) for (role, p), end in zip(parts.items(), ends)}
+    return np.concatenate([p[0] for p in parts.values()]), np.concatenate([p[1] for p in parts.values()]), given
+
+
+def _text_splits(cfg: DataConfig, seed: int, parts: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str],
+                 info: dict, what: str) -> DataSplits:
+    """Token ids (role -> (ids, class indices)) padded on the right to one length and split (see _roles)."""
+    width = max(ids.shape[1] for ids, _ in parts.values())
+    pad = lambda a: np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=info["pad_id"])  # noqa: E731
+    x, y, given = _given({role: (pad(ids), labels) for role, (ids, labels) in parts.items()})
+    train, val, test = _roles(cfg, seed, y, given)
+
+    def t(rows):
+        return Split(torch.as_tensor(x[rows].astype(np.int64)), torch.as_tensor(y[rows], dtype=torch.int64))
+
+    return DataSplits(train=t(train), val=t(val), test=t(test), num_classes=len(classes), input_shape=(width,),
+                      class_names=classes, description=f"{what} ({width} tokens)", vocab_size=info["vocab_size"],
+                      pad_id=info["pad_id"],
+                      preprocessing={"tokenizer": cfg.tokenizer, "text_column": cfg.text, "length": width, "pad_id": info["pad_id"],
+                                     "too_long": cfg.too_long, "dtype": "int64 token ids, padded on the right to length"})
 
 
 def _roles(cfg: DataConfig, seed: int, y: np.ndarray, given: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -195,14 +237,7 @@ def _array_splits(cfg: DataConfig, seed: int, parts: dict[str, tuple[np.ndarray,
     """Splits of in-memory (or memory-mapped) examples: ``parts`` maps a role (train, val, test; "all" when the data
     has no splits of its own) to (inputs, class indices). x / ``divide`` is scaled over all training values
     (data.scaling) and each example reshaped (data.shape)."""
-    if len(parts) == 1:
-        (x, y), = parts.values()
-        given = {"all": np.arange(len(y))}
-    else:
-        x = np.concatenate([p[0] for p in parts.values()])
-        y = np.concatenate([p[1] for p in parts.values()])
-        ends = np.cumsum([len(p[1]) for p in parts.values()])
-        given = {role: np.arange(end - len(p[1]), end) for (role, p), end in zip(parts.items(), ends)}
+    x, y, given = _given(parts)
     train, val, test = _roles(cfg, seed, y, given)
     shape = tuple(cfg.shape) if cfg.shape else tuple(x.shape[1:])
     if int(np.prod(shape)) != int(np.prod(x.shape[1:])):
@@ -227,27 +262,12 @@ def load_text(cfg: DataConfig, seed: int) -> DataSplits:
     files = [Path(cfg.path)] + ([Path(cfg.test_path)] if cfg.test_path else [])
     label = cfg.target or "label"
     parts, info = cached_tokenize(files, cfg.text, label, cfg.tokenizer, cfg.max_length, cfg.too_long, cfg.encoding)
-    ids, labels = parts[0]
-    y, classes = label_ids(labels, None, cfg.path)
+    y, classes = label_ids(parts[0][1], None, cfg.path)
     require_two_classes(classes, cfg.path, label)
+    roles = {"train": (parts[0][0], y)}
     if cfg.test_path:
-        x_test, y_test = parts[1][0], label_ids(parts[1][1], classes, cfg.test_path)[0]
-        x_rest, y_rest = ids, y
-    else:
-        x_rest, x_test, y_rest, y_test = _split(ids, y, cfg.test_fraction, seed)
-    x_train, x_val, y_train, y_val = _split(x_rest, y_rest, cfg.val_fraction, seed)
-    x_train, y_train = _limit(x_train, y_train, cfg.limit, seed)
-    width = max(ids.shape[1], x_test.shape[1])
-    pad = lambda a: np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=info["pad_id"])  # noqa: E731
-
-    def t(x, y):
-        return Split(torch.as_tensor(pad(x).astype(np.int64)), torch.as_tensor(y, dtype=torch.int64))
-
-    return DataSplits(train=t(x_train, y_train), val=t(x_val, y_val), test=t(x_test, y_test), num_classes=len(classes),
-                      input_shape=(width,), class_names=classes, description=f"text {cfg.path} ({width} tokens)",
-                      vocab_size=info["vocab_size"], pad_id=info["pad_id"],
-                      preprocessing={"tokenizer": cfg.tokenizer, "text_column": cfg.text, "length": width, "pad_id": info["pad_id"],
-                                     "too_long": cfg.too_long, "dtype": "int64 token ids, padded on the right to length"})
+        roles["test"] = (parts[1][0], label_ids(parts[1][1], classes, cfg.test_path)[0])
+    return _text_splits(cfg, seed, roles, classes, info, f"text {cfg.path}")
 
 
 def load_data(cfg: DataConfig, seed: int) -> DataSplits:

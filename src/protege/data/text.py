@@ -14,7 +14,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -129,11 +129,19 @@ def cached_tokenize(files: list[Path], text_col: str, label_col: str, tokenizer:
         h.update(f.read_bytes())
     h.update(json.dumps([text_col, label_col, tokenizer_digest(tokenizer), max_length, too_long]
                         + ([encoding] if encoding != "utf-8" else [])).encode())
-    folder = cache_root() / "tokens" / h.hexdigest()[:20]
+    read = lambda: [(f, *texts_and_labels(f, text_col, label_col, encoding)) for f in files]  # noqa: E731
+    return tokenize_cached(h.hexdigest()[:20], read, tokenizer, max_length, too_long)
+
+
+def tokenize_cached(key: str, read: Callable[[], list[tuple[Any, list[str], list[str]]]], tokenizer: str, max_length: int,
+                    too_long: str) -> tuple[list[tuple[np.ndarray, list[str]]], dict]:
+    """(ids, labels) per part, from the cache folder ``key`` names, or else tokenised from ``read()`` (a list of
+    (where, texts, labels)) and cached; plus the tokenizer facts models need."""
+    folder = cache_root() / "tokens" / key
     meta_path = folder / "meta.json"
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
-        out = [(np.load(folder / f"ids{i}.npy"), meta["labels"][i]) for i in range(len(files))]
+        out = [(np.load(folder / f"ids{i}.npy"), labels) for i, labels in enumerate(meta["labels"])]
         return out, meta["tokenizer"]
     tok = load_tokenizer(tokenizer)
     limit = int(tok.model_max_length) if tok.model_max_length < 1_000_000 else None  # absent: a huge placeholder
@@ -144,9 +152,8 @@ def cached_tokenize(files: list[Path], text_col: str, label_col: str, tokenizer:
         warnings.warn(f"data.max_length = {max_length} is more than the {limit} tokens the model allows; using {limit}", stacklevel=2)
         max_length = limit
     out, truncated = [], 0
-    for f in files:
-        texts, labels = texts_and_labels(f, text_col, label_col, encoding)
-        ids, n = tokenize(texts, tok, max_length, too_long, str(f))
+    for where, texts, labels in read():
+        ids, n = tokenize(texts, tok, max_length, too_long, str(where))
         out.append((ids, labels))
         truncated += n
     if truncated:

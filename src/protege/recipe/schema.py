@@ -89,6 +89,8 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _text_has_a_tokenizer(self) -> "Recipe":
         d = self.data
+        if d.source == "hf_dataset" and d.tokenizer is None and _is_dir(self.teacher.model):
+            d.tokenizer = self.teacher.model  # used only if the dataset's inputs are a text column
         if d.source in ("text", "lm_text") and d.tokenizer is None:
             if not _is_dir(self.teacher.model):
                 raise ValueError("data.source is text: set data.tokenizer to a Hugging Face folder holding the tokenizer "
