@@ -73,6 +73,38 @@ RECIPE_CASES = {
     "long_model_name": (_recipe(student__model="m" * 300), [], ["student"]),
     "teacher_weights_missing": (_recipe(teacher={"model": "mlp", "weights": "/nowhere/t.safetensors"}), [], ["/nowhere/t.safetensors"]),
     "more_teachers_without_weights": (_recipe(more_teachers=[{"model": "mlp"}]), [], ["more_teachers[0]"]),
+    # your own data and teacher (issue 16)
+    "csv_not_utf8": (_recipe(data={"source": "csv", "path": "{tmp}/latin.csv", "target": "label"}), [],
+                     ["latin.csv: line 3, byte 1 (0xe9) is not UTF-8 text", "data.encoding"]),
+    "csv_empty_cell": (_recipe(data={"source": "csv", "path": "{tmp}/blank.csv", "target": "label"}), [],
+                       ["blank.csv: row 5 column 'a' is empty", "data.missing: mean"]),
+    "csv_nan_cell": (_recipe(data={"source": "csv", "path": "{tmp}/nan.csv", "target": "label"}), [],
+                     ["nan.csv: row 42 column 'b' is empty (or NaN)"]),
+    "csv_mixed_labels": (_recipe(data={"source": "csv", "path": "{tmp}/mixed.csv", "target": "label"}), [],
+                         ["mixed.csv: column 'label' mixes kinds of label", "text on row 3"]),
+    "csv_empty_label": (_recipe(data={"source": "csv", "path": "{tmp}/nolabel.csv", "target": "label"}), [],
+                        ["nolabel.csv: row 7 has no label in column 'label'"]),
+    "csv_one_class": (_recipe(data={"source": "csv", "path": "{tmp}/oneclass.csv", "target": "label"}), [],
+                      ["oneclass.csv: column 'label' holds one class only"]),
+    "csv_drop_unknown": (_recipe(data={"source": "csv", "path": "{tmp}/ok.csv", "target": "label", "drop": ["zz"]}), [],
+                         ["column 'zz' in data.drop", "a, b"]),
+    "images_corrupt": (_recipe(data={"source": "images", "path": "{tmp}/images_bad"}), [],
+                       ["broken.png is not a readable image", "skip_bad_files"]),
+    "images_empty_class": (_recipe(data={"source": "images", "path": "{tmp}/images_empty"}), [],
+                           ["class folder", "holds no images"]),
+    "images_no_folders": (_recipe(data={"source": "images", "path": "{tmp}/notes"}), [], ["has no class subfolders"]),
+    "images_manifest_path": (_recipe(data={"source": "images", "path": "{tmp}/images_ok/list.csv"}), [],
+                             ["list.csv: row 1 names 'gone.png', which is not a file"]),
+    "images_mixed_sizes": (_recipe(data={"source": "images", "path": "{tmp}/images_sizes"}), [],
+                           ["images of different sizes", "data.image_size"]),
+    "onnx_output_unknown": (_recipe(teacher={"model": "{tmp}/t.onnx", "output": "probs"}), [],
+                            ["t.onnx has no output 'probs'", "its outputs: logits"]),
+    "onnx_input_mismatch": (_recipe(data={"source": "csv", "path": "{tmp}/ok.csv", "target": "label"},
+                                    teacher={"model": "{tmp}/t.onnx"}), [],
+                            ["takes input", "[N, 1, 8, 8] but the data gives examples of shape [2]"]),
+    "arrays_labels_missing": (_recipe(data={"source": "arrays", "path": "{tmp}/x.npy"}), [], ["set data.labels"]),
+    "hf_missing_column": (_recipe(data={"source": "hf_dataset", "path": "{tmp}/hf", "columns": ["zz"]}), [],
+                          ["no column 'zz' (data.columns)"]),
     "feature_path_unknown": (_recipe(distill__features=[{"loss": "hint", "student": "nope", "teacher": "body.0"}]), [],
                              ["'nope'"]),
     "feature_loss_unknown": (_recipe(distill__features=[{"loss": "fitnet", "student": "body.0", "teacher": "body.0"}]), [],
@@ -161,7 +193,34 @@ def world(tmp_path_factory):
     (tmp / "notes").mkdir()
     (tmp / "notes" / "mine.txt").write_text("keep")
     shutil.copy(tmp / "run" / "student.onnx", tmp / "t.onnx")
+    _your_data(tmp)
     return tmp
+
+
+def _your_data(tmp: Path) -> None:
+    """The files of issue 16's bad-input cases: CSVs, image folders, arrays and a datasets folder, each wrong one way."""
+    import numpy as np
+    from PIL import Image
+
+    rows = CSV_OK.splitlines()
+    (tmp / "latin.csv").write_bytes(("\n".join(rows[:2] + ["\xe9,3,1"] + rows[2:]) + "\n").encode("latin-1"))
+    (tmp / "blank.csv").write_text("\n".join(rows[:4] + [",1,0"] + rows[4:]) + "\n")
+    (tmp / "nan.csv").write_text(CSV_OK + "3,nan,1\n")
+    (tmp / "mixed.csv").write_text("\n".join(rows[:2] + ["2,3,cat"] + rows[2:]) + "\n")
+    (tmp / "nolabel.csv").write_text("\n".join(rows[:6] + ["5,1,"] + rows[6:]) + "\n")
+    (tmp / "oneclass.csv").write_text("a,b,label\n" + "".join(f"{i},{i},same\n" for i in range(30)))
+    for name, odd in (("images_bad", False), ("images_sizes", True), ("images_empty", False), ("images_ok", False)):
+        for c in ("x", "y"):
+            (tmp / name / c).mkdir(parents=True, exist_ok=True)
+            for i in range(6):
+                Image.new("L", (9 if (odd and c == "y" and i == 5) else 8, 8)).save(tmp / name / c / f"{i}.png")
+    (tmp / "images_bad" / "x" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut off")
+    (tmp / "images_ok" / "list.csv").write_text("path,label\ngone.png,x\nx/0.png,x\ny/0.png,y\n")
+    for f in (tmp / "images_empty" / "x").iterdir():
+        f.unlink()
+    np.save(tmp / "x.npy", np.zeros((20, 3), np.float32))
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"x": [1.0, 2.0, 3.0, 4.0], "label": [0, 1, 0, 1]}).save_to_disk(str(tmp / "hf"))
 
 
 def _fill(arg: str, world: Path, out: Path) -> str:
