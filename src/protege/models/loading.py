@@ -21,6 +21,7 @@ from ..files import write_error, write_fix
 from .config import ModelSpec
 from .lm import causal_lm
 from .text import hf_classifier, is_hf_folder
+from .vision import hf_image_classifier, is_image_classifier_folder
 from .zoo import ZOO
 
 log = logging.getLogger(__name__)
@@ -176,8 +177,9 @@ def build_model(spec: ModelSpec, in_shape: Sequence[int], num_classes: int, extr
     ref = spec.model
     if ref.endswith(".onnx"):
         return OnnxModule(ref, output=spec.output, in_shape=in_shape if not (extras or {}).get("vocab_size") else None)
-    if is_hf_folder(ref) and (extras or {}).get("task") == "causal_lm":
-
+    if is_hf_folder(ref) and is_image_classifier_folder(ref):
+        model = hf_image_classifier(ref, num_classes, in_shape, allow_pickle=spec.allow_pickle, **spec.kwargs)
+    elif is_hf_folder(ref) and (extras or {}).get("task") == "causal_lm":
         model = causal_lm(ref, allow_pickle=spec.allow_pickle, **spec.kwargs)
     elif is_hf_folder(ref):
         kwargs = {"pad_id": (extras or {}).get("pad_id", 0), "allow_pickle": spec.allow_pickle, **spec.kwargs}

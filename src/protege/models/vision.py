@@ -1,0 +1,87 @@
+"""Hugging Face image classifiers from local folders (``AutoModelForImageClassification``: ViT, ConvNeXt, ResNet,
+Swin, ...), as a teacher or a student: images (B, C, H, W) in, logits (B, classes) out. No torchvision needed.
+
+The wrapped model keeps its module paths (``model.vit.layers.0``, ...; `protege inspect` lists them) for feature hooks."""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ModelError
+from ..logs import quiet_transformers
+from .text import check_hf_folder
+
+
+def is_image_classifier_folder(ref: str) -> bool:
+    """A folder whose config.json names an image-classification architecture (or an image model type)."""
+    config = Path(ref) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return any(str(a).endswith("ForImageClassification") for a in data.get("architectures") or []) or \
+        "image_size" in data and "num_channels" in data and "vocab_size" not in data
+
+
+class ImageClassifier(nn.Module):
+    """A Hugging Face image classifier with the one-tensor interface: pixel values (B, C, H, W) -> logits."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).logits
+
+
+@quiet_transformers()  # transformers and the torchao it imports log and print while loading
+def hf_image_classifier(folder: str, num_classes: int, in_shape: Sequence[int], pretrained: bool = True,
+                        allow_pickle: bool = False, **overrides: Any) -> ImageClassifier:
+    """An image classifier from a local Hugging Face folder; ``overrides`` change the config (num_hidden_layers,
+    hidden_size, ...). ``pretrained``: the folder's weights (a new head when the class count differs); otherwise random
+    weights in the folder's architecture. The data's channels and (for fixed-size models such as ViT) image size must
+    be the model's: checked here, before anything runs."""
+    check_hf_folder(folder, need_weights=pretrained, allow_pickle=allow_pickle)
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    try:
+        config = AutoConfig.from_pretrained(folder, num_labels=num_classes, **overrides)
+    except (ValueError, OSError, TypeError, json.JSONDecodeError) as e:
+        raise ModelError(f"model folder '{folder}': config.json cannot be read ({str(e).splitlines()[0][:160]}); "
+                         f"check it, and the model kwargs {sorted(overrides)}") from None
+    _check_input(folder, config, tuple(in_shape))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            if pretrained:
+                model = AutoModelForImageClassification.from_pretrained(
+                    folder, config=config, ignore_mismatched_sizes=True, use_safetensors=not allow_pickle or None)
+            else:
+                model = AutoModelForImageClassification.from_config(config)
+        except (ValueError, OSError, KeyError) as e:
+            raise ModelError(f"model folder '{folder}' cannot be loaded as an image classifier "
+                             f"({str(e).splitlines()[0][:160]}); use a folder of an *ForImageClassification model") from None
+    return ImageClassifier(model)
+
+
+def _check_input(folder: str, config: Any, in_shape: tuple[int, ...]) -> None:
+    if len(in_shape) != 3:
+        raise ModelError(f"model folder '{folder}' is an image classifier, but the data gives examples of shape "
+                         f"{list(in_shape)}, not [channels, height, width]; use image data (or data.shape)")
+    channels = getattr(config, "num_channels", None)
+    if channels is not None and channels != in_shape[0]:
+        raise ModelError(f"model folder '{folder}' reads images of {channels} channel(s) but the data has {in_shape[0]}; "
+                         f"set data.channels: {channels} (images / hf_dataset) or kwargs: {{num_channels: {in_shape[0]}}} "
+                         f"for a model built here")
+    size = getattr(config, "image_size", None)
+    fixed = type(config).__name__.startswith(("ViT", "DeiT", "BEiT", "Dinov2", "Swin"))  # position embeddings of one size
+    if fixed and isinstance(size, int) and tuple(in_shape[1:]) != (size, size):
+        raise ModelError(f"model folder '{folder}' reads {size}x{size} images but the data's are "
+                         f"{in_shape[1]}x{in_shape[2]}; set data.image_size: [{size}, {size}]")
