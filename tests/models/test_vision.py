@@ -60,3 +60,39 @@ def test_a_vit_teacher_and_a_resnet_student_from_folders_end_to_end(tmp_path, ti
     assert run.report.teacher.accuracy > 0.3  # trained here: far above chance (10%)
     assert run.report.student_onnx.accuracy == pytest.approx(run.report.student.accuracy)
     assert run.onnx_path.is_file()
+
+
+# ---------------------------------------------------------------- each model's own input normalisation
+def test_a_model_normalises_its_own_input_and_its_onnx_file_does_too(tmp_path, tiny):
+    torch.manual_seed(0)
+    plain = build_model(ModelSpec(model="cnn", kwargs={"channels": [8, 16], "depth": 1}), (1, 8, 8), 10)
+    torch.manual_seed(0)
+    normed = build_model(ModelSpec(model="cnn", kwargs={"channels": [8, 16], "depth": 1},
+                                   normalize={"mean": [0.5], "std": [0.25]}), (1, 8, 8), 10)
+    x = torch.rand(4, 1, 8, 8)
+    assert torch.allclose(normed.eval()(x), plain.eval()((x - 0.5) / 0.25), atol=1e-6)
+    assert set(normed.state_dict()) == set(plain.state_dict())  # weights files stay the model's own
+    with pytest.raises(ModelError, match="gives 3 mean and 3 std values but the data has 1 channel"):
+        build_model(ModelSpec(model="cnn", normalize={"mean": [0.1, 0.2, 0.3], "std": [1, 1, 1]}), (1, 8, 8), 10)
+    tiny["student"]["normalize"] = {"mean": [0.1], "std": [2.0]}
+    tiny["train"]["epochs"] = 1
+    run = protege.distill(parse_recipe(tiny), tmp_path / "run")
+    assert run.report.student_onnx.accuracy == run.report.student.accuracy  # the file normalises inside its graph
+    assert run.report.onnx_max_abs_diff < 1e-4
+
+
+def test_an_image_folder_brings_its_own_normalisation_unless_told_otherwise(tmp_path):
+    import json
+
+    from ..log_capture import logged
+
+    folder = _vit(tmp_path / "vit")
+    (tmp_path / "vit" / "preprocessor_config.json").write_text(json.dumps(
+        {"do_normalize": True, "image_mean": [0.5], "image_std": [0.5], "do_rescale": True}))
+    seen = []
+    with logged(seen):
+        auto = build_model(ModelSpec(model=folder), (1, 8, 8), 10)
+    off = build_model(ModelSpec(model=folder, normalize="none"), (1, 8, 8), 10)
+    x = torch.rand(2, 1, 8, 8)
+    assert torch.allclose(auto.eval()(x), off.eval()((x - 0.5) / 0.5), atol=1e-5)
+    assert any("normalising its input with mean [0.5] and std [0.5]" in line for line in seen)

@@ -2,11 +2,25 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import Field, field_validator
 
 from ..config import MAX_DEPTH, PathStr, _show, _Strict, _value
+
+
+class Normalize(_Strict):
+    """(x - mean) / std applied to a model's input inside the model, per channel (one value: every channel)."""
+
+    mean: list[float] = Field(min_length=1, max_length=64)
+    std: list[float] = Field(min_length=1, max_length=64)
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, std: list[float]) -> list[float]:
+        if not all(math.isfinite(s) and s > 0 for s in std):
+            raise ValueError(f"std {std} must be positive numbers")
+        return std
 
 
 class ModelSpec(_Strict):
@@ -17,6 +31,8 @@ class ModelSpec(_Strict):
     weights: Optional[PathStr] = None  # .safetensors (or a pickle file with allow_pickle)
     allow_pickle: bool = False
     output: Optional[str] = None  # an .onnx model: the output to read, by name (default: its first floating-point output)
+    normalize: Union[Normalize, Literal["none"], None] = None  # the model's own input normalisation (default: a Hugging
+    # Face image folder's preprocessor_config.json, else none): {mean: [...], std: [...]}, or none to switch it off
 
     @field_validator("kwargs")
     @classmethod

@@ -21,7 +21,7 @@ from ..files import write_error, write_fix
 from .config import ModelSpec
 from .lm import causal_lm
 from .text import hf_classifier, is_hf_folder
-from .vision import hf_image_classifier, is_image_classifier_folder
+from .vision import folder_normalization, hf_image_classifier, is_image_classifier_folder, normalize_inputs_
 from .zoo import ZOO
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,8 @@ def build_model(spec: ModelSpec, in_shape: Sequence[int], num_classes: int, extr
     """
     ref = spec.model
     if ref.endswith(".onnx"):
-        return OnnxModule(ref, output=spec.output, in_shape=in_shape if not (extras or {}).get("vocab_size") else None)
+        onnx_model = OnnxModule(ref, output=spec.output, in_shape=in_shape if not (extras or {}).get("vocab_size") else None)
+        return _normalized(onnx_model, spec, in_shape)
     if is_hf_folder(ref) and is_image_classifier_folder(ref):
         model = hf_image_classifier(ref, num_classes, in_shape, allow_pickle=spec.allow_pickle, **spec.kwargs)
     elif is_hf_folder(ref) and (extras or {}).get("task") == "causal_lm":
@@ -193,7 +194,25 @@ def build_model(spec: ModelSpec, in_shape: Sequence[int], num_classes: int, extr
                          f"model folder, or a .onnx file")
     if spec.weights:
         load_weights(model, spec.weights, allow_pickle=spec.allow_pickle)
-    return model
+    return _normalized(model, spec, in_shape)
+
+
+def _normalized(model: nn.Module, spec: ModelSpec, in_shape: Sequence[int]) -> nn.Module:
+    """The model with its own input normalisation (``spec.normalize``; by default a Hugging Face image folder's)."""
+    if spec.normalize == "none":
+        return model
+    if spec.normalize is not None:
+        mean, std = spec.normalize.mean, spec.normalize.std
+    elif is_hf_folder(spec.model) and is_image_classifier_folder(spec.model):
+        found = folder_normalization(spec.model)
+        if found is None:
+            return model
+        mean, std = found
+        log.info(f"{Path(spec.model).name}: normalising its input with mean {mean} and std {std} (its "
+                 f"preprocessor_config.json); it expects images in [0, 1] (data.scaling: none)")
+    else:
+        return model
+    return normalize_inputs_(model, mean, std, int(in_shape[0]) if len(in_shape) > 1 else 1)
 
 
 def read_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:

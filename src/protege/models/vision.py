@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -85,3 +85,35 @@ def _check_input(folder: str, config: Any, in_shape: tuple[int, ...]) -> None:
     if fixed and isinstance(size, int) and tuple(in_shape[1:]) != (size, size):
         raise ModelError(f"model folder '{folder}' reads {size}x{size} images but the data's are "
                          f"{in_shape[1]}x{in_shape[2]}; set data.image_size: [{size}, {size}]")
+
+
+def folder_normalization(folder: str) -> Optional[tuple[list[float], list[float]]]:
+    """(mean, std) from a Hugging Face folder's preprocessor_config.json when it normalises images, else None."""
+    path = Path(folder) / "preprocessor_config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        raise ModelError(f"{path} cannot be read as JSON; fix it, or state the model's normalize: {{mean, std}} in the "
+                         f"recipe") from None
+    if not cfg.get("do_normalize", True) or "image_mean" not in cfg or "image_std" not in cfg:
+        return None
+    return [float(v) for v in cfg["image_mean"]], [float(v) for v in cfg["image_std"]]
+
+
+def normalize_inputs_(model: nn.Module, mean: Sequence[float], std: Sequence[float], channels: int) -> nn.Module:
+    """``model`` with (x - mean) / std applied to its input by a forward pre-hook (so its state dict, module paths and
+    exported graph stay the model's own, the normalisation inside the graph). One value applies to every channel."""
+    if len(mean) not in (1, channels) or len(std) not in (1, channels):
+        raise ModelError(f"normalize gives {len(mean)} mean and {len(std)} std values but the data has {channels} "
+                         f"channel(s); give one value, or one per channel")
+    m = torch.tensor(mean, dtype=torch.float32)
+    s = torch.tensor(std, dtype=torch.float32)
+
+    def normalize(_module: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        shape = (1, -1) + (1,) * (x.dim() - 2) if x.dim() > 2 else (1, -1)
+        return ((x - m.to(x.device).view(shape)) / s.to(x.device).view(shape), *args[1:])
+
+    model.register_forward_pre_hook(normalize)
+    model.input_normalization = {"mean": list(mean), "std": list(std)}
+    return model
