@@ -94,7 +94,7 @@ RECIPE_CASES = {
                            ["class folder", "holds no images"]),
     "images_no_folders": (_recipe(data={"source": "images", "path": "{tmp}/notes"}), [], ["has no class subfolders"]),
     "images_manifest_path": (_recipe(data={"source": "images", "path": "{tmp}/images_ok/list.csv"}), [],
-                             ["list.csv: row 1 names 'gone.png', which is not a file"]),
+                             ["list.csv: row 2 names 'gone.png', which is not a file"]),
     "images_mixed_sizes": (_recipe(data={"source": "images", "path": "{tmp}/images_sizes"}), [],
                            ["images of different sizes", "data.image_size"]),
     "onnx_output_unknown": (_recipe(teacher={"model": "{tmp}/t.onnx", "output": "probs"}), [],

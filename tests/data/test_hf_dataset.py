@@ -91,3 +91,32 @@ def test_a_text_column_is_tokenised_like_the_text_source(folders, tmp_path):
     assert data.train.x.dtype.is_floating_point is False and (data.train.x[:, 0] == 2).all()  # [CLS] first
     with pytest.raises(DataError, match="set data.tokenizer"):
         load_data(DataConfig(source="hf_dataset", path=str(tmp_path / "reviews")), 0)
+
+
+def test_unlabelled_rows_nan_cells_and_image_cells_that_are_not_images(tmp_path):
+    names = datasets.ClassLabel(names=["a", "b"])
+    feats = datasets.Features({"x": datasets.Value("float32"), "label": names})
+    parts = {"train": datasets.Dataset.from_dict({"x": [1.0, 2.0] * 10, "label": [0, 1] * 10}, features=feats),
+             "test": datasets.Dataset.from_dict({"x": [1.0, 2.0], "label": [-1, -1]}, features=feats)}
+    datasets.DatasetDict(parts).save_to_disk(str(tmp_path / "unlabelled"))
+    with pytest.raises(DataError, match=r"\(test\): 2 rows have no label \(-1 on row 0"):
+        load_data(DataConfig(source="hf_dataset", path=str(tmp_path / "unlabelled"), columns=["x"]), 0)
+    datasets.Dataset.from_dict({"x": [1.0, None] * 10, "label": [0, 1] * 10}).save_to_disk(str(tmp_path / "holes"))
+    with pytest.raises(DataError, match="example 1 holds nan"):
+        load_data(DataConfig(source="hf_dataset", path=str(tmp_path / "holes"), columns=["x"]), 0)
+    datasets.Dataset.from_dict({"img": ["a.png", "b.png"] * 10, "label": [0, 1] * 10}).save_to_disk(str(tmp_path / "paths"))
+    with pytest.raises(DataError, match=r"row 0 is not a readable image"):
+        load_data(DataConfig(source="hf_dataset", path=str(tmp_path / "paths"), image="img"), 0)
+
+
+def test_parquet_splits_come_in_order_and_need_a_train_split(tmp_path):
+    d = load_digits()
+    for split, rows in (("test", slice(300, 400)), ("train", slice(0, 300))):
+        (tmp_path / "hub" / split).mkdir(parents=True, exist_ok=True)
+        datasets.Dataset.from_dict({"pixels": d.data[rows].tolist(), "label": d.target[rows].tolist()}).to_parquet(
+            str(tmp_path / "hub" / split / "0000.parquet"))
+    data = load_data(DataConfig(source="hf_dataset", path=str(tmp_path / "hub"), columns=["pixels"]), 0)
+    assert len(data.test) == 100 and len(data.train) + len(data.val) == 300  # the <split>/ folders are the splits
+    (tmp_path / "hub" / "train" / "0000.parquet").unlink()
+    with pytest.raises(DataError, match="splits test but none of a train split"):
+        load_data(DataConfig(source="hf_dataset", path=str(tmp_path / "hub"), columns=["pixels"]), 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -50,7 +51,7 @@ def test_a_manifest_of_paths_and_labels(tmp_path):
     d = load_data(DataConfig(source="images", path=str(root / "list.csv")), 0)
     assert d.class_names == sorted(CLASSES) and len(d.train) + len(d.val) + len(d.test) == 60
     (root / "bad.csv").write_text("path,label\n" + "\n".join(rows[:5]) + "\nnowhere/x.png,one\n")
-    with pytest.raises(DataError, match=r"bad.csv: row 6 names 'nowhere/x.png', which is not a file"):
+    with pytest.raises(DataError, match=r"bad.csv: row 7 names 'nowhere/x.png', which is not a file"):
         load_data(DataConfig(source="images", path=str(root / "bad.csv")), 0)
 
 
@@ -92,3 +93,15 @@ def test_a_run_on_image_folders_end_to_end(tmp_path, tiny):
     run = protege.distill(parse_recipe(tiny), tmp_path / "run")
     assert run.report.data.startswith("images ") and run.report.student.accuracy is not None
     assert run.report.student_onnx.accuracy == run.report.student.accuracy
+
+
+def test_sixteen_bit_images_keep_their_range_and_numeric_class_folders_count_numerically(tmp_path):
+    for c in range(11):  # classes 0..10: "10" after "9", as an outside teacher counts them
+        (tmp_path / "deep" / str(c)).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(np.full((4, 4), 65535 * (i % 4) // 3, dtype=np.uint16)).save(tmp_path / "deep" / str(c) / f"{i}.png")
+    d = load_data(DataConfig(source="images", path=str(tmp_path / "deep"), scaling="none", val_fraction=0.25,
+                             test_fraction=0.25), 0)
+    assert d.class_names == [str(c) for c in range(11)]
+    values = sorted(set(torch.cat([d.train.x, d.val.x, d.test.x]).flatten().tolist()))
+    assert values[0] == 0 and values[-1] == 1 and len(values) == 4  # not clipped to white

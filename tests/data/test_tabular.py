@@ -153,3 +153,10 @@ def test_an_empty_numeric_cell_is_an_error_unless_filling_is_asked_for(tmp_path)
         load_data(DataConfig(source="csv", path=str(p), target="label"), 0)
     filled = load_data(DataConfig(source="csv", path=str(p), target="label", missing="mean"), 0)
     assert torch.isfinite(filled.train.x).all()
+
+
+def test_row_numbers_are_the_files_own_with_blank_lines_counted(tmp_path):
+    p = tmp_path / "gaps.csv"
+    p.write_text("a,label\n1,x\n\n2,y\n3,\n" + "".join(f"{i},{'xy'[i % 2]}\n" for i in range(4, 30)))
+    with pytest.raises(DataError, match=r"gaps.csv: row 5 has no label in column 'label'"):  # line 5 of the file
+        load_data(DataConfig(source="csv", path=str(p), target="label"), 0)

@@ -46,7 +46,7 @@ def test_max_length_beyond_what_the_model_allows_is_capped_with_a_warning_or_ref
 
 @pytest.mark.parametrize("content, match", [
     ("words,label\nhello,pos\n", "has no column 'text'.*columns are: words, label"),
-    ("text,label\ngood movie,pos\n  ,neg\n", "row 2 has an empty 'text'"),
+    ("text,label\ngood movie,pos\n  ,neg\n", "row 3 has an empty 'text'"),
     ("text,label\n", "has no rows"),
 ])
 def test_bad_text_files_get_one_line_errors(folders, tmp_path, content, match):

@@ -96,3 +96,19 @@ def test_an_image_folder_brings_its_own_normalisation_unless_told_otherwise(tmp_
     x = torch.rand(2, 1, 8, 8)
     assert torch.allclose(auto.eval()(x), off.eval()((x - 0.5) / 0.5), atol=1e-5)
     assert any("normalising its input with mean [0.5] and std [0.5]" in line for line in seen)
+
+
+def test_a_self_normalising_model_on_data_protege_scales_too_is_refused(tmp_path, tiny):
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from protege.errors import RecipeError
+
+    d = load_digits()
+    np.savez(tmp_path / "d.npz", x=(d.images[:, None] * 255 / 16).astype(np.uint8), y=d.target)
+    tiny["data"] = {"source": "arrays", "path": str(tmp_path / "d.npz")}
+    tiny["student"]["normalize"] = {"mean": [0.5], "std": [0.25]}
+    with pytest.raises(RecipeError, match=r"the student normalises its own input .* data.scaling is standardize: .* "
+                                          r"normalised twice; set data.scaling: none"):
+        protege.distill(parse_recipe(tiny), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

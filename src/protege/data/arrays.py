@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import DataError
-from .labels import check_labels, require_two_classes
+from .labels import check_labels, class_order, require_two_classes
 
 
 def read_arrays(path: str, labels: Optional[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -66,7 +66,7 @@ def _checked(x: np.ndarray, y: np.ndarray, p: Path) -> tuple[np.ndarray, np.ndar
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
         raise DataError(f"{p}: inputs of dtype {x.dtype}; save numbers (float or integer)")
     if np.issubdtype(x.dtype, np.floating):
-        _require_finite(x, p)
+        require_finite(x, p)
     if y.ndim != 1 or len(y) != len(x):
         raise DataError(f"{p}: {len(x)} inputs but labels of shape {list(y.shape)}; give one label per example (shape [{len(x)}])")
     if np.issubdtype(y.dtype, np.floating) and not np.isfinite(y).all():
@@ -74,13 +74,13 @@ def _checked(x: np.ndarray, y: np.ndarray, p: Path) -> tuple[np.ndarray, np.ndar
         raise DataError(f"{p}: label {bad} is {y[bad]}; every label must be a class (a number or a name)")
     raw = y.tolist()
     check_labels(raw, str(p), "labels", first_row=0)
-    classes = sorted({str(v) for v in raw}, key=lambda c: (0, float(c), c) if _numeric(c) else (1, 0.0, c))
+    classes = sorted({str(v) for v in raw}, key=class_order)
     require_two_classes(classes, str(p), "labels")
     index = {c: i for i, c in enumerate(classes)}
     return x, np.array([index[str(v)] for v in raw], dtype=np.int64), classes
 
 
-def _require_finite(x: np.ndarray, p: Path, chunk: int = 4096) -> None:
+def require_finite(x: np.ndarray, p: Path, chunk: int = 4096) -> None:
     """Every input value finite (read in chunks: a memory-mapped file is not copied whole); else one line naming the
     example and the position of the first NaN or inf."""
     for start in range(0, len(x), chunk):
@@ -88,25 +88,24 @@ def _require_finite(x: np.ndarray, p: Path, chunk: int = 4096) -> None:
         if bad.any():
             where = np.argwhere(bad)[0]
             raise DataError(f"{p}: example {start + int(where[0])} holds {x[start + int(where[0])][tuple(where[1:])]} at "
-                            f"position {[int(i) for i in where[1:]]}; inputs must be finite numbers: fix or drop that example")
+                            f"position {[int(i) for i in where[1:]]}; inputs must be finite numbers (a missing value is "
+                            f"NaN): fix or drop that example")
 
 
-def _numeric(c: str) -> bool:
-    try:
-        float(c)
-        return True
-    except ValueError:
-        return False
-
-
-def scale(x_train: np.ndarray, how: str) -> tuple[float, float, list[str]]:
+def scale(x_train: np.ndarray, how: str, chunk: int = 4096) -> tuple[float, float, list[str]]:
     """(shift, divisor, the steps in words) so that (x - shift) / divisor is the scaling ``how``, over all training
-    values at once (as for images: one mean and std, not one per pixel)."""
+    values at once (as for images: one mean and std, not one per pixel). Computed chunk by chunk in float64, so no
+    float64 copy of the whole set is made."""
     if how == "none":
         return 0.0, 1.0, ["as they are"]
-    values = np.asarray(x_train, dtype=np.float64)
+    def chunks():
+        for i in range(0, len(x_train), chunk):
+            yield np.asarray(x_train[i:i + chunk], dtype=np.float64)
+
     if how == "minmax":
-        lo, hi = float(values.min()), float(values.max())
+        lo, hi = min(float(c.min()) for c in chunks()), max(float(c.max()) for c in chunks())
         return lo, (hi - lo) or 1.0, [f"(x - {lo:g}) / {(hi - lo) or 1.0:g}  (min and max of the training values)"]
-    mean, std = float(values.mean()), float(values.std())
+    n = sum(c.size for c in chunks())
+    mean = sum(float(c.sum()) for c in chunks()) / n
+    std = (sum(float(((c - mean) ** 2).sum()) for c in chunks()) / n) ** 0.5
     return mean, std or 1.0, [f"(x - {mean:.6g}) / {std or 1.0:.6g}  (mean and std of all training values)"]

@@ -3,15 +3,18 @@ numeric columns as the inputs, a label column (a ClassLabel keeps its names), an
 validation, test) where it has them."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+from PIL import Image
 
 from ..errors import DataError
 from ..logs import quiet
+from .arrays import require_finite
 from .images import decode_images
-from .labels import check_labels, require_two_classes
+from .labels import check_labels, class_order, require_two_classes
 
 SPLITS = {"train": ("train",), "val": ("validation", "valid", "val"), "test": ("test",)}
 
@@ -39,30 +42,41 @@ def open_dataset(path: str) -> dict[str, Any]:
         raise DataError(f"'{p}' is neither a datasets folder (save_to_disk: dataset_dict.json or state.json) nor Parquet "
                         f"files; set data.path to one")
     groups: dict[str, list[str]] = {}
-    for f in files:  # the Hub's layout: train-00000-of-00002.parquet, test-00000-of-00001.parquet
-        role = next((r for r, names in SPLITS.items() if f.name.split("-")[0].split(".")[0] in names), "all")
+    for f in files:  # the Hub's layouts: train-00000-of-00002.parquet, or <config>/train/0000.parquet
+        role = next((r for r, names in SPLITS.items() if f.name.split("-")[0].split(".")[0] in names or f.parent.name in names),
+                    "all")
         groups.setdefault(role, []).append(str(f))
     if "all" in groups and len(groups) > 1:
         groups = {"all": [str(f) for f in files]}
+    if "all" not in groups and "train" not in groups:
+        raise DataError(f"{p} has Parquet files of the splits {', '.join(groups)} but none of a train split; add the "
+                        f"training files (train-*.parquet)")
     try:
-        return {role: datasets.Dataset.from_parquet(fs) for role, fs in groups.items()}
+        return {role: datasets.Dataset.from_parquet(groups[role]) for role in ("all", "train", "val", "test") if role in groups}
     except Exception as e:  # pyarrow raises its own types for a damaged file
         raise DataError(f"{p}: Parquet files that cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                         f"write them again") from None
 
 
 def _labels(parts: dict[str, Any], target: str, where: str) -> tuple[dict[str, np.ndarray], list[str]]:
+    for role, ds in parts.items():
+        if target not in ds.column_names:
+            raise DataError(f"{where} ({role}) has no label column '{target}' (data.target); its columns: "
+                            f"{', '.join(ds.column_names)}")
     first = next(iter(parts.values()))
-    if target not in first.column_names:
-        raise DataError(f"{where} has no label column '{target}' (data.target); its columns: {', '.join(first.column_names)}")
-    feature = first.features[target]
-    names = getattr(feature, "names", None)
-    if names is not None:  # a ClassLabel: integers with names
-        return {role: np.asarray(ds[target], dtype=np.int64) for role, ds in parts.items()}, list(names)
+    names = getattr(first.features[target], "names", None)
+    if names is not None:  # a ClassLabel: integers with names; -1 means "no label"
+        out = {role: np.asarray(ds[target], dtype=np.int64) for role, ds in parts.items()}
+        for role, y in out.items():
+            bad = np.flatnonzero((y < 0) | (y >= len(names)))
+            if len(bad):
+                raise DataError(f"{where} ({role}): {len(bad)} rows have no label ({int(y[bad[0]])} on row {int(bad[0])}; "
+                                f"a ClassLabel of {len(names)} classes); label them, or leave that split out of the folder")
+        return out, list(names)
     raw = {role: list(ds[target]) for role, ds in parts.items()}
     for role, values in raw.items():
         check_labels(values, f"{where} ({role})", target, first_row=0)
-    classes = sorted({str(v) for v in raw.get("train", raw.get("all"))}, key=_class_order)
+    classes = sorted({str(v) for v in raw.get("train", raw.get("all"))}, key=class_order)
     index = {c: i for i, c in enumerate(classes)}
     out = {}
     for role, values in raw.items():
@@ -74,11 +88,15 @@ def _labels(parts: dict[str, Any], target: str, where: str) -> tuple[dict[str, n
     return out, classes
 
 
-def _class_order(c: str) -> tuple:
-    try:
-        return (0, float(c), c)
-    except ValueError:
-        return (1, 0.0, c)
+def _image(value: Any) -> Image.Image:
+    """A cell of an image column as a PIL image: decoded already, or {bytes, path} (an Image(decode=False) column)."""
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict) and value.get("bytes"):
+        return Image.open(io.BytesIO(value["bytes"]))
+    if isinstance(value, dict) and value.get("path"):
+        return Image.open(value["path"])
+    raise ValueError(f"the cell holds {type(value).__name__}, not an image")
 
 
 def _image_column(ds: Any, wanted: Optional[str], where: str) -> Optional[str]:
@@ -112,6 +130,7 @@ def read_hf_dataset(path: str, target: str, columns: Optional[list[str]], image:
             except (ValueError, TypeError) as e:
                 raise DataError(f"{path} ({role}): data.columns must hold numbers or equal-length lists of numbers "
                                 f"({type(e).__name__}: {str(e).splitlines()[0][:100]})") from None
+            require_finite(x, Path(f"{path} ({role})"))
             out[role] = (x, labels[role])
         return out, classes, "columns"
     col = _image_column(first, image, path)
@@ -122,7 +141,7 @@ def read_hf_dataset(path: str, target: str, columns: Optional[list[str]], image:
                         f"columns) or data.text (a text column); its columns: {', '.join(f'{c} ({type(f).__name__})' for c, f in first.features.items())}")
     shape = None
     for role, ds in parts.items():  # train first: its channel count holds for the other splits
-        items = [(f"{path} ({role}) row {i}", lambda ds=ds, i=i: ds[i][col]) for i in range(len(ds))]
+        items = [(f"{path} ({role}) row {i}", lambda ds=ds, i=i: _image(ds[i][col])) for i in range(len(ds))]
         x, kept, _ = decode_images(items, channels, size, skip_bad)
         if shape is not None and x.shape[1:] != shape:
             raise DataError(f"{path}: the {role} images are {list(x.shape[1:])} (channels, height, width) but the training "

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
-from .labels import check_labels, require_two_classes
+from .labels import check_labels, class_order, require_two_classes
 from .text import read_rows
 
 log = logging.getLogger(__name__)
@@ -56,9 +56,10 @@ def _manifest(path: Path, encoding: str) -> tuple[list[Path], list[str]]:
     if missing:
         raise DataError(f"manifest {path} has no column {' or '.join(missing)}; its columns: {', '.join(map(str, rows[0]))}")
     labels = [r.get("label") for r in rows]
-    check_labels(labels, str(path), "label")
+    first = 2 if path.suffix == ".csv" else 1  # a CSV's header is row 1
+    check_labels(labels, str(path), "label", first_row=first)
     files = []
-    for n, r in enumerate(rows, 1):
+    for n, r in enumerate(rows, first):
         f = path.parent / str(r.get("path") or "")
         if not f.is_file():
             raise DataError(f"manifest {path}: row {n} names '{r.get('path')}', which is not a file (paths are relative "
@@ -85,8 +86,9 @@ def decode_images(items: list[tuple[str, Callable[[], Image.Image]]], channels: 
         try:
             with open_image() as im:
                 im.load()
+                im = _eight_bit(im, name)
                 if mode is None:
-                    mode = "L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB"
+                    mode = "L" if im.mode in ("1", "L") else "RGB"
                 im = im.convert(mode)
                 if size is not None:
                     im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
@@ -111,13 +113,25 @@ def decode_images(items: list[tuple[str, Callable[[], Image.Image]]], channels: 
     return np.stack(out), kept, skipped
 
 
+def _eight_bit(im: Image.Image, name: str) -> Image.Image:
+    """A 16-bit grayscale image as 8 bits (value / 257, so 65535 -> 255), where Pillow's convert would clip at 255;
+    32-bit integer and floating-point images are refused (their range is not known)."""
+    if im.mode.startswith("I;16"):
+        a = np.asarray(im, dtype=np.float64)
+        return Image.fromarray(np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8), "L")
+    if im.mode in ("I", "F"):
+        raise DataError(f"{name} is a {'32-bit integer' if im.mode == 'I' else 'floating-point'} image, whose value range "
+                        f"protege cannot know; save it as an 8- or 16-bit PNG, or give the pixels as arrays (data.source: arrays)")
+    return im
+
+
 def read_images(path: str, channels: Optional[int], size: Optional[list[int]], skip_bad: bool,
                 encoding: str = "utf-8") -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
     """(uint8 images (N, C, H, W), class index per image, class names, files skipped)."""
     files, labels = list_images(path, encoding)
     x, kept, skipped = decode(files, channels, size, skip_bad)
     labels = [labels[i] for i in kept]
-    classes = sorted(set(labels))
+    classes = sorted(set(labels), key=class_order)
     require_two_classes(classes, str(path), "label (class folders)")
     index = {c: i for i, c in enumerate(classes)}
     return x, np.array([index[v] for v in labels], dtype=np.int64), classes, skipped

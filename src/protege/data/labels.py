@@ -3,7 +3,7 @@ classes at least. (Labels that silently split one class in two are worse than a 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from ..errors import DataError
 
@@ -20,18 +20,22 @@ def _number(v: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def check_labels(labels: Sequence[Any], where: str, column: str, first_row: int = 1) -> None:
-    """``labels[i]`` is row ``first_row + i`` of ``where``'s column ``column``. Refuses an empty label, labels of
+def check_labels(labels: Sequence[Any], where: str, column: str, first_row: int = 1,
+                 rows: Optional[Sequence[int]] = None) -> None:
+    """``labels[i]`` is row ``first_row + i`` (or ``rows[i]``) of ``where``'s column ``column``. Refuses an empty label, labels of
     mixed kinds (numbers and text; JSON booleans and numbers), and one number written two ways ("1" and "1.0"); each
     as one line naming the rows and the fix."""
+    def row(i: int) -> int:
+        return rows[i] if rows is not None else first_row + i
+
     for i, v in enumerate(labels):
         if v is None or str(v).strip() == "":
-            raise DataError(f"{where}: row {first_row + i} has no label in column '{column}'; fill it in or remove the row")
+            raise DataError(f"{where}: row {row(i)} has no label in column '{column}'; fill it in or remove the row")
     kinds: dict[str, int] = {}  # kind -> the first row of that kind
     for i, v in enumerate(labels):
         kinds.setdefault(_kind(v), i)
     if len(kinds) > 1:
-        shown = "; ".join(f"{kind} on row {first_row + i} ({labels[i]!r})" for kind, i in kinds.items())
+        shown = "; ".join(f"{kind} on row {row(i)} ({labels[i]!r})" for kind, i in kinds.items())
         raise DataError(f"{where}: column '{column}' mixes kinds of label: {shown}; write every label the same way "
                         f"(all class names, or all integers)")
     seen: dict[float, tuple[str, int]] = {}
@@ -43,7 +47,7 @@ def check_labels(labels: Sequence[Any], where: str, column: str, first_row: int 
         first = seen.setdefault(x, (text, i))
         if first[0] != text:
             raise DataError(f"{where}: column '{column}' writes one number two ways: {first[0]!r} on row "
-                            f"{first_row + first[1]} and {text!r} on row {first_row + i} would be two classes; write it one way")
+                            f"{row(first[1])} and {text!r} on row {row(i)} would be two classes; write it one way")
 
 
 def require_two_classes(classes: Sequence[str], where: str, column: str) -> None:
@@ -57,3 +61,10 @@ def _kind(v: Any) -> str:
     if isinstance(v, bool):
         return "true/false"
     return "a number" if _number(v) is not None else "text"
+
+
+def class_order(name: str) -> tuple:
+    """The sort key of class names: numbers numerically ("2" before "10"), then names alphabetically, so that class k
+    is the k-th label the way an outside teacher counts them."""
+    x = _number(name)
+    return (0, x, name) if x is not None else (1, 0.0, name)

@@ -46,6 +46,7 @@ class Table:
     cells: list[list[str]]  # [row][feature column]
     labels: np.ndarray  # (N,) int64
     classes: list[str]
+    rows: list[int]  # each data row's number in the file (the header is row 1; blank lines count)
 
     def _numeric_column(self, j: int, rows: np.ndarray) -> np.ndarray:
         out = np.empty(len(rows), dtype=np.float64)
@@ -54,10 +55,10 @@ class Table:
             try:
                 out[k] = float(v) if v else np.nan
             except ValueError:
-                raise DataError(f"{self.path}: column '{self.columns[j]}' row {r + 2} holds text {v!r} but is numeric; "
+                raise DataError(f"{self.path}: column '{self.columns[j]}' row {self.rows[r]} holds text {v!r} but is numeric; "
                                 f"list it under data.categorical or fix the value") from None
             if np.isinf(out[k]):
-                raise DataError(f"{self.path}: column '{self.columns[j]}' row {r + 2} holds {v!r}, an infinite number; "
+                raise DataError(f"{self.path}: column '{self.columns[j]}' row {self.rows[r]} holds {v!r}, an infinite number; "
                                 f"replace it with a finite value or leave the cell empty (filled with the column mean)")
         return out
 
@@ -69,7 +70,7 @@ class Table:
             col = self._numeric_column(j, rows)
             if missing == "error" and np.isnan(col).any():
                 r = int(rows[int(np.flatnonzero(np.isnan(col))[0])])
-                raise DataError(f"{self.path}: row {r + 2} column '{self.columns[j]}' is empty (or NaN); fill it in, remove "
+                raise DataError(f"{self.path}: row {self.rows[r]} column '{self.columns[j]}' is empty (or NaN); fill it in, remove "
                                 f"the row, or set data.missing: mean to fill empty numeric cells with the column's training mean")
             out[:, k] = col
         for k, j in enumerate(categorical, start=len(numeric)):
@@ -88,13 +89,15 @@ class Table:
             raise DataError(f"{self.path}: data.columns / data.drop leave no feature column; keep at least one of: "
                             f"{', '.join(self.columns)}")
         idx = [self.columns.index(c) for c in keep]
-        return Table(self.path, keep, [[row[j] for j in idx] for row in self.cells], self.labels, self.classes)
+        return Table(self.path, keep, [[row[j] for j in idx] for row in self.cells], self.labels, self.classes, self.rows)
 
     def fit_encoder(self, train: np.ndarray, numeric: Optional[list[str]], categorical: Optional[list[str]],
                     scaling: str = "standardize", missing: str = "mean") -> Encoder:
         for name in (numeric or []) + (categorical or []):
             if name not in self.columns:
-                raise DataError(f"{self.path}: column '{name}' named in the recipe is not in the file; columns: {', '.join(self.columns)}")
+                raise DataError(f"{self.path}: column '{name}' (data.numeric / data.categorical) is not a feature column "
+                                f"here (not in the file, or left out by data.columns / data.drop); feature columns: "
+                                f"{', '.join(self.columns)}")
         cat = set(categorical or [])
         if numeric is None:
             num_idx = [j for j, c in enumerate(self.columns) if c not in cat and all(_is_number(self.cells[r][j]) for r in train)]
@@ -182,16 +185,19 @@ def read_csv_table(path: Path, target: str, encoding: str = "utf-8") -> Table:
         raise DataError(f"{path}: malformed CSV ({e}); fix the quoting") from None
     if len(rows) < 2:
         raise DataError(f"{path}: needs a header row and at least one data row")
-    header, body = [h.strip() for h in rows[0]], [r for r in rows[1:] if any(c.strip() for c in r)]
+    header = [h.strip() for h in rows[0]]
+    kept = [(n, r) for n, r in enumerate(rows[1:], 2) if any(c.strip() for c in r)]  # the file's row numbers, header 1
+    numbers, body = [n for n, _ in kept], [r for _, r in kept]
     if target not in header:
         raise DataError(f"{path}: target column '{target}' not found; set data.target to one of: {', '.join(header)}")
     bad = next((i for i, r in enumerate(body) if len(r) != len(header)), None)
     if bad is not None:
-        raise DataError(f"{path}: row {bad + 2} has {len(body[bad])} cells but the header has {len(header)}; fix the row")
+        raise DataError(f"{path}: row {numbers[bad]} has {len(body[bad])} cells but the header has {len(header)}; fix the row")
     t = header.index(target)
     raw = [r[t].strip() for r in body]
-    check_labels(raw, str(path), target, first_row=2)
+    check_labels(raw, str(path), target, rows=numbers)
     classes = sorted(set(raw), key=lambda v: (float(v), v) if _is_number(v) and v else (float("inf"), v))
     index = {c: i for i, c in enumerate(classes)}
     cells = [[c for k, c in enumerate(r) if k != t] for r in body]
-    return Table(path, [h for k, h in enumerate(header) if k != t], cells, np.array([index[v] for v in raw]), classes)
+    return Table(path, [h for k, h in enumerate(header) if k != t], cells, np.array([index[v] for v in raw]), classes,
+                 numbers)

@@ -61,13 +61,14 @@ def texts_and_labels(path: Path, text_col: str, label_col: str, encoding: str = 
         if col not in rows[0]:
             raise DataError(f"{path} has no column '{col}' ({field}); its columns are: {', '.join(map(str, rows[0]))}")
     texts = []
-    for n, row in enumerate(rows, 1):
+    first = 1 if path.suffix == ".jsonl" else 2  # a CSV's header is row 1
+    for n, row in enumerate(rows, first):
         text = row.get(text_col)
         if text is None or not str(text).strip():
             raise DataError(f"{path}: row {n} has an empty '{text_col}'; remove the row or fill in its text")
         texts.append(str(text))
     raw = [row.get(label_col) for row in rows]
-    check_labels(raw, str(path), label_col)
+    check_labels(raw, str(path), label_col, first_row=first)
     return texts, [str(label).strip() for label in raw]
 
 

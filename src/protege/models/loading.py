@@ -202,17 +202,17 @@ def _normalized(model: nn.Module, spec: ModelSpec, in_shape: Sequence[int]) -> n
     if spec.normalize == "none":
         return model
     if spec.normalize is not None:
-        mean, std = spec.normalize.mean, spec.normalize.std
+        mean, std, source = spec.normalize.mean, spec.normalize.std, "its normalize setting"
     elif is_hf_folder(spec.model) and is_image_classifier_folder(spec.model):
         found = folder_normalization(spec.model)
         if found is None:
             return model
-        mean, std = found
+        (mean, std), source = found, f"{Path(spec.model) / 'preprocessor_config.json'}"
         log.info(f"{Path(spec.model).name}: normalising its input with mean {mean} and std {std} (its "
                  f"preprocessor_config.json); it expects images in [0, 1] (data.scaling: none)")
     else:
         return model
-    return normalize_inputs_(model, mean, std, int(in_shape[0]) if len(in_shape) > 1 else 1)
+    return normalize_inputs_(model, mean, std, int(in_shape[0]) if len(in_shape) > 1 else 1, source)
 
 
 def read_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:

@@ -78,10 +78,10 @@ def _check_input(folder: str, config: Any, in_shape: tuple[int, ...]) -> None:
     channels = getattr(config, "num_channels", None)
     if channels is not None and channels != in_shape[0]:
         raise ModelError(f"model folder '{folder}' reads images of {channels} channel(s) but the data has {in_shape[0]}; "
-                         f"set data.channels: {channels} (images / hf_dataset) or kwargs: {{num_channels: {in_shape[0]}}} "
-                         f"for a model built here")
+                         f"set data.channels: {channels} (images / hf_dataset), or for a model built here (pretrained: false) "
+                         f"kwargs: {{num_channels: {in_shape[0]}}} with a matching normalize")
     size = getattr(config, "image_size", None)
-    fixed = type(config).__name__.startswith(("ViT", "DeiT", "BEiT", "Dinov2", "Swin"))  # position embeddings of one size
+    fixed = type(config).__name__.startswith(("ViT", "Vit", "DeiT", "Deit", "Beit", "Dinov2", "Swin"))  # one size of position embeddings
     if fixed and isinstance(size, int) and tuple(in_shape[1:]) != (size, size):
         raise ModelError(f"model folder '{folder}' reads {size}x{size} images but the data's are "
                          f"{in_shape[1]}x{in_shape[2]}; set data.image_size: [{size}, {size}]")
@@ -100,12 +100,14 @@ def folder_normalization(folder: str) -> Optional[tuple[list[float], list[float]
     return [float(v) for v in cfg["image_mean"]], [float(v) for v in cfg["image_std"]]
 
 
-def normalize_inputs_(model: nn.Module, mean: Sequence[float], std: Sequence[float], channels: int) -> nn.Module:
+def normalize_inputs_(model: nn.Module, mean: Sequence[float], std: Sequence[float], channels: int,
+                      source: str = "its normalize setting") -> nn.Module:
     """``model`` with (x - mean) / std applied to its input by a forward pre-hook (so its state dict, module paths and
     exported graph stay the model's own, the normalisation inside the graph). One value applies to every channel."""
     if len(mean) not in (1, channels) or len(std) not in (1, channels):
-        raise ModelError(f"normalize gives {len(mean)} mean and {len(std)} std values but the data has {channels} "
-                         f"channel(s); give one value, or one per channel")
+        raise ModelError(f"{source} gives {len(mean)} mean and {len(std)} std values but the data has {channels} "
+                         f"channel(s); set the model's normalize: {{mean: [...], std: [...]}} with one value or one per "
+                         f"channel (or normalize: none)")
     m = torch.tensor(mean, dtype=torch.float32)
     s = torch.tensor(std, dtype=torch.float32)
 
@@ -115,5 +117,5 @@ def normalize_inputs_(model: nn.Module, mean: Sequence[float], std: Sequence[flo
         return ((x - m.to(x.device).view(shape)) / s.to(x.device).view(shape), *args[1:])
 
     model.register_forward_pre_hook(normalize)
-    model.input_normalization = {"mean": list(mean), "std": list(std)}
+    model.input_normalization = {"mean": list(mean), "std": list(std), "source": source}
     return model

@@ -129,6 +129,9 @@ class Recipe(_Strict):
                                  f"and give {who}.weights")
         for who, m in (("teacher", self.teacher), *((f"more_teachers[{i}]", t) for i, t in enumerate(self.more_teachers)),
                        ("student", self.student)):
+            if m.normalize not in (None, "none") and self.data.source in ("text", "lm_text"):
+                raise ValueError(f"{who}.normalize is for image and numeric inputs; a text model reads token ids: remove "
+                                 f"{who}.normalize")
             if m.output is not None and not m.model.endswith(".onnx"):
                 raise ValueError(f"{who}.output is ignored: it names an output of an .onnx model, and {who}.model is not "
                                  f"one; remove {who}.output")

@@ -82,6 +82,8 @@ def build_models(recipe: Recipe, data: DataSplits) -> tuple[list[nn.Module], nn.
     torch.manual_seed(recipe.seed)  # same initial student weights for scratch and KD runs of one seed
     student = build_model(recipe.student, data.input_shape, data.num_classes, data.model_args)
     _check_classes(student, data, "student")
+    _check_normalisation(recipe, [*zip(["teacher", *(f"more_teachers[{i}]" for i in range(len(teachers)))], teachers),
+                                  ("student", student)])
     terms = recipe.distill.features
     for i, term in enumerate(terms):  # unknown module paths fail here, with the nearest valid ones
         resolve_path(student, term.student, f"distill.features[{i}].student: the student") if term.student != LOGITS else None
@@ -100,6 +102,22 @@ def build_models(recipe: Recipe, data: DataSplits) -> tuple[list[nn.Module], nn.
             touts = [extract(t.eval(), x, p, "teacher") for t, p in zip(teachers or [copy.deepcopy(student)], paths)]
         feature_adapters(terms, student, touts, x)
     return teachers, student
+
+
+def _check_normalisation(recipe: Recipe, models: list[tuple[str, nn.Module]]) -> None:
+    """A model that normalises its own input (``normalize``, or a Hugging Face folder's preprocessor_config.json) must
+    get the data unscaled; scaled by protege as well, it would see its input normalised twice."""
+    if recipe.data.scaling == "none":
+        return
+    for who, model in models:
+        norm = getattr(model, "input_normalization", None)
+        if norm is not None and recipe.data.source in ("digits", "fashion_mnist"):  # these are always standardised
+            log.warning(f"warning: the {who} normalises its own input (from {norm['source']}) but {recipe.data.source} "
+                        f"arrives standardised already: it sees its input normalised twice")
+        elif norm is not None:
+            raise RecipeError(f"the {who} normalises its own input (mean {norm['mean']}, std {norm['std']}, from "
+                              f"{norm['source']}) but data.scaling is {recipe.data.scaling}: its input would be normalised "
+                              f"twice; set data.scaling: none (images then arrive in [0, 1]), or {who}.normalize: none")
 
 
 def _warn_if_not_smaller(recipe: Recipe, teachers: list[nn.Module], student: nn.Module) -> None:
