@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-slow lint identity bench bench-text bench-lm clean
+.PHONY: install demo test test-slow lint identity bench bench-byo bench-text bench-lm clean
 
 install: $(STAMP)
 
@@ -29,6 +29,12 @@ lint: install
 # results do not move: this tree against the commit before the redesign, both run here (about 12 minutes)
 identity: install
 	$(BIN)/python benchmarks/identity.py
+
+# your own data and teacher: a skl2onnx pipeline teacher, a pixel CSV (4 minutes), a ViT teacher on Fashion-MNIST (20)
+bench-byo: install
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python benchmarks/byo_data.py
+	$(BIN)/python benchmarks/byo_data.py --vit
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
