@@ -79,6 +79,8 @@ CASES: dict[str, tuple[str, list[str], list[list[str]]]] = {
 # --set items a later version needs to do what the reference did by default, given only to versions that know the
 # field (data.missing: since issue 16 an empty CSV cell is an error unless filling is asked for)
 LATER_DEFAULTS: dict[str, list[tuple[str, str]]] = {"csv": [("data.missing=mean", "missing:")]}
+# cases whose results were changed on purpose after the redesign, and why: reported, not counted as failures
+KNOWN_CHANGES = {"fitnets_augment": "issue 16: image augmentation through kornia (other random crops and flips)"}
 DEPENDS = {"teacher_kd"}  # cases whose teacher file the others read ({T})
 NUMBERS = ("accuracy", "macro_f1", "agreement", "test_ppl", "test_loss", "params", "test_examples", "test_tokens",
            "compression_ratio", "onnx_max_abs_diff", "chosen")
@@ -309,9 +311,11 @@ def main() -> None:
                     t = tmp / label / "teacher_kd" / "teacher" / "model.safetensors"
                     got[label] = run_version(src, case, tmp / label, fx, t)
                 diff = differences(got["reference"], got["this_tree"])
-                verdicts[case] = "identical" if not diff else diff
+                known = bool(diff) and case in KNOWN_CHANGES and not any(d.startswith("reference:") for d in diff)
+                verdicts[case] = "identical" if not diff else f"changed on purpose: {KNOWN_CHANGES[case]}" if known else diff
                 results[case] = got
-                print(f"{case:22s} {'identical' if not diff else 'DIFFERS'}  "
+                shown = "identical" if not diff else "changed on purpose" if known else "DIFFERS"
+                print(f"{case:22s} {shown}  "
                       f"({got['reference'].get('seconds', '-')} s / {got['this_tree'].get('seconds', '-')} s; "
                       f"{len(got['this_tree'].get('tensors', {}))} tensors, {len(got['this_tree'].get('report', {}))} figures)",
                       flush=True)
@@ -322,11 +326,15 @@ def main() -> None:
     summary = {"command": "python benchmarks/identity.py" + (" --quick" if args.quick else ""), "reference": args.reference,
                "this_tree": tree_label(),
                "environment": environment(2), "verdicts": verdicts,
-               "identical": sum(v == "identical" for v in verdicts.values()), "cases": len(verdicts), "results": results}
+               "identical": sum(v == "identical" for v in verdicts.values()), "cases": len(verdicts),
+               "changed_on_purpose": sorted(c for c, v in verdicts.items() if str(v).startswith("changed on purpose")),
+               "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2))
-    print(f"{summary['identical']}/{summary['cases']} cases identical; {args.out}")
-    sys.exit(0 if summary["identical"] == summary["cases"] else 1)
+    known = summary["changed_on_purpose"]
+    print(f"{summary['identical']}/{summary['cases']} cases identical" + (f", {len(known)} changed on purpose ({', '.join(known)})"
+                                                                       if known else "") + f"; {args.out}")
+    sys.exit(0 if summary["identical"] + len(known) == summary["cases"] else 1)
 
 
 if __name__ == "__main__":

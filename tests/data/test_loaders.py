@@ -12,3 +12,4 @@ def test_digits_split_is_seeded_and_stratified():
     # stratified: every class is in every split
     assert all(len(set(s.y.tolist())) == 10 for s in (a.train, a.val, a.test))
     assert a.input_shape == (1, 8, 8) and a.num_classes == 10
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import kornia.augmentation as K
 import torch
 
 
@@ -53,17 +54,9 @@ class DataSplits:
         return h.hexdigest()[:16]
 
 
-def augment_images(x: torch.Tensor, pad: int = 2, flip: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random crop after zero padding, and random horizontal flip, per example. x: (B, C, H, W)."""
-    b, _, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h)[None, :])  # (B, H)
-    cols = (dx[:, None] + torch.arange(w)[None, :])  # (B, W)
-    idx_b = torch.arange(b)[:, None, None]
-    out = padded.permute(0, 2, 3, 1)[idx_b, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-    if flip:
-        mask = torch.rand(b, generator=generator) < 0.5
-        out = torch.where(mask[:, None, None, None], out.flip(-1), out)
-    return out.contiguous()
+def augment_images(x: torch.Tensor, pad: int = 2, flip: bool = True) -> torch.Tensor:
+    """Random crop after zero padding by ``pad``, and (``flip``) random horizontal flip, per example, through kornia's
+    batch augmentations. x: (B, C, H, W). The randomness comes from torch's global generator, which the fit loop
+    seeds and its checkpoints save, so a run is seeded and a resumed run draws what the uninterrupted one drew."""
+    ops = [K.RandomCrop(tuple(x.shape[-2:]), padding=pad, p=1.0)] + ([K.RandomHorizontalFlip(p=0.5)] if flip else [])
+    return K.AugmentationSequential(*ops)(x).contiguous()
