@@ -132,7 +132,7 @@ def test_an_onnx_teacher_reads_its_float_output_and_turns_probabilities_into_log
     assert any("reading its output 'probabilities'" in line for line in seen)
     assert any("holds probabilities" in line and "logarithm" in line for line in seen)
     raw = _classifier_onnx(tmp_path / "raw.onnx", w, b, label_first=False)
-    assert not OnnxModule(raw, output="probabilities").probabilities  # undecided until it runs
+    assert OnnxModule(raw, output="probabilities").probabilities is None  # undecided until it runs
     logits_file = tmp_path / "logits.onnx"
     export_model_onnx(MLP((4,), 3, (8,)), torch.randn(2, 4), logits_file)
     mlp = OnnxModule(logits_file)

@@ -96,27 +96,40 @@ def hf_classifier(folder: str, num_classes: int, pad_id: int = 0, pretrained: bo
     ``pretrained``: load the folder's weights (a new classification head when the label count differs);
     otherwise random weights in the folder's architecture (a student that ``init: select`` fills from the teacher).
     """
+    from transformers import AutoModelForSequenceClassification  # heavy: only Hugging Face text folders need it
+
     check_hf_folder(folder, need_weights=pretrained, allow_pickle=allow_pickle)
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    config = hf_config(folder, num_classes, overrides)
+    config._attn_implementation = "eager"  # attention maps for feature losses; the same maths as SDPA
+    model = hf_load(AutoModelForSequenceClassification, folder, config, pretrained, allow_pickle,
+                    "a sequence classifier", "use an encoder folder (BERT-style)")
+    return TextClassifier(model, pad_id)
+
+
+def hf_config(folder: str, num_classes: int, overrides: dict[str, Any]) -> Any:
+    """The folder's config.json with ``num_classes`` labels and the model kwargs applied; unreadable: a ModelError."""
+    from transformers import AutoConfig  # heavy: imported only where a Hugging Face folder is used
 
     try:
-        config = AutoConfig.from_pretrained(folder, num_labels=num_classes, **overrides)
+        return AutoConfig.from_pretrained(folder, num_labels=num_classes, **overrides)
     except (ValueError, OSError, TypeError, json.JSONDecodeError) as e:
         raise ModelError(f"model folder '{folder}': config.json cannot be read ({str(e).splitlines()[0][:160]}); "
                          f"check it, and the model kwargs {sorted(overrides)}") from None
-    config._attn_implementation = "eager"  # attention maps for feature losses; the same maths as SDPA
+
+
+def hf_load(auto_class: Any, folder: str, config: Any, pretrained: bool, allow_pickle: bool, what: str, fix: str) -> nn.Module:
+    """``auto_class`` (an AutoModelFor... class) from the folder's weights (a new head when the label count differs)
+    or, not ``pretrained``, with random weights in its architecture; a folder that is not ``what``: a ModelError."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             if pretrained:
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    folder, config=config, ignore_mismatched_sizes=True, use_safetensors=not allow_pickle or None)
-            else:
-                model = AutoModelForSequenceClassification.from_config(config)
+                return auto_class.from_pretrained(folder, config=config, ignore_mismatched_sizes=True,
+                                                  use_safetensors=not allow_pickle or None)
+            return auto_class.from_config(config)
         except (ValueError, OSError, KeyError) as e:
-            raise ModelError(f"model folder '{folder}' cannot be loaded as a sequence classifier "
-                             f"({str(e).splitlines()[0][:160]}); use an encoder folder (BERT-style)") from None
-    return TextClassifier(model, pad_id)
+            raise ModelError(f"model folder '{folder}' cannot be loaded as {what} ({str(e).splitlines()[0][:160]}); "
+                             f"{fix}") from None
 
 
 @quiet_transformers()  # transformers and the torchao it imports log and print while loading

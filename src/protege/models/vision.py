@@ -5,7 +5,6 @@ The wrapped model keeps its module paths (``model.vit.layers.0``, ...; `protege 
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -14,7 +13,7 @@ from torch import nn
 
 from ..errors import ModelError
 from ..logs import quiet_transformers
-from .text import check_hf_folder
+from .text import check_hf_folder, hf_config, hf_load
 
 
 def is_image_classifier_folder(ref: str) -> bool:
@@ -48,26 +47,13 @@ def hf_image_classifier(folder: str, num_classes: int, in_shape: Sequence[int], 
     hidden_size, ...). ``pretrained``: the folder's weights (a new head when the class count differs); otherwise random
     weights in the folder's architecture. The data's channels and (for fixed-size models such as ViT) image size must
     be the model's: checked here, before anything runs."""
-    check_hf_folder(folder, need_weights=pretrained, allow_pickle=allow_pickle)
-    from transformers import AutoConfig, AutoModelForImageClassification
+    from transformers import AutoModelForImageClassification  # heavy: only image-folder runs need it
 
-    try:
-        config = AutoConfig.from_pretrained(folder, num_labels=num_classes, **overrides)
-    except (ValueError, OSError, TypeError, json.JSONDecodeError) as e:
-        raise ModelError(f"model folder '{folder}': config.json cannot be read ({str(e).splitlines()[0][:160]}); "
-                         f"check it, and the model kwargs {sorted(overrides)}") from None
+    check_hf_folder(folder, need_weights=pretrained, allow_pickle=allow_pickle)
+    config = hf_config(folder, num_classes, overrides)
     _check_input(folder, config, tuple(in_shape))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            if pretrained:
-                model = AutoModelForImageClassification.from_pretrained(
-                    folder, config=config, ignore_mismatched_sizes=True, use_safetensors=not allow_pickle or None)
-            else:
-                model = AutoModelForImageClassification.from_config(config)
-        except (ValueError, OSError, KeyError) as e:
-            raise ModelError(f"model folder '{folder}' cannot be loaded as an image classifier "
-                             f"({str(e).splitlines()[0][:160]}); use a folder of an *ForImageClassification model") from None
+    model = hf_load(AutoModelForImageClassification, folder, config, pretrained, allow_pickle, "an image classifier",
+                    "use a folder of an *ForImageClassification model")
     return ImageClassifier(model)
 
 

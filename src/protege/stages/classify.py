@@ -82,8 +82,8 @@ def build_models(recipe: Recipe, data: DataSplits) -> tuple[list[nn.Module], nn.
     torch.manual_seed(recipe.seed)  # same initial student weights for scratch and KD runs of one seed
     student = build_model(recipe.student, data.input_shape, data.num_classes, data.model_args)
     _check_classes(student, data, "student")
-    _check_normalisation(recipe, [*zip(["teacher", *(f"more_teachers[{i}]" for i in range(len(teachers)))], teachers),
-                                  ("student", student)])
+    names = ["teacher", *(f"more_teachers[{i}]" for i in range(len(teachers) - 1))]
+    _check_normalisation(recipe, [*zip(names, teachers), ("student", student)])
     terms = recipe.distill.features
     for i, term in enumerate(terms):  # unknown module paths fail here, with the nearest valid ones
         resolve_path(student, term.student, f"distill.features[{i}].student: the student") if term.student != LOGITS else None
