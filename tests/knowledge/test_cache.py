@@ -118,3 +118,36 @@ def test_damaged_or_old_cache_is_rebuilt(tmp_path, damage):
     assert ("does not match its checksum" in said[0]) == (damage != "old format")
     with torch.no_grad():
         assert np.array_equal(cache.arrays["logits"], model(x).numpy())
+
+
+def test_two_processes_write_one_cache_in_parallel_equal_to_one_process(tmp_path):
+    import copy
+    import threading
+
+    from protege.knowledge.cache import Share
+
+    model, x = _cnn(), torch.randn(37, 1, 8, 8)  # 37: the second process's block is the shorter one
+    one = load_or_build_cache(tmp_path / "one", {"teacher": "t", "data": "d"}, model, x, ["features.0"])
+    barrier, seen, errors = threading.Barrier(2, timeout=60), {}, []
+
+    def process(rank: int) -> None:
+        try:
+            part = Share(rank, 2, barrier.wait)
+            seen[rank] = part.rows(len(x))
+            own = copy.deepcopy(model)  # a process's own copy (threads must not share forward hooks)
+            load_or_build_cache(tmp_path / "two", {"teacher": "t", "data": "d"}, own, x, ["features.0"], part)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=process, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert seen == {0: range(0, 19), 1: range(19, 37)}
+    two = load_or_build_cache(tmp_path / "two", {"teacher": "t", "data": "d"}, model, x, ["features.0"])  # reused: checksums hold
+    for name in one.arrays:  # equal up to float rounding (the teacher ran in batches of other sizes)
+        np.testing.assert_allclose(two.arrays[name].astype(np.float32), one.arrays[name].astype(np.float32), atol=2e-3, rtol=2e-3)
+    assert two.meta["entries"]["logits"]["shape"] == [37, 10] and (np.abs(two.arrays["logits"]).max(axis=1) > 0).all()  # every row written
+    assert not (tmp_path / "two.tmp").exists()

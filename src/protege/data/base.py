@@ -1,16 +1,18 @@
-"""In-memory splits: every dataset here fits in memory as tensors."""
+"""Splits of a dataset: inputs as a float32 (or token id) tensor in memory, or ``Rows`` read on demand (stream.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import kornia.augmentation as K
 import torch
 
+from .stream import Rows, fingerprint
+
 
 @dataclass
 class Split:
-    x: torch.Tensor  # (N, *input_shape) float32; text: (N, L) int64 token ids
+    x: Union[torch.Tensor, Rows]  # (N, *input_shape) float32 (in memory, or streamed); text: (N, L) int64 token ids
     y: torch.Tensor  # (N,) int64
 
     def __len__(self) -> int:
@@ -46,12 +48,12 @@ class DataSplits:
 
     def fingerprint(self) -> str:
         """A short hash of the training inputs (with their shape) and labels (for caches)."""
-        import hashlib
+        return fingerprint(self.train.x, self.train.y)
 
-        h = hashlib.sha256(str((tuple(self.train.x.shape), str(self.train.x.dtype))).encode())  # same bytes, other blocks
-        h.update(self.train.x.numpy().tobytes())
-        h.update(self.train.y.numpy().tobytes())
-        return h.hexdigest()[:16]
+    @property
+    def streamed(self) -> bool:
+        """Whether the examples are read on demand from a memory-mapped file (``Rows``) rather than held in memory."""
+        return isinstance(self.train.x, Rows)
 
 
 def augment_images(x: torch.Tensor, pad: int = 2, flip: bool = True) -> torch.Tensor:

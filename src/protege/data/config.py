@@ -34,6 +34,9 @@ class DataConfig(_Strict):
     channels: Optional[Literal[1, 3]] = None  # images: grayscale or RGB (default: as the first image)
     image_size: Optional[list[int]] = None  # images: [height, width] every image is resized to (default: all one size already)
     skip_bad_files: bool = False  # images: skip unreadable files (counted in the log and the report) instead of stopping
+    stream: Optional[bool] = None  # arrays, images: read examples on demand from a memory-mapped file (default: when
+    # they would fill more than a quarter of this machine's memory as float32); false: hold them in memory
+    workers: Optional[int] = Field(None, ge=0, le=64)  # streamed data: DataLoader worker processes (default: cores - 1, at most 4)
     val_fraction: float = Field(0.1, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)  # ignored for fashion_mnist (own test set)
     encoding: str = "utf-8"  # csv / text / lm_text: the files' text encoding (latin-1, cp1252, ...)

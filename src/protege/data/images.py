@@ -2,19 +2,26 @@
 `path` and `label`, paths relative to the manifest), decoded with Pillow to one channel count and one size."""
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
 import logging
+import shutil
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import DataError
+from ..errors import DataError, StorageError
+from ..files import write_error, write_fix
+from ..logs import progress
 from .labels import check_labels, class_order, require_two_classes
-from .text import read_rows
+from .text import cache_root, read_rows
 
 log = logging.getLogger(__name__)
 
+CACHE_FORMAT = 1
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
@@ -68,18 +75,24 @@ def _manifest(path: Path, encoding: str) -> tuple[list[Path], list[str]]:
     return files, [str(v).strip() for v in labels]
 
 
-def decode(files: list[Path], channels: Optional[int], size: Optional[list[int]], skip_bad: bool) -> tuple[np.ndarray, list[int], list[str]]:
-    """uint8 (N, C, H, W) of the files that decode, their indices, and the files skipped (see ``decode_images``)."""
-    return decode_images([(str(f), lambda f=f: Image.open(f)) for f in files], channels, size, skip_bad)
-
-
 def decode_images(items: list[tuple[str, Callable[[], Image.Image]]], channels: Optional[int], size: Optional[list[int]],
                   skip_bad: bool) -> tuple[np.ndarray, list[int], list[str]]:
-    """uint8 (N, C, H, W) of the images that decode, their indices, and the names of those skipped (``skip_bad``;
-    otherwise an unreadable image is an error). ``items``: (name for messages, a call that opens the image). Every
-    image is converted to ``channels`` (default: 1 if the first is grayscale, else 3) and resized to ``size`` [H, W]
-    (default: all images must already share one size)."""
-    mode, kept, out, skipped, first = None, [], [], [], None
+    """uint8 (N, C, H, W) of the images that decode, their indices, and the names of those skipped (see ``each_image``)."""
+    skipped: list[str] = []
+    kept, out = [], []
+    for i, a in each_image(items, channels, size, skip_bad, skipped):
+        kept.append(i)
+        out.append(a)
+    return np.stack(out), kept, skipped
+
+
+def each_image(items: list[tuple[str, Callable[[], Image.Image]]], channels: Optional[int], size: Optional[list[int]],
+               skip_bad: bool, skipped: list[str]) -> Iterator[tuple[int, np.ndarray]]:
+    """(index, uint8 (C, H, W)) of each image that decodes; the names of those skipped are appended to ``skipped``
+    (``skip_bad``; otherwise an unreadable image is an error). ``items``: (name for messages, a call that opens the
+    image). Every image is converted to ``channels`` (default: 1 if the first is grayscale, else 3) and resized to
+    ``size`` [H, W] (default: all images must already share one size)."""
+    mode, first, n = None, None, 0
     if channels is not None:
         mode = "L" if channels == 1 else "RGB"
     for i, (name, open_image) in enumerate(items):
@@ -104,13 +117,60 @@ def decode_images(items: list[tuple[str, Callable[[], Image.Image]]], channels: 
         elif a.shape[:2] != first[1]:
             raise DataError(f"images of different sizes: {first[0]} is {first[1][1]}x{first[1][0]} but {name} is "
                             f"{a.shape[1]}x{a.shape[0]} (width x height); set data.image_size: [height, width] to resize them all")
-        out.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
-        kept.append(i)
-    if not out:
+        n += 1
+        yield i, (a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+    if not n:
         raise DataError(f"none of the {len(items)} images could be read; check the files")
     if skipped:
         log.warning(f"data: skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}")
-    return np.stack(out), kept, skipped
+
+
+def decoded_file(files: list[Path], channels: Optional[int], size: Optional[list[int]],
+                 skip_bad: bool) -> tuple[np.memmap, list[int], list[str], str]:
+    """The files decoded once into a uint8 file (N, C, H, W) under the cache folder, memory-mapped: (images, indices
+    of the files that decoded, files skipped, sha256 of the images). The cache is keyed by each file's path, size
+    and modification time and by the channels and size asked for; a second run (or a second process, which waits
+    for the first) reads it instead of decoding again. Memory stays flat however many files there are."""
+    key = hashlib.sha256(json.dumps([CACHE_FORMAT, channels, size, skip_bad] + [
+        [str(f.resolve()), *(lambda st: (st.st_size, st.st_mtime_ns))(f.stat())] for f in files]).encode()).hexdigest()[:24]
+    folder = cache_root() / "images" / key
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one process decodes; the others wait, then read what it wrote
+        if not (folder / "meta.json").is_file():
+            _decode_into(folder, files, channels, size, skip_bad)
+    meta = json.loads((folder / "meta.json").read_text())
+    x = np.memmap(folder / "images.u8", dtype=np.uint8, mode="r", shape=tuple(meta["shape"]))
+    return x, meta["kept"], meta["skipped"], meta["sha256"]
+
+
+def _decode_into(folder: Path, files: list[Path], channels: Optional[int], size: Optional[list[int]], skip_bad: bool) -> None:
+    """Decode ``files`` into ``folder`` (images.u8 and meta.json), written in a temporary folder, then renamed."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    h, kept, skipped, shape = hashlib.sha256(), [], [], None
+    items = [(str(f), lambda f=f: Image.open(f)) for f in files]
+    try:
+        with open(tmp / "images.u8", "wb") as out:
+            for i, a in progress(each_image(items, channels, size, skip_bad, skipped), "decoding images", total=len(items),
+                                 logger=log):
+                b = np.ascontiguousarray(a).tobytes()
+                out.write(b)
+                h.update(b)
+                kept.append(i)
+                shape = a.shape
+        (tmp / "meta.json").write_text(json.dumps({"shape": [len(kept), *shape], "kept": kept, "skipped": skipped,
+                                                   "sha256": h.hexdigest()}))
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise StorageError(f"cannot write the decoded images to {tmp} ({write_error(e)}); {write_fix(e, folder)}, or "
+                           f"set PROTEGE_CACHE to a folder with room") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _eight_bit(im: Image.Image, name: str) -> Image.Image:
@@ -126,12 +186,13 @@ def _eight_bit(im: Image.Image, name: str) -> Image.Image:
 
 
 def read_images(path: str, channels: Optional[int], size: Optional[list[int]], skip_bad: bool,
-                encoding: str = "utf-8") -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
-    """(uint8 images (N, C, H, W), class index per image, class names, files skipped)."""
+                encoding: str = "utf-8") -> tuple[np.memmap, np.ndarray, list[str], list[str], str]:
+    """(uint8 images (N, C, H, W) memory-mapped, class index per image, class names, files skipped, sha256 of the
+    images)."""
     files, labels = list_images(path, encoding)
-    x, kept, skipped = decode(files, channels, size, skip_bad)
+    x, kept, skipped, digest = decoded_file(files, channels, size, skip_bad)
     labels = [labels[i] for i in kept]
     classes = sorted(set(labels), key=class_order)
     require_two_classes(classes, str(path), "label (class folders)")
     index = {c: i for i, c in enumerate(classes)}
-    return x, np.array([index[v] for v in labels], dtype=np.int64), classes, skipped
+    return x, np.array([index[v] for v in labels], dtype=np.int64), classes, skipped, digest

@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -20,6 +21,7 @@ from .images import read_images
 from .labels import require_two_classes
 from .lm import load_lm_corpus
 from .tabular import read_csv_table
+from .stream import Rows, affine, default_workers
 from .text import cached_tokenize, label_ids, tokenize_cached, tokenizer_digest
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -158,10 +160,10 @@ def load_images(cfg: DataConfig, seed: int) -> DataSplits:
     if not cfg.path:
         raise DataError("data.source is 'images' but data.path is empty; set data.path to a folder with one subfolder "
                         "per class, or a .csv / .jsonl manifest (path, label)")
-    x, y, classes, skipped = read_images(cfg.path, cfg.channels, cfg.image_size, cfg.skip_bad_files, cfg.encoding)
+    x, y, classes, skipped, digest = read_images(cfg.path, cfg.channels, cfg.image_size, cfg.skip_bad_files, cfg.encoding)
     skip = f", {len(skipped)} unreadable files skipped" if skipped else ""
     return _array_splits(cfg, seed, {"all": (x, y)}, classes, f"images {cfg.path}{skip}", "uint8 images (0..255)", divide=255.0,
-                         extra={"skipped_files": len(skipped)} if cfg.skip_bad_files else {})
+                         extra={"skipped_files": len(skipped)} if cfg.skip_bad_files else {}, digest=digest)
 
 
 def load_hf_dataset(cfg: DataConfig, seed: int) -> DataSplits:
@@ -233,25 +235,43 @@ def _roles(cfg: DataConfig, seed: int, y: np.ndarray, given: dict[str, np.ndarra
 
 
 def _array_splits(cfg: DataConfig, seed: int, parts: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str],
-                  what: str, raw: str, divide: float = 1.0, extra: Optional[dict] = None) -> DataSplits:
+                  what: str, raw: str, divide: float = 1.0, extra: Optional[dict] = None,
+                  digest: Optional[str] = None) -> DataSplits:
     """Splits of in-memory (or memory-mapped) examples: ``parts`` maps a role (train, val, test; "all" when the data
     has no splits of its own) to (inputs, class indices). x / ``divide`` is scaled over all training values
-    (data.scaling) and each example reshaped (data.shape)."""
+    (data.scaling) and each example reshaped (data.shape). Streamed (data.stream), the splits read their rows from
+    ``x`` on demand (``digest``: a hash of x's bytes, if known); else they are float32 tensors in memory."""
     x, y, given = _given(parts)
     train, val, test = _roles(cfg, seed, y, given)
     shape = tuple(cfg.shape) if cfg.shape else tuple(x.shape[1:])
     if int(np.prod(shape)) != int(np.prod(x.shape[1:])):
         raise DataError(f"{cfg.path}: data.shape {list(shape)} holds {int(np.prod(shape))} values but each example has "
                         f"{int(np.prod(x.shape[1:]))} (shape {list(x.shape[1:])}); fix data.shape")
-    shift, divisor, steps = scale(np.asarray(x[train], dtype=np.float32) / divide, cfg.scaling)
-    part = {name: ((np.asarray(x[rows], dtype=np.float32) / divide - shift) / divisor).reshape(len(rows), *shape)
-            for name, rows in (("train", train), ("val", val), ("test", test))}
-    return _splits(part["train"], y[train], part["val"], y[val], part["test"], y[test],
-                   num_classes=len(classes), input_shape=shape, class_names=classes, is_image=len(shape) == 3,
-                   description=f"{what} ({len(y)} examples of shape {list(shape)}, {SCALED[cfg.scaling]})",
-                   preprocessing={"raw": f"{raw}, each example of shape {list(x.shape[1:])}", "layout": f"N, {', '.join(map(str, shape))}",
-                                  "scaling": cfg.scaling, "steps": ([f"x / {divide:g}"] if divide != 1 else []) + steps,
-                                  **(extra or {})})
+    shift, divisor, steps = scale(Rows(x, train, x.shape[1:], divide), cfg.scaling)
+    streamed = _streamed(cfg, x)
+    workers = (default_workers() if cfg.workers is None else cfg.workers) if streamed else 0
+    rows = {"train": train, "val": val, "test": test}
+    if streamed:
+        split = {k: Split(Rows(x, r, shape, divide, shift, divisor, digest, workers if k == "train" else 0),
+                          torch.as_tensor(y[r], dtype=torch.int64)) for k, r in rows.items()}
+    else:
+        split = {k: Split(torch.from_numpy(np.ascontiguousarray(affine(x[r], divide, shift, divisor, shape))),
+                          torch.as_tensor(y[r], dtype=torch.int64)) for k, r in rows.items()}
+    how = f"streamed from a memory-mapped file, {workers} loader workers" if streamed else "in memory"
+    return DataSplits(**split, num_classes=len(classes), input_shape=shape, class_names=classes, is_image=len(shape) == 3,
+                      description=f"{what} ({len(y)} examples of shape {list(shape)}, {SCALED[cfg.scaling]}, {how})",
+                      preprocessing={"raw": f"{raw}, each example of shape {list(x.shape[1:])}", "layout": f"N, {', '.join(map(str, shape))}",
+                                     "scaling": cfg.scaling, "steps": ([f"x / {divide:g}"] if divide != 1 else []) + steps,
+                                     "streamed": streamed, **(extra or {})})
+
+
+def _streamed(cfg: DataConfig, x: np.ndarray) -> bool:
+    """data.stream, or by default: stream when the examples as float32 would take more than a quarter of this
+    machine's memory (or x is already a file too large to copy)."""
+    if cfg.stream is not None:
+        return cfg.stream
+    need = 4 * int(np.prod(x.shape))
+    return need > os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
 
 
 def load_text(cfg: DataConfig, seed: int) -> DataSplits:

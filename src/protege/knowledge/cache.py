@@ -17,7 +17,8 @@ import math
 import re
 import shutil
 from pathlib import Path
-from typing import BinaryIO, Optional, Sequence
+from dataclasses import dataclass
+from typing import BinaryIO, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -121,59 +122,112 @@ def _size(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{max(n, 1) / 2**10:.0f} kB"
 
 
+@dataclass
+class Share:
+    """This process's part of a cache that several processes write together: process ``rank`` of ``world``, and
+    ``barrier`` (returns when every process has reached it). One process: the whole cache."""
+
+    rank: int = 0
+    world: int = 1
+    barrier: Callable[[], None] = lambda: None
+
+    def rows(self, n: int) -> range:
+        per = math.ceil(n / self.world)
+        return range(min(n, self.rank * per), min(n, (self.rank + 1) * per))
+
+
 @torch.no_grad()
-def build_cache(folder: Path, key: dict, model: nn.Module, x: torch.Tensor, paths: Sequence[str], batch_size: int = 256) -> TeacherCache:
+def build_cache(folder: Path, key: dict, model: nn.Module, x: torch.Tensor, paths: Sequence[str], batch_size: int = 256,
+                share: Share = Share()) -> TeacherCache:
     """Run the teacher once over ``x`` and write the cache folder atomically (a temporary folder, then a rename).
 
+    With several processes (``share``), each runs the teacher on its own block of rows and writes it into the same
+    files at its offset, in parallel; the first process then checks the files and puts the folder in place.
     A failed write (full disk, no permission) raises StorageError naming the file; the temporary folder is
     removed and an earlier cache in ``folder`` is left as it was.
     """
     tmp = folder.with_name(folder.name + ".tmp")
     was_training = model.training
-    writers: dict[str, _NpyWriter] = {}
-    entries: dict[str, dict] = {}
+    main = share.rank == 0
     current, need = tmp, 0
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         model.eval()
-        for start in progress(range(0, len(x), batch_size), "teacher cache", logger=log):
-            out = extract(model, x[start:start + batch_size].to(model_device(model)), paths, "teacher")
-            for name, t in {"logits": out.logits, **out.features}.items():
-                if name not in writers:
-                    dtype = np.dtype(np.float32 if name == "logits" else np.float16)
-                    shape = (len(x), *t.shape[1:])
-                    entries[name] = {"file": f"{len(entries)}.npy", "shape": list(shape), "dtype": dtype.name}
-                    need += math.prod(shape) * dtype.itemsize
-                    current = tmp / entries[name]["file"]
-                    writers[name] = _NpyWriter(current, dtype, shape)
-                current = writers[name].path
-                writers[name].append(t.detach().float().cpu().numpy())
-        for name, w in writers.items():
-            current = w.path
-            entries[name]["sha256"] = w.close()
-        current = tmp / "meta.json"
-        current.write_text(json.dumps({**key, "format": FORMAT, "entries": entries}, indent=1))
-        current = folder
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-    except OSError as e:
-        for w in writers.values():
-            w.abandon()
-        shutil.rmtree(tmp, ignore_errors=True)
+        rows = share.rows(len(x))
+        starts = list(range(rows.start, rows.stop, batch_size))
 
+        def outputs(start: int) -> dict[str, torch.Tensor]:
+            out = extract(model, x[start:min(start + batch_size, rows.stop)].to(model_device(model)), paths, "teacher")
+            return {"logits": out.logits, **out.features}
+
+        first = outputs(starts[0]) if starts else {}  # its shapes size the files (the first process always has rows)
+        entries = {}
+        for name, t in first.items():
+            dtype = np.dtype(np.float32 if name == "logits" else np.float16)
+            entries[name] = {"file": f"{len(entries)}.npy", "shape": [len(x), *t.shape[1:]], "dtype": dtype.name}
+            need += math.prod(entries[name]["shape"]) * dtype.itemsize
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for e in entries.values():
+                current = tmp / e["file"]
+                _allocate(current, np.dtype(e["dtype"]), tuple(e["shape"]))
+        share.barrier()
+        offsets = {name: _header_size(tmp / e["file"]) for name, e in entries.items()}
+        files = {name: open(tmp / e["file"], "r+b") for name, e in entries.items()}
+        try:
+            for start in progress(starts, "teacher cache", logger=log, enabled=main):
+                for name, t in (first if start == rows.start else outputs(start)).items():
+                    e, f = entries[name], files[name]
+                    a = np.ascontiguousarray(t.detach().float().cpu().numpy(), dtype=np.dtype(e["dtype"]))
+                    current = tmp / e["file"]
+                    f.seek(offsets[name] + start * a[0].nbytes)
+                    f.write(memoryview(a).cast("B"))
+        finally:
+            for f in files.values():
+                f.close()
+        share.barrier()
+        if main:
+            for e in entries.values():
+                current = tmp / e["file"]
+                e["sha256"] = file_sha256(current)
+            current = tmp / "meta.json"
+            current.write_text(json.dumps({**key, "format": FORMAT, "entries": entries}, indent=1))
+            current = folder
+            shutil.rmtree(folder, ignore_errors=True)
+            tmp.rename(folder)
+        share.barrier()
+    except OSError as e:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
         size = f"; the cache needs about {_size(need)}" if need else ""
         raise StorageError(f"cannot write the teacher cache file {e.filename or current} ({write_error(e)}{size}); "
                            f"{write_fix(e, folder)} (or set distill.cache_teacher: false), then run the command again "
                            f"(with --resume for `protege distill`)") from None
     except BaseException:
-        for w in writers.values():
-            w.abandon()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         model.train(was_training)
     return TeacherCache(folder)
+
+
+def _allocate(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+    """A .npy file of ``shape``: its header, then room for the data (written later by plain writes at each block's
+    offset, so a full disk is an error that names the file, never a SIGBUS from a memory map)."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                                                  "shape": shape})
+    with open(path, "wb") as f:
+        f.write(header.getvalue())
+        f.truncate(len(header.getvalue()) + math.prod(shape) * dtype.itemsize)
+
+
+def _header_size(path: Path) -> int:
+    with open(path, "rb") as f:
+        np.lib.format.read_magic(f)
+        np.lib.format.read_array_header_1_0(f)
+        return f.tell()
 
 
 def _damage(folder: Path, meta: dict) -> Optional[str]:
@@ -189,9 +243,10 @@ def _damage(folder: Path, meta: dict) -> Optional[str]:
     return None
 
 
-def load_or_build_cache(folder: Path, key: dict, model: nn.Module, x: torch.Tensor, paths: Sequence[str] = ()) -> TeacherCache:
+def load_or_build_cache(folder: Path, key: dict, model: nn.Module, x: torch.Tensor, paths: Sequence[str] = (),
+                        share: Share = Share()) -> TeacherCache:
     """Reuse ``folder`` if it was made from the same teacher, data, paths and transform (``key``) and its files
-    still match their checksums; else rebuild it."""
+    still match their checksums; else rebuild it (every process of ``share`` calls this, and they write it together)."""
     key = {**key, "paths": sorted(set(paths)), "transform": key.get("transform", "none")}
     meta_file = folder / "meta.json"
     if meta_file.is_file():
@@ -207,7 +262,7 @@ def load_or_build_cache(folder: Path, key: dict, model: nn.Module, x: torch.Tens
                 return TeacherCache(folder)
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             log.info(f"teacher cache {folder} is unreadable; rebuilding it")
-    cache = build_cache(folder, key, model, x, key["paths"])
+    cache = build_cache(folder, key, model, x, key["paths"], share=share)
     log.info(f"teacher cache: {len(x)} examples, logits{' and ' + str(len(cache.paths)) + ' feature map(s)' if cache.paths else ''}, "
         f"{cache.nbytes() / 2**20:.1f} MiB in {folder}")
     return cache

@@ -15,6 +15,7 @@ from torch import nn
 from ..data import DataSplits
 from ..files import write_atomic
 from ..knowledge import Teacher, load_or_build_cache
+from ..knowledge.cache import Share
 from ..knowledge.features import LOGITS
 from ..models import OnnxModule, load_weights, num_params, save_weights
 from ..models.text import HF_PICKLE_WEIGHTS, HF_WEIGHTS
@@ -68,11 +69,8 @@ def _teacher(run: Run, data: DataSplits, model: nn.Module, index: int, paths: li
     cache_paths = [p for p in paths if p != LOGITS]
     tag = f"_{hashlib.sha1(','.join(sorted(set(cache_paths))).encode()).hexdigest()[:8]}" if cache_paths else ""
     folder = run.path / "teacher_cache" / f"{prefix}t{index}{tag}"  # logits-only and hooked caches live side by side
-    if acc.is_main_process:  # one process writes the cache, the others then read it
-        cache = load_or_build_cache(folder, key, model, data.train.x, cache_paths)
-    acc.wait_for_everyone()
-    if not acc.is_main_process:
-        cache = load_or_build_cache(folder, key, model, data.train.x, cache_paths)
+    share = Share(acc.process_index, acc.num_processes, acc.wait_for_everyone)  # each process writes its block
+    cache = load_or_build_cache(folder, key, model, data.train.x, cache_paths, share)
     return Teacher(model, cache, paths)
 
 

@@ -21,6 +21,7 @@ from pydantic import Field
 from ..config import _Strict
 from ..data import Split
 from ..data.base import augment_images
+from ..data.stream import batches as read_batches
 from ..files import finite_json, write_atomic
 from ..knowledge import predict_logits
 from ..logs import progress
@@ -183,10 +184,9 @@ def _epoch(model: torch.nn.Module, loss_fn: LossFn, train: Split, cfg: TrainConf
     shown_loss: dict[str, str] = {}
     batches = _epoch_batches(len(train), cfg.batch_size, seed, epoch, accelerator.process_index, accelerator.num_processes,
                              hooks.shuffle_stride)
-    bar = progress(batches, f"{guard['stage']} {epoch + 1}/{cfg.epochs}", logger=log, enabled=accelerator.is_main_process,
-                   postfix=shown_loss)
-    for step, idx in enumerate(bar, 1):
-        x, y = train.x[idx], train.y[idx]
+    bar = progress(read_batches(train.x, train.y, batches), f"{guard['stage']} {epoch + 1}/{cfg.epochs}", logger=log,
+                   enabled=accelerator.is_main_process, postfix=shown_loss)
+    for step, (x, y, idx) in enumerate(bar, 1):
         if augment:
             x = augment_images(x)
         losses = loss_fn(model, x.to(accelerator.device), y.to(accelerator.device), idx)
