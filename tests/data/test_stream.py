@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -123,3 +124,46 @@ def test_each_process_reads_only_its_shard_of_the_training_rows(tmp_path):
         assert read[rank] == d.train.x.index[shard].tolist()  # its own batches, nothing else, once each per epoch
     per_epoch = [set(read[r][: len(read[r]) // 2]) for r in (0, 1)]
     assert len(per_epoch[0] & per_epoch[1]) <= 1 and len(per_epoch[0] | per_epoch[1]) == n  # disjoint shards (n odd: one row padded)
+
+
+def test_two_processes_on_streamed_images_train_the_student_one_process_trains(tmp_path):
+    """Two processes with batches of 32 each take the steps one process takes with batches of 64 (the same rows,
+    gradients averaged); the teacher cache is written by both, the images decoded by one (the other waits)."""
+    import json
+    import subprocess
+    import sys
+
+    import pytest
+    import yaml
+    from safetensors.torch import load_file
+
+    import protege
+    from protege.recipe import parse_recipe
+
+    from ..test_cli import _free_port
+
+    launcher = Path(sys.executable).with_name("accelerate")
+    if not launcher.exists():
+        pytest.skip("accelerate CLI not installed")
+    root = _folders(tmp_path / "imgs", per_class=60)
+    recipe = {"name": "two", "seed": 0, "data": {"source": "images", "path": str(root), "stream": True, "workers": 1,
+                                 "limit": 128},  # whole batches: no process pads its shard
+              "teacher": {"model": "mlp", "kwargs": {"hidden": [32]}, "train": {"epochs": 3, "batch_size": 32}},
+              "student": {"model": "mlp", "kwargs": {"hidden": [8]}},
+              "distill": {"temperature": 2.0, "alpha": 0.5}, "train": {"epochs": 3, "batch_size": 32, "lr": 0.01},
+              "eval": {"warmup": 1, "repeats_b1": 2, "repeats_b32": 1}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "protege.cli", "distill",
+           str(tmp_path / "r.yaml"), "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recipe["teacher"]["train"]["batch_size"] = recipe["train"]["batch_size"] = 64
+    one = protege.distill(parse_recipe(recipe), tmp_path / "one", export=False, evaluate_=False)
+    for model in ("teacher", "student"):
+        two_w, one_w = (load_file(p / model / "model.safetensors") for p in (tmp_path / "two", one.path))
+        assert two_w.keys() == one_w.keys()
+        for k in one_w:
+            torch.testing.assert_close(two_w[k], one_w[k], atol=1e-5, rtol=1e-5)  # measured: 1.5e-8
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert report["student"]["accuracy"] > 0.5
