@@ -105,3 +105,19 @@ def test_sixteen_bit_images_keep_their_range_and_numeric_class_folders_count_num
     assert d.class_names == [str(c) for c in range(11)]
     values = sorted(set(torch.cat([d.train.x, d.val.x, d.test.x]).flatten().tolist()))
     assert values[0] == 0 and values[-1] == 1 and len(values) == 4  # not clipped to white
+
+
+def test_data_classes_sets_the_order_of_the_outputs(tmp_path):
+    """A pretrained teacher's outputs come in its own class order, not the folders' alphabetical one."""
+    root = _folders(tmp_path / "imgs", per_class=20)
+    d = load_data(DataConfig(source="images", path=str(root), classes=list(CLASSES), stream=False, scaling="none"), 0)
+    assert d.class_names == list(CLASSES)  # zero, one, two: not sorted
+    digits = load_digits()
+    for split in (d.train, d.test):
+        for x, y in zip(split.x[:8], split.y[:8]):  # each image is the digit its label index says
+            ref = np.stack([(digits.images[digits.target == c][:20] * 255 / 16).astype(np.uint8) / 255.0 for c in range(3)])
+            assert np.abs(ref[int(y)] - x[0].numpy()).min(axis=(1, 2)).min() < 1e-6
+    with pytest.raises(DataError, match=r"holds the class 'two', which data.classes does not list; add it"):
+        load_data(DataConfig(source="images", path=str(root), classes=["zero", "one"]), 0)
+    with pytest.raises(ValueError, match=r"classes lists 'one' twice"):
+        DataConfig(source="images", path=str(root), classes=["zero", "one", "one"])

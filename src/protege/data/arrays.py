@@ -9,10 +9,10 @@ from typing import Optional
 import numpy as np
 
 from ..errors import DataError
-from .labels import check_labels, class_order, require_two_classes
+from .labels import check_labels, ordered_classes, require_two_classes
 
 
-def read_arrays(path: str, labels: Optional[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def read_arrays(path: str, labels: Optional[str], classes: Optional[list[str]] = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(inputs, class index per example, class names) from ``path`` (.npy inputs with ``labels`` a .npy of labels, or
     a .npz holding `x` and `y`). Classes: the sorted distinct labels (numbers numerically)."""
     p = Path(path)
@@ -36,7 +36,7 @@ def read_arrays(path: str, labels: Optional[str]) -> tuple[np.ndarray, np.ndarra
         y = _open(np.load, Path(labels))
     else:
         raise DataError(f"arrays file '{p}' has suffix '{p.suffix}'; use .npy (inputs, with data.labels) or .npz (x and y)")
-    return _checked(x, y, p)
+    return _checked(x, y, p, classes)
 
 
 def _open(load, path: Path, **kw):
@@ -59,7 +59,7 @@ def _pickled(read, path: Path):
                         f"(np.save / np.savez with a numeric or str dtype)") from None
 
 
-def _checked(x: np.ndarray, y: np.ndarray, p: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _checked(x: np.ndarray, y: np.ndarray, p: Path, given: Optional[list[str]]) -> tuple[np.ndarray, np.ndarray, list[str]]:
     if x.ndim < 2:
         raise DataError(f"{p}: inputs of shape {list(x.shape)}; the first axis counts examples and each example needs at "
                         f"least one value (shape [N, features] or [N, C, H, W])")
@@ -74,7 +74,7 @@ def _checked(x: np.ndarray, y: np.ndarray, p: Path) -> tuple[np.ndarray, np.ndar
         raise DataError(f"{p}: label {bad} is {y[bad]}; every label must be a class (a number or a name)")
     raw = y.tolist()
     check_labels(raw, str(p), "labels", first_row=0)
-    classes = sorted({str(v) for v in raw}, key=class_order)
+    classes = ordered_classes((str(v) for v in raw), given, str(p), "the labels")
     require_two_classes(classes, str(p), "labels")
     index = {c: i for i, c in enumerate(classes)}
     return x, np.array([index[str(v)] for v in raw], dtype=np.int64), classes

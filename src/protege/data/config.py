@@ -34,6 +34,8 @@ class DataConfig(_Strict):
     channels: Optional[Literal[1, 3]] = None  # images: grayscale or RGB (default: as the first image)
     image_size: Optional[list[int]] = None  # images: [height, width] every image is resized to (default: all one size already)
     skip_bad_files: bool = False  # images: skip unreadable files (counted in the log and the report) instead of stopping
+    classes: Optional[list[str]] = Field(None, min_length=2)  # images, arrays, hf_dataset: the class names in the order of
+    # the model's outputs (a pretrained teacher's order); default: the labels found, sorted (numbers numerically)
     stream: Optional[bool] = None  # arrays, images: read examples on demand from a memory-mapped file (default: when
     # they would fill more than a quarter of this machine's memory as float32); false: hold them in memory
     workers: Optional[int] = Field(None, ge=0, le=64)  # streamed data: DataLoader worker processes (default: cores - 1, at most 4)
@@ -46,6 +48,14 @@ class DataConfig(_Strict):
     @classmethod
     def _known_encoding(cls, name: str) -> str:
         return known_encoding(name)
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct(cls, classes: Optional[list[str]]) -> Optional[list[str]]:
+        if classes is not None and len(set(classes)) != len(classes):
+            twice = next(c for c in classes if classes.count(c) > 1)
+            raise ValueError(f"classes lists {twice!r} twice; name each class once, in the order of the model's outputs")
+        return classes
 
     @field_validator("image_size")
     @classmethod

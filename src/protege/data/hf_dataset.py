@@ -14,7 +14,7 @@ from ..errors import DataError
 from ..logs import quiet
 from .arrays import require_finite
 from .images import decode_images
-from .labels import check_labels, class_order, require_two_classes
+from .labels import check_labels, ordered_classes, require_two_classes
 
 SPLITS = {"train": ("train",), "val": ("validation", "valid", "val"), "test": ("test",)}
 
@@ -58,13 +58,16 @@ def open_dataset(path: str) -> dict[str, Any]:
                         f"write them again") from None
 
 
-def _labels(parts: dict[str, Any], target: str, where: str) -> tuple[dict[str, np.ndarray], list[str]]:
+def _labels(parts: dict[str, Any], target: str, where: str, given: Optional[list[str]]) -> tuple[dict[str, np.ndarray], list[str]]:
     for role, ds in parts.items():
         if target not in ds.column_names:
             raise DataError(f"{where} ({role}) has no label column '{target}' (data.target); its columns: "
                             f"{', '.join(ds.column_names)}")
     first = next(iter(parts.values()))
     names = getattr(first.features[target], "names", None)
+    if names is not None and given is not None and list(given) != list(names):
+        raise DataError(f"{where}: the label column '{target}' is a ClassLabel, whose names fix the class order "
+                        f"({', '.join(map(str, names[:6]))}{', ...' if len(names) > 6 else ''}); remove data.classes")
     if names is not None:  # a ClassLabel: integers with names; -1 means "no label"
         out = {role: np.asarray(ds[target], dtype=np.int64) for role, ds in parts.items()}
         for role, y in out.items():
@@ -76,7 +79,7 @@ def _labels(parts: dict[str, Any], target: str, where: str) -> tuple[dict[str, n
     raw = {role: list(ds[target]) for role, ds in parts.items()}
     for role, values in raw.items():
         check_labels(values, f"{where} ({role})", target, first_row=0)
-    classes = sorted({str(v) for v in raw.get("train", raw.get("all"))}, key=class_order)
+    classes = ordered_classes((str(v) for v in raw.get("train", raw.get("all"))), given, where, f"column '{target}'")
     index = {c: i for i, c in enumerate(classes)}
     out = {}
     for role, values in raw.items():
@@ -111,13 +114,14 @@ def _image_column(ds: Any, wanted: Optional[str], where: str) -> Optional[str]:
 
 
 def read_hf_dataset(path: str, target: str, columns: Optional[list[str]], image: Optional[str], channels: Optional[int],
-                    size: Optional[list[int]], skip_bad: bool, text: str = "text") -> tuple[dict[str, tuple[Any, np.ndarray]], list[str], str]:
+                    size: Optional[list[int]], skip_bad: bool, text: str = "text",
+                    classes: Optional[list[str]] = None) -> tuple[dict[str, tuple[Any, np.ndarray]], list[str], str]:
     """role -> (inputs, class indices), the class names, and what the inputs are: "columns" (float32 (N, features)
     from ``columns``), "images" (uint8 (N, C, H, W) from the image column) or "text" (a list of strings from the
     column ``text``, when there is no image column)."""
     parts = open_dataset(path)
     first = next(iter(parts.values()))
-    labels, classes = _labels(parts, target, path)
+    labels, classes = _labels(parts, target, path, classes)
     require_two_classes(classes, path, target)
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if columns:

@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from ..errors import DataError, StorageError
 from ..files import write_error, write_fix
 from ..logs import progress
-from .labels import check_labels, class_order, require_two_classes
+from .labels import check_labels, ordered_classes, require_two_classes
 from .text import cache_root, read_rows
 
 log = logging.getLogger(__name__)
@@ -185,14 +185,14 @@ def _eight_bit(im: Image.Image, name: str) -> Image.Image:
     return im
 
 
-def read_images(path: str, channels: Optional[int], size: Optional[list[int]], skip_bad: bool,
-                encoding: str = "utf-8") -> tuple[np.memmap, np.ndarray, list[str], list[str], str]:
+def read_images(path: str, channels: Optional[int], size: Optional[list[int]], skip_bad: bool, encoding: str = "utf-8",
+                classes: Optional[list[str]] = None) -> tuple[np.memmap, np.ndarray, list[str], list[str], str]:
     """(uint8 images (N, C, H, W) memory-mapped, class index per image, class names, files skipped, sha256 of the
     images)."""
     files, labels = list_images(path, encoding)
     x, kept, skipped, digest = decoded_file(files, channels, size, skip_bad)
     labels = [labels[i] for i in kept]
-    classes = sorted(set(labels), key=class_order)
+    classes = ordered_classes(labels, classes, str(path), "the class folders (or the manifest's labels)")
     require_two_classes(classes, str(path), "label (class folders)")
     index = {c: i for i, c in enumerate(classes)}
     return x, np.array([index[v] for v in labels], dtype=np.int64), classes, skipped, digest

@@ -3,7 +3,7 @@ classes at least. (Labels that silently split one class in two are worse than a 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 from ..errors import DataError
 
@@ -48,6 +48,19 @@ def check_labels(labels: Sequence[Any], where: str, column: str, first_row: int 
         if first[0] != text:
             raise DataError(f"{where}: column '{column}' writes one number two ways: {first[0]!r} on row "
                             f"{row(first[1])} and {text!r} on row {row(i)} would be two classes; write it one way")
+
+
+def ordered_classes(found: Iterable[str], given: Optional[Sequence[str]], where: str, column: str) -> list[str]:
+    """The class names in the order of the model's outputs: ``given`` (data.classes, e.g. a pretrained teacher's
+    order), which must list every label found; by default the labels found, sorted (numbers numerically)."""
+    found = set(found)
+    if given is None:
+        return sorted(found, key=class_order)
+    missing = sorted(found - set(given), key=class_order)
+    if missing:
+        raise DataError(f"{where}: {column} holds the class {missing[0]!r}, which data.classes does not list; add it to "
+                        f"data.classes (in the order of the model's outputs) or remove those examples")
+    return list(given)
 
 
 def require_two_classes(classes: Sequence[str], where: str, column: str) -> None:

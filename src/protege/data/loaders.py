@@ -150,7 +150,7 @@ def load_arrays(cfg: DataConfig, seed: int) -> DataSplits:
     (data.shape). Only the examples used are read from a .npy file (memory-mapped)."""
     if not cfg.path:
         raise DataError("data.source is 'arrays' but data.path is empty; set data.path to a .npy (with data.labels) or .npz file")
-    x, y, classes = read_arrays(cfg.path, cfg.labels)
+    x, y, classes = read_arrays(cfg.path, cfg.labels, cfg.classes)
     return _array_splits(cfg, seed, {"all": (x, y)}, classes, f"arrays {cfg.path}", f"{x.dtype} arrays")
 
 
@@ -160,7 +160,8 @@ def load_images(cfg: DataConfig, seed: int) -> DataSplits:
     if not cfg.path:
         raise DataError("data.source is 'images' but data.path is empty; set data.path to a folder with one subfolder "
                         "per class, or a .csv / .jsonl manifest (path, label)")
-    x, y, classes, skipped, digest = read_images(cfg.path, cfg.channels, cfg.image_size, cfg.skip_bad_files, cfg.encoding)
+    x, y, classes, skipped, digest = read_images(cfg.path, cfg.channels, cfg.image_size, cfg.skip_bad_files, cfg.encoding,
+                                                     cfg.classes)
     skip = f", {len(skipped)} unreadable files skipped" if skipped else ""
     return _array_splits(cfg, seed, {"all": (x, y)}, classes, f"images {cfg.path}{skip}", "uint8 images (0..255)", divide=255.0,
                          extra={"skipped_files": len(skipped)} if cfg.skip_bad_files else {}, digest=digest)
@@ -174,7 +175,7 @@ def load_hf_dataset(cfg: DataConfig, seed: int) -> DataSplits:
         raise DataError("data.source is 'hf_dataset' but data.path is empty; set data.path to a save_to_disk folder or "
                         "Parquet files")
     parts, classes, kind = read_hf_dataset(cfg.path, cfg.target or "label", cfg.columns, cfg.image, cfg.channels,
-                                           cfg.image_size, cfg.skip_bad_files, cfg.text)
+                                           cfg.image_size, cfg.skip_bad_files, cfg.text, cfg.classes)
     what = f"Hugging Face dataset {cfg.path} ({', '.join(parts)})"
     if kind == "text":
         if not cfg.tokenizer:
