@@ -81,7 +81,7 @@ def test_cache_round_trip_and_checksums(tmp_path):
         assert np.array_equal(cache.arrays["logits"], model(x).numpy())
         assert np.array_equal(cache.arrays["0"], model[0](x).numpy().astype(np.float16))
     meta = json.loads((tmp_path / "c" / "meta.json").read_text())
-    assert meta["format"] == 2
+    assert meta["format"] == 3
     for e in meta["entries"].values():
         assert e["sha256"] == file_sha256(tmp_path / "c" / e["file"])
     assert not (tmp_path / "c.tmp").exists()

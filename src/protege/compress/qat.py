@@ -134,6 +134,7 @@ def qat_to_onnx(student: nn.Module, loss_fn, train: Split, val: Split, out: Path
         raise CompressError(f"QAT could not capture the student with torch.export ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:160]}); use quantize.mode: static") from None
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer="adamw", lr=lr, weight_decay=0.0, schedule="constant")
+    train, val = (dataclasses.replace(s, pad_id=None) for s in (train, val))  # the captured graph fixes the text length
     fit(prepared, loss_fn, train, val, cfg, seed=seed, ckpt_dir=ckpt_dir or out.parent / f"{out.stem}_checkpoints",
         metrics_path=metrics_path, stage="qat", accelerator=accelerator or Accelerator(cpu=True), lr_field="quantize.qat_lr",
         hooks=_qat_hooks(pt2e, prepared, model, epochs, lr))

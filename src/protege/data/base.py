@@ -14,6 +14,7 @@ from .stream import Rows, fingerprint
 class Split:
     x: Union[torch.Tensor, Rows]  # (N, *input_shape) float32 (in memory, or streamed); text: (N, L) int64 token ids
     y: torch.Tensor  # (N,) int64
+    pad_id: Optional[int] = None  # text classification: the padding id; each batch is cut to its longest text
 
     def __len__(self) -> int:
         return len(self.y)

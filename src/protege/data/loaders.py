@@ -211,7 +211,7 @@ def _text_splits(cfg: DataConfig, seed: int, parts: dict[str, tuple[np.ndarray, 
     train, val, test = _roles(cfg, seed, y, given)
 
     def t(rows):
-        return Split(torch.as_tensor(x[rows].astype(np.int64)), torch.as_tensor(y[rows], dtype=torch.int64))
+        return Split(torch.as_tensor(x[rows].astype(np.int64)), torch.as_tensor(y[rows], dtype=torch.int64), info["pad_id"])
 
     return DataSplits(train=t(train), val=t(val), test=t(test), num_classes=len(classes), input_shape=(width,),
                       class_names=classes, description=f"{what} ({width} tokens)", vocab_size=info["vocab_size"],

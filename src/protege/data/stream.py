@@ -100,12 +100,13 @@ class _Batches(torch.utils.data.Dataset):
         return self.x[idx], self.y[idx], idx
 
 
-def batches(x, y: torch.Tensor, order: Sequence[torch.Tensor]) -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(inputs, labels, positions) of each batch of positions in ``order``. In-memory inputs are indexed directly;
-    streamed ones (``Rows``) are read by a DataLoader with ``x.workers`` worker processes, which read ahead while the
-    model trains. Only the rows in ``order`` are read."""
+def batches(x, y: torch.Tensor, order: Sequence[torch.Tensor],
+            pad_id: Optional[int] = None) -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(inputs, labels, positions) of each batch of positions in ``order``. In-memory inputs are indexed directly
+    (token ids cut to the batch's longest text, see ``trim``); streamed ones (``Rows``) are read by a DataLoader with
+    ``x.workers`` worker processes, which read ahead while the model trains. Only the rows in ``order`` are read."""
     if not isinstance(x, Rows):
-        return _Direct(x, y, order)
+        return _Direct(x, y, order, pad_id)
     workers = x.workers
     return torch.utils.data.DataLoader(_Batches(x, y), sampler=list(order), batch_size=None, num_workers=workers,
                                        prefetch_factor=4 if workers else None, persistent_workers=False)
@@ -114,15 +115,24 @@ def batches(x, y: torch.Tensor, order: Sequence[torch.Tensor]) -> Iterable[tuple
 class _Direct:
     """Batches of in-memory tensors, indexed as they are asked for."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, order: Sequence[torch.Tensor]):
-        self.x, self.y, self.order = x, y, order
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, order: Sequence[torch.Tensor], pad_id: Optional[int]):
+        self.x, self.y, self.order, self.pad_id = x, y, order, pad_id
 
     def __len__(self) -> int:
         return len(self.order)
 
     def __iter__(self):
         for idx in self.order:
-            yield self.x[idx], self.y[idx], idx
+            yield trim(self.x[idx], self.pad_id), self.y[idx], idx
+
+
+def trim(x: torch.Tensor, pad_id: Optional[int]) -> torch.Tensor:
+    """Token ids (B, L) padded on the right, cut to the batch's longest text (at least one position): a batch is
+    padded to its own longest example, not the data set's. Other inputs (``pad_id`` None) are returned as they are."""
+    if pad_id is None:
+        return x
+    used = (x != pad_id).any(0).nonzero()
+    return x[:, : int(used[-1]) + 1 if len(used) else 1]
 
 
 def default_workers() -> int:

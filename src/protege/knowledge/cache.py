@@ -16,14 +16,15 @@ import logging
 import math
 import re
 import shutil
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..data.stream import trim
 from ..errors import StorageError
 from ..files import write_error, write_fix
 from ..logs import progress
@@ -32,7 +33,8 @@ from .output import ModelOutput
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # 2: files written with plain writes, a sha256 per file in meta.json (1: memory-mapped writes, no checksums)
+FORMAT = 3  # 3: sequence axes recorded (text batches are cut to their longest text); 2: files written with plain
+# writes, a sha256 per file in meta.json; 1: memory-mapped writes, no checksums
 CHUNK = 1 << 20
 
 
@@ -52,11 +54,19 @@ class TeacherCache:
     def paths(self) -> list[str]:
         return [k for k in self.arrays if k != "logits"]
 
-    def get(self, idx: torch.Tensor) -> ModelOutput:
+    def get(self, idx: torch.Tensor, length: Optional[int] = None) -> ModelOutput:
+        """The outputs for examples ``idx``; with ``length`` (the positions of a batch of token ids cut to its longest
+        text), every sequence axis cut to that length."""
         i = np.asarray(idx.cpu().numpy())
-        logits = torch.from_numpy(np.ascontiguousarray(self.arrays["logits"][i]))
-        feats = {p: torch.from_numpy(np.ascontiguousarray(self.arrays[p][i])).float() for p in self.paths}
-        return ModelOutput(logits, feats)
+
+        def read(name: str) -> torch.Tensor:
+            a = self.arrays[name][i]
+            if length is not None:
+                a = a[tuple(slice(0, length) if d in self.meta["entries"][name].get("seq_dims", ()) else slice(None)
+                            for d in range(a.ndim))]
+            return torch.from_numpy(np.ascontiguousarray(a))
+
+        return ModelOutput(read("logits"), {p: read(p).float() for p in self.paths})
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays.values())
@@ -138,9 +148,12 @@ class Share:
 
 @torch.no_grad()
 def build_cache(folder: Path, key: dict, model: nn.Module, x: torch.Tensor, paths: Sequence[str], batch_size: int = 256,
-                share: Share = Share()) -> TeacherCache:
+                share: Share = Share(), pad_id: Optional[int] = None) -> TeacherCache:
     """Run the teacher once over ``x`` and write the cache folder atomically (a temporary folder, then a rename).
 
+    Token ids with a ``pad_id`` go to the teacher cut to each batch's longest text, as the student sees them; the
+    axes of each output that follow the text's length are found by running the teacher on one example at two
+    lengths, recorded in meta.json as ``seq_dims``, and padded with zeros to the full length on disk.
     With several processes (``share``), each runs the teacher on its own block of rows and writes it into the same
     files at its offset, in parallel; the first process then checks the files and puts the folder in place.
     A failed write (full disk, no permission) raises StorageError naming the file; the temporary folder is
@@ -156,14 +169,18 @@ def build_cache(folder: Path, key: dict, model: nn.Module, x: torch.Tensor, path
         starts = list(range(rows.start, rows.stop, batch_size))
 
         def outputs(start: int) -> dict[str, torch.Tensor]:
-            out = extract(model, x[start:min(start + batch_size, rows.stop)].to(model_device(model)), paths, "teacher")
-            return {"logits": out.logits, **out.features}
+            xb = trim(x[start:min(start + batch_size, rows.stop)], pad_id)
+            out = extract(model, xb.to(model_device(model)), paths, "teacher")
+            return {name: _pad_to(t, seq.get(name, ()), x.shape[1]) for name, t in {"logits": out.logits, **out.features}.items()}
+
+        seq = _sequence_axes(model, x, paths) if pad_id is not None else {}
 
         first = outputs(starts[0]) if starts else {}  # its shapes size the files (the first process always has rows)
         entries = {}
         for name, t in first.items():
             dtype = np.dtype(np.float32 if name == "logits" else np.float16)
-            entries[name] = {"file": f"{len(entries)}.npy", "shape": [len(x), *t.shape[1:]], "dtype": dtype.name}
+            entries[name] = {"file": f"{len(entries)}.npy", "shape": [len(x), *t.shape[1:]], "dtype": dtype.name,
+                             "seq_dims": list(seq.get(name, ()))}
             need += math.prod(entries[name]["shape"]) * dtype.itemsize
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -212,6 +229,29 @@ def build_cache(folder: Path, key: dict, model: nn.Module, x: torch.Tensor, path
     return TeacherCache(folder)
 
 
+def _sequence_axes(model: nn.Module, x: torch.Tensor, paths: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """For each output, the axes whose size follows the number of positions: those that differ between one example
+    run at its full length and at half of it."""
+    length = x.shape[1]
+    if length < 2:
+        return {}
+    device = model_device(model)
+    full, half = (extract(model, x[:1, :n].to(device), paths, "teacher") for n in (length, length // 2))
+    shapes = lambda out: {"logits": out.logits.shape, **{p: t.shape for p, t in out.features.items()}}  # noqa: E731
+    a, b = shapes(full), shapes(half)
+    return {name: tuple(d for d in range(1, len(a[name])) if a[name][d] != b[name][d]) for name in a}
+
+
+def _pad_to(t: torch.Tensor, axes: Sequence[int], length: int) -> torch.Tensor:
+    """``t`` padded with zeros at the end of each of ``axes`` to ``length``."""
+    for d in axes:
+        if t.shape[d] < length:
+            shape = list(t.shape)
+            shape[d] = length - t.shape[d]
+            t = torch.cat([t, t.new_zeros(shape)], dim=d)
+    return t
+
+
 def _allocate(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
     """A .npy file of ``shape``: its header, then room for the data (written later by plain writes at each block's
     offset, so a full disk is an error that names the file, never a SIGBUS from a memory map)."""
@@ -244,7 +284,7 @@ def _damage(folder: Path, meta: dict) -> Optional[str]:
 
 
 def load_or_build_cache(folder: Path, key: dict, model: nn.Module, x: torch.Tensor, paths: Sequence[str] = (),
-                        share: Share = Share()) -> TeacherCache:
+                        share: Share = Share(), pad_id: Optional[int] = None) -> TeacherCache:
     """Reuse ``folder`` if it was made from the same teacher, data, paths and transform (``key``) and its files
     still match their checksums; else rebuild it (every process of ``share`` calls this, and they write it together)."""
     key = {**key, "paths": sorted(set(paths)), "transform": key.get("transform", "none")}
@@ -255,14 +295,14 @@ def load_or_build_cache(folder: Path, key: dict, model: nn.Module, x: torch.Tens
             if not all(old.get(k) == v for k, v in key.items()):
                 log.info(f"teacher cache {folder} was made for other inputs ({_differs(old, key)} changed); rebuilding it")
             elif old.get("format") != FORMAT or not all("sha256" in e for e in old["entries"].values()):
-                log.info(f"teacher cache {folder} was written by an older protege (no checksums); rebuilding it")
+                log.info(f"teacher cache {folder} was written by an older protege (another format); rebuilding it")
             elif (why := _damage(folder, old)) is not None:
                 log.info(f"teacher cache {folder}: {why}; rebuilding it")
             else:
                 return TeacherCache(folder)
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             log.info(f"teacher cache {folder} is unreadable; rebuilding it")
-    cache = build_cache(folder, key, model, x, key["paths"], share=share)
+    cache = build_cache(folder, key, model, x, key["paths"], share=share, pad_id=pad_id)
     log.info(f"teacher cache: {len(x)} examples, logits{' and ' + str(len(cache.paths)) + ' feature map(s)' if cache.paths else ''}, "
         f"{cache.nbytes() / 2**20:.1f} MiB in {folder}")
     return cache

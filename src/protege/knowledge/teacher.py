@@ -1,11 +1,12 @@
 """A frozen teacher: live forward passes in eval mode, or outputs computed once and cached on disk (cache.py)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from ..data.stream import trim
 from .features import LOGITS, extract, model_device
 from .output import ModelOutput
 
@@ -14,12 +15,14 @@ if TYPE_CHECKING:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512, device: torch.device | str | None = None) -> torch.Tensor:
-    """Logits of ``model`` (in eval mode, restored afterwards) for all of ``x``, returned on CPU."""
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512, device: torch.device | str | None = None,
+                   pad_id: Optional[int] = None) -> torch.Tensor:
+    """Logits of ``model`` (in eval mode, restored afterwards) for all of ``x``, returned on CPU; token ids with a
+    ``pad_id`` are cut to each batch's longest text."""
     device = device or model_device(model)
     was_training = model.training
     model.eval()
-    outs = [model(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
+    outs = [model(trim(x[i:i + batch_size], pad_id).to(device)).float().cpu() for i in range(0, len(x), batch_size)]
     model.train(was_training)
     return torch.cat(outs) if outs else torch.empty(0)
 
@@ -46,7 +49,7 @@ class Teacher:
         if isinstance(self.cache, torch.Tensor):
             out = ModelOutput(self.cache[idx.cpu()])
         elif self.cache is not None:
-            out = self.cache.get(idx)
+            out = self.cache.get(idx, length=None if x.is_floating_point() else x.shape[-1])  # token ids: cut positions
         else:
             self.model.eval()
             with torch.no_grad():

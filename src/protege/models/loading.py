@@ -40,7 +40,7 @@ class OnnxModule(nn.Module):
     """
 
     def __init__(self, path: str | Path, threads: int = 0, output: Optional[str] = None,
-                 in_shape: Optional[Sequence[int]] = None, who: str = "teacher"):
+                 in_shape: Optional[Sequence[int]] = None, who: str = "teacher", pad_id: Optional[int] = None):
         super().__init__()
         import onnx
         import onnxruntime as ort
@@ -66,10 +66,16 @@ class OnnxModule(nn.Module):
         if in_shape is not None:
             _check_input(inputs[0], tuple(in_shape), f"{who} {self.path.name}")
         self.output_name = _pick_output(self.session.get_outputs(), output, f"{who} {self.path.name}")
+        dims = list(inputs[0].shape)
+        # token ids cut to a batch's longest text are padded back to a length the file fixes
+        self.pad_to = dims[1] if pad_id is not None and len(dims) == 2 and isinstance(dims[1], int) else None
+        self.pad_id = pad_id
         self.probabilities: Optional[bool] = None  # decided on the first call: see forward
         self.n_params = int(sum(np.prod(t.dims) for t in proto.graph.initializer))
 
     def _run(self, x: torch.Tensor) -> np.ndarray:
+        if self.pad_to is not None and x.shape[1] < self.pad_to:
+            x = torch.nn.functional.pad(x, (0, self.pad_to - x.shape[1]), value=self.pad_id)
         (out,) = self.session.run([self.output_name], {self.input_name: x.detach().cpu().numpy().astype(self.input_dtype)})
         return np.asarray(out, dtype=np.float32)
 
@@ -176,7 +182,9 @@ def build_model(spec: ModelSpec, in_shape: Sequence[int], num_classes: int, extr
     """
     ref = spec.model
     if ref.endswith(".onnx"):
-        onnx_model = OnnxModule(ref, output=spec.output, in_shape=in_shape if not (extras or {}).get("vocab_size") else None)
+        text = bool((extras or {}).get("vocab_size"))
+        onnx_model = OnnxModule(ref, output=spec.output, in_shape=None if text else in_shape,
+                                pad_id=(extras or {}).get("pad_id", 0) if text else None)
         return _normalized(onnx_model, spec, in_shape)
     if is_hf_folder(ref) and is_image_classifier_folder(ref):
         model = hf_image_classifier(ref, num_classes, in_shape, allow_pickle=spec.allow_pickle, **spec.kwargs)

@@ -140,10 +140,10 @@ def _latency(run: Run, timers: dict[str, Timer]) -> dict[str, Measurement]:
 def _torch_entry(run: Run, model: nn.Module, data: DataSplits, weights: Path, teacher_logits) -> tuple[dict, Timer]:
     """A PyTorch stage's metrics, params and bytes, and its timer (an ONNX teacher is an ONNX stage)."""
     if isinstance(model, OnnxModule):  # its chosen output, as logits (log-probabilities when it gives probabilities)
-        logits = predict_logits(model, data.test.x)
+        logits = predict_logits(model, data.test.x, pad_id=data.test.pad_id)
         return ({"runtime": "onnxruntime", **classification_metrics(logits, data.test.y, teacher_logits),
                  "params": model.n_params, "bytes": model.path.stat().st_size}, torch_timer(model, timing_inputs(data)))
-    logits = predict_logits(model, data.test.x)
+    logits = predict_logits(model, data.test.x, pad_id=data.test.pad_id)
     return ({"runtime": "pytorch", **classification_metrics(logits, data.test.y, teacher_logits),
              "params": num_params(model), "bytes": weights.stat().st_size}, torch_timer(model, timing_inputs(data)))
 
@@ -161,7 +161,7 @@ def _stages(run: Run, data: DataSplits) -> tuple[list[dict], dict[str, Timer], d
     """Every stage the run has (teacher, student, its ONNX file, pruned, int8) scored on the test split, each
     stage's timer, and the report's other facts (ONNX parity, pruning, quantization)."""
     teachers, student = run.load_models(data)
-    t_logits = predict_logits(teachers[0], data.test.x)
+    t_logits = predict_logits(teachers[0], data.test.x, pad_id=data.test.pad_id)
     stages, timers, report = [], {}, {}
 
     def add(name: str, file: str, entry: tuple[dict, Timer], **extra) -> None:

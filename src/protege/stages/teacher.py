@@ -70,7 +70,7 @@ def _teacher(run: Run, data: DataSplits, model: nn.Module, index: int, paths: li
     tag = f"_{hashlib.sha1(','.join(sorted(set(cache_paths))).encode()).hexdigest()[:8]}" if cache_paths else ""
     folder = run.path / "teacher_cache" / f"{prefix}t{index}{tag}"  # logits-only and hooked caches live side by side
     share = Share(acc.process_index, acc.num_processes, acc.wait_for_everyone)  # each process writes its block
-    cache = load_or_build_cache(folder, key, model, data.train.x, cache_paths, share)
+    cache = load_or_build_cache(folder, key, model, data.train.x, cache_paths, share, data.train.pad_id)
     return Teacher(model, cache, paths)
 
 

@@ -91,7 +91,7 @@ def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, wo
 
 
 def _accuracy(model: torch.nn.Module, split: Split, device: torch.device) -> float:
-    logits = predict_logits(model, split.x, device=device)
+    logits = predict_logits(model, split.x, device=device, pad_id=split.pad_id)
     return float((logits.argmax(-1) == split.y).float().mean())
 
 
@@ -184,7 +184,7 @@ def _epoch(model: torch.nn.Module, loss_fn: LossFn, train: Split, cfg: TrainConf
     shown_loss: dict[str, str] = {}
     batches = _epoch_batches(len(train), cfg.batch_size, seed, epoch, accelerator.process_index, accelerator.num_processes,
                              hooks.shuffle_stride)
-    bar = progress(read_batches(train.x, train.y, batches), f"{guard['stage']} {epoch + 1}/{cfg.epochs}", logger=log,
+    bar = progress(read_batches(train.x, train.y, batches, train.pad_id), f"{guard['stage']} {epoch + 1}/{cfg.epochs}", logger=log,
                    enabled=accelerator.is_main_process, postfix=shown_loss)
     for step, (x, y, idx) in enumerate(bar, 1):
         if augment:
