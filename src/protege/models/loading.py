@@ -21,7 +21,8 @@ from ..files import write_error, write_fix
 from .config import ModelSpec
 from .lm import causal_lm
 from .text import hf_classifier, is_hf_folder
-from .vision import folder_normalization, hf_image_classifier, is_image_classifier_folder, normalize_inputs_
+from .vision import (folder_normalization, hf_image_classifier, is_image_classifier_folder, is_library_model, library_model,
+                     normalize_inputs_)
 from .zoo import ZOO
 
 log = logging.getLogger(__name__)
@@ -193,13 +194,15 @@ def build_model(spec: ModelSpec, in_shape: Sequence[int], num_classes: int, extr
     elif is_hf_folder(ref):
         kwargs = {"pad_id": (extras or {}).get("pad_id", 0), "allow_pickle": spec.allow_pickle, **spec.kwargs}
         model = hf_classifier(ref, num_classes, **kwargs)
+    elif is_library_model(ref):
+        model = library_model(ref, in_shape, num_classes, spec.kwargs)
     elif ":" in ref:
         model = _call_factory(_load_user_factory(ref), spec.kwargs, in_shape, num_classes, f"factory '{ref}'", extras)
     elif ref in ZOO:
         model = _call_factory(ZOO[ref], spec.kwargs, in_shape, num_classes, f"zoo model '{ref}'", extras)
     else:
         raise ModelError(f"unknown model '{ref}'; use a zoo name ({', '.join(ZOO)}), `file.py:factory`, a Hugging Face "
-                         f"model folder, or a .onnx file")
+                         f"model folder, `timm:<name>` / `torchvision:<name>`, or a .onnx file")
     if spec.weights:
         load_weights(model, spec.weights, allow_pickle=spec.allow_pickle)
     return _normalized(model, spec, in_shape)

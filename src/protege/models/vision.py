@@ -4,6 +4,8 @@ Swin, ...), as a teacher or a student: images (B, C, H, W) in, logits (B, classe
 The wrapped model keeps its module paths (``model.vit.layers.0``, ...; `protege inspect` lists them) for feature hooks."""
 from __future__ import annotations
 
+import difflib
+import importlib
 import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -105,3 +107,41 @@ def normalize_inputs_(model: nn.Module, mean: Sequence[float], std: Sequence[flo
     model.register_forward_pre_hook(normalize)
     model.input_normalization = {"mean": list(mean), "std": list(std), "source": source}
     return model
+
+
+LIBRARIES = ("timm", "torchvision")
+
+
+def is_library_model(ref: str) -> bool:
+    return ref.split(":", 1)[0] in LIBRARIES and ":" in ref
+
+
+def library_model(ref: str, in_shape: Sequence[int], num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+    """``timm:<name>`` or ``torchvision:<name>``: an image classifier built by name by that library, with random
+    weights and ``num_classes`` outputs (trained weights come from the spec's ``weights`` file: no hub is reached).
+    The packages are optional: their wheels need the standard torch build (README: the vision extra)."""
+    lib, name = ref.split(":", 1)
+    try:
+        module = importlib.import_module(f"{lib}.models" if lib == "torchvision" else lib)  # optional dependency
+    except Exception as e:  # ImportError, or torchvision's missing operators beside the CPU-only torch wheel
+        raise ModelError(f"model '{ref}' needs the {lib} package, which does not load here ({type(e).__name__}); install "
+                         f"it in an environment with the standard torch build: pip install -e '.[vision]' (README: "
+                         f"Installing protege elsewhere)") from None
+    known = list(module.list_models())
+    if name not in known:
+        near = difflib.get_close_matches(name, known, n=4)
+        raise ModelError(f"{lib} has no model '{name}'" + (f"; nearest: {', '.join(near)}" if near else "") +
+                         f" (the full list: {lib}.{'list_models()' if lib == 'timm' else 'models.list_models()'})")
+    channels = int(in_shape[0]) if len(in_shape) == 3 else None
+    if channels is None:
+        raise ModelError(f"model '{ref}' takes images (C, H, W) but the data gives examples of shape {list(in_shape)}; "
+                         f"use an image source or data.shape")
+    try:
+        if lib == "timm":
+            return module.create_model(name, pretrained=False, num_classes=num_classes, in_chans=channels, **kwargs)
+        if channels != 3:
+            raise ModelError(f"torchvision's {name} takes 3-channel images but the data has {channels}; set data.channels: 3, "
+                             f"or use timm:{name} (timm adapts the first layer to in_chans)")
+        return module.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    except TypeError as e:
+        raise ModelError(f"model '{ref}': {e}; check its kwargs") from None
