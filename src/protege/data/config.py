@@ -38,7 +38,7 @@ class DataConfig(_Strict):
     # the model's outputs (a pretrained teacher's order); default: the labels found, sorted (numbers numerically)
     stream: Optional[bool] = None  # arrays, images: read examples on demand from a memory-mapped file (default: when
     # they would fill more than a quarter of this machine's memory as float32); false: hold them in memory
-    workers: Optional[int] = Field(None, ge=0, le=64)  # streamed data: DataLoader worker processes (default: cores - 1, at most 4)
+    workers: Optional[int] = Field(None, ge=0, le=64)  # streamed data: DataLoader worker processes (default 0: see README)
     val_fraction: float = Field(0.1, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)  # ignored for fashion_mnist (own test set)
     encoding: str = "utf-8"  # csv / text / lm_text: the files' text encoding (latin-1, cp1252, ...)
