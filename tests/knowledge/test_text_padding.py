@@ -2,6 +2,7 @@
 training, validation and the teacher cache, whose sequence axes are found and cut to match."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from protege.data.stream import batches, trim
@@ -9,6 +10,7 @@ from protege.knowledge import Teacher, load_or_build_cache
 from protege.knowledge.teacher import predict_logits
 from protege.models.text import hf_classifier
 
+from ..log_capture import logged
 from ..text_fixtures import write_bert_folder
 
 
@@ -54,3 +56,20 @@ def test_a_masked_encoder_gives_the_same_logits_cut_or_padded(tmp_path):
     x = _ids(64, 32, seed=1)
     with torch.no_grad():
         torch.testing.assert_close(predict_logits(model, x, batch_size=16, pad_id=0), predict_logits(model, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("student, cut", [("bert", True), ("bilstm", False), ("folder", True)])
+def test_batches_are_cut_only_when_every_model_masks_its_padding(folders, student, cut):
+    """The BiLSTM runs its backward direction over the padding, so a run with one keeps every batch at the data's
+    length; Hugging Face folders and the zoo's bert mask padding, so theirs are cut."""
+    from protege.recipe import parse_recipe
+    from protege.stages.tasks import load_run_data
+
+    teacher = str(folders["teacher"])
+    recipe = parse_recipe({"name": "t", "data": {"source": "text", "path": str(folders["data"]), "max_length": 24},
+                           "teacher": {"model": teacher},
+                           "student": {"model": teacher if student == "folder" else student}})
+    with logged([]) as said:
+        data = load_run_data(recipe)
+    assert all((s.pad_id is not None) == cut for s in (data.train, data.val, data.test))
+    assert any("may not mask padding" in m for m in said) == (not cut)

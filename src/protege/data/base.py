@@ -1,6 +1,7 @@
 """Splits of a dataset: inputs as a float32 (or token id) tensor in memory, or ``Rows`` read on demand (stream.py)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -50,6 +51,11 @@ class DataSplits:
     def fingerprint(self) -> str:
         """A short hash of the training inputs (with their shape) and labels (for caches)."""
         return fingerprint(self.train.x, self.train.y)
+
+    def full_length(self) -> "DataSplits":
+        """These splits with every text batch kept at the data's length (no cutting to the batch's longest text)."""
+        keep = {k: dataclasses.replace(getattr(self, k), pad_id=None) for k in ("train", "val", "test")}
+        return dataclasses.replace(self, **keep)
 
     @property
     def streamed(self) -> bool:

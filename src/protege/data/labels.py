@@ -56,6 +56,7 @@ def ordered_classes(found: Iterable[str], given: Optional[Sequence[str]], where:
     found = set(found)
     if given is None:
         return sorted(found, key=class_order)
+    require_two_classes(sorted(found, key=class_order), where, column)  # the data's own labels, not the list
     missing = sorted(found - set(given), key=class_order)
     if missing:
         raise DataError(f"{where}: {column} holds the class {missing[0]!r}, which data.classes does not list; add it to "

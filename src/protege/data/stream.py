@@ -44,10 +44,10 @@ class Rows:
         return torch.float32
 
     def __getitem__(self, key) -> torch.Tensor:
-        if isinstance(key, (int, np.integer)):
-            return self[[int(key)]][0]
         if isinstance(key, torch.Tensor):
             key = key.cpu().numpy()
+        if isinstance(key, (int, np.integer)) or (isinstance(key, np.ndarray) and key.ndim == 0):
+            return self[[int(key)]][0]
         rows = self.index[key]
         order = np.argsort(rows, kind="stable")  # ascending reads of the file, then back in the order asked
         a = np.empty((len(rows), *self.source.shape[1:]), dtype=self.source.dtype)

@@ -18,14 +18,14 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Optional, Sequence
+from typing import Any, BinaryIO, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..data.stream import trim
-from ..errors import StorageError
+from ..errors import RecipeError, StorageError
 from ..files import write_error, write_fix
 from ..logs import progress
 from .features import extract, model_device
@@ -140,6 +140,7 @@ class Share:
     rank: int = 0
     world: int = 1
     barrier: Callable[[], None] = lambda: None
+    agree: Callable[[Any], Any] = lambda value: value  # every process gets the first process's value
 
     def rows(self, n: int) -> range:
         per = math.ceil(n / self.world)
@@ -196,6 +197,9 @@ def build_cache(folder: Path, key: dict, model: nn.Module, x: torch.Tensor, path
                 for name, t in (first if start == rows.start else outputs(start)).items():
                     e, f = entries[name], files[name]
                     a = np.ascontiguousarray(t.detach().float().cpu().numpy(), dtype=np.dtype(e["dtype"]))
+                    if list(a.shape[1:]) != e["shape"][1:] or start + len(a) > rows.stop:
+                        raise ValueError(f"teacher output {name}: a batch of shape {list(a.shape)} at row {start} does not "
+                                         f"fit the cache's {e['shape']} (rows {rows.start}-{rows.stop})")
                     current = tmp / e["file"]
                     f.seek(offsets[name] + start * a[0].nbytes)
                     f.write(memoryview(a).cast("B"))
@@ -239,7 +243,14 @@ def _sequence_axes(model: nn.Module, x: torch.Tensor, paths: Sequence[str]) -> d
     full, half = (extract(model, x[:1, :n].to(device), paths, "teacher") for n in (length, length // 2))
     shapes = lambda out: {"logits": out.logits.shape, **{p: t.shape for p, t in out.features.items()}}  # noqa: E731
     a, b = shapes(full), shapes(half)
-    return {name: tuple(d for d in range(1, len(a[name])) if a[name][d] != b[name][d]) for name in a}
+    axes = {name: tuple(d for d in range(1, len(a[name])) if a[name][d] != b[name][d]) for name in a}
+    for name, found in axes.items():
+        odd = [d for d in found if (a[name][d], b[name][d]) != (length, length // 2)]
+        if odd:
+            raise RecipeError(f"teacher output '{name}' has an axis of {a[name][odd[0]]} positions for {length} tokens "
+                              f"({b[name][odd[0]]} for {length // 2}): protege cuts cached outputs per batch only along "
+                              f"axes of one position per token; set distill.cache_teacher: false (live teacher passes)")
+    return axes
 
 
 def _pad_to(t: torch.Tensor, axes: Sequence[int], length: int) -> torch.Tensor:
@@ -283,25 +294,34 @@ def _damage(folder: Path, meta: dict) -> Optional[str]:
     return None
 
 
+def _reusable(folder: Path, key: dict) -> bool:
+    """Whether ``folder`` holds a cache made from ``key`` whose files still match their checksums (else says why)."""
+    meta_file = folder / "meta.json"
+    if not meta_file.is_file():
+        return False
+    try:
+        old = json.loads(meta_file.read_text())
+        if not all(old.get(k) == v for k, v in key.items()):
+            log.info(f"teacher cache {folder} was made for other inputs ({_differs(old, key)} changed); rebuilding it")
+        elif old.get("format") != FORMAT or not all("sha256" in e for e in old["entries"].values()):
+            log.info(f"teacher cache {folder} was written by an older protege (another format); rebuilding it")
+        elif (why := _damage(folder, old)) is not None:
+            log.info(f"teacher cache {folder}: {why}; rebuilding it")
+        else:
+            TeacherCache(folder)  # readable, with the shapes meta.json gives
+            return True
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        log.info(f"teacher cache {folder} is unreadable; rebuilding it")
+    return False
+
+
 def load_or_build_cache(folder: Path, key: dict, model: nn.Module, x: torch.Tensor, paths: Sequence[str] = (),
                         share: Share = Share(), pad_id: Optional[int] = None) -> TeacherCache:
     """Reuse ``folder`` if it was made from the same teacher, data, paths and transform (``key``) and its files
     still match their checksums; else rebuild it (every process of ``share`` calls this, and they write it together)."""
     key = {**key, "paths": sorted(set(paths)), "transform": key.get("transform", "none")}
-    meta_file = folder / "meta.json"
-    if meta_file.is_file():
-        try:
-            old = json.loads(meta_file.read_text())
-            if not all(old.get(k) == v for k, v in key.items()):
-                log.info(f"teacher cache {folder} was made for other inputs ({_differs(old, key)} changed); rebuilding it")
-            elif old.get("format") != FORMAT or not all("sha256" in e for e in old["entries"].values()):
-                log.info(f"teacher cache {folder} was written by an older protege (another format); rebuilding it")
-            elif (why := _damage(folder, old)) is not None:
-                log.info(f"teacher cache {folder}: {why}; rebuilding it")
-            else:
-                return TeacherCache(folder)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            log.info(f"teacher cache {folder} is unreadable; rebuilding it")
+    if share.agree(_reusable(folder, key) if share.rank == 0 else None):  # the first process decides for all
+        return TeacherCache(folder)
     cache = build_cache(folder, key, model, x, key["paths"], share=share, pad_id=pad_id)
     log.info(f"teacher cache: {len(x)} examples, logits{' and ' + str(len(cache.paths)) + ' feature map(s)' if cache.paths else ''}, "
         f"{cache.nbytes() / 2**20:.1f} MiB in {folder}")

@@ -9,13 +9,12 @@ from typing import Optional
 import torch
 from accelerate import Accelerator
 
-from ..data import load_data
 from ..errors import RecipeError, RunError
 from ..recipe import PruneConfig, QuantizeConfig
 from ..run import Run, locked
 from .prune import precheck, prune_stage
 from .quantize import qat_fn, quantize_stage
-from .tasks import task_for
+from .tasks import load_run_data, task_for
 from .teacher import student_loss
 
 log = logging.getLogger(__name__)
@@ -52,7 +51,7 @@ def _compress(run: Run, prune: Optional[PruneConfig], quantize: Optional[Quantiz
             log.info(f"compress: keeping the earlier pruning ({run.pruned_weights}); quantizing the pruned student")
     run.recipe = run.recipe.model_copy(update={"prune": prune, "quantize": quantize})
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    data = load_data(run.recipe.data, run.recipe.seed)
+    data = load_run_data(run.recipe)
     teachers, student = run.load_models(data)
     precheck(run, data, student)  # bad settings fail here, before anything is touched
     with run.restored_on_failure():

@@ -8,11 +8,10 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from ..data import load_data
 from ..recipe import Recipe
 from ..run import Run, locked
 from .student import train_student
-from .tasks import task_for
+from .tasks import load_run_data, task_for
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +23,7 @@ def distill(recipe: Recipe, out: str | Path, *, resume: bool = False, overwrite:
     acc = Accelerator(cpu=not torch.cuda.is_available())
     with locked(out, "distill", enabled=acc.is_main_process, create=True):
         run = Run.create(out, recipe, overwrite=overwrite, resume=resume)
-        data = load_data(recipe.data, recipe.seed)
+        data = load_run_data(recipe)
         task = task_for(recipe)
         log.info(task.data_line(data))
         models = task.build(run, data)  # every check that can fail does, before anything is written

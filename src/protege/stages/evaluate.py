@@ -5,15 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from ..data import DataSplits, load_data
+from ..data import DataSplits
 from ..evaluate.report import Report
 from ..run import Run, locked
-from .tasks import task_for
+from .tasks import load_run_data, task_for
 
 
 def evaluate(run: Run | str | Path, *, data: Optional[DataSplits] = None, show: bool = True) -> Report:
     """Measure the run's models and write its report; returns the report. The folder is locked."""
     with locked(run.path if isinstance(run, Run) else Path(run), "evaluate"):
         run = run if isinstance(run, Run) else Run.load(run, read_report=False)
-        run.report = task_for(run.recipe).evaluate(run, data or load_data(run.recipe.data, run.recipe.seed), show=show)
+        run.report = task_for(run.recipe).evaluate(run, data or load_run_data(run.recipe), show=show)
         return run.report

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from torch import nn
 
 from ..data import DataSplits
@@ -69,7 +70,8 @@ def _teacher(run: Run, data: DataSplits, model: nn.Module, index: int, paths: li
     cache_paths = [p for p in paths if p != LOGITS]
     tag = f"_{hashlib.sha1(','.join(sorted(set(cache_paths))).encode()).hexdigest()[:8]}" if cache_paths else ""
     folder = run.path / "teacher_cache" / f"{prefix}t{index}{tag}"  # logits-only and hooked caches live side by side
-    share = Share(acc.process_index, acc.num_processes, acc.wait_for_everyone)  # each process writes its block
+    agree = (lambda v: broadcast_object_list([v])[0]) if acc.num_processes > 1 else (lambda v: v)
+    share = Share(acc.process_index, acc.num_processes, acc.wait_for_everyone, agree)  # each process writes its block
     cache = load_or_build_cache(folder, key, model, data.train.x, cache_paths, share, data.train.pad_id)
     return Teacher(model, cache, paths)
 
