@@ -36,6 +36,8 @@ def test_streamed_images_hold_the_same_numbers_as_in_memory_ones(tmp_path):
     assert torch.equal(streamed.train.x[idx], mem.train.x[idx]) and torch.equal(streamed.train.x[2], mem.train.x[2])
     assert "streamed from a memory-mapped file" in streamed.description and "in memory" in mem.description
     assert streamed.preprocessing["streamed"] is True
+    for x in (mem.train.x, streamed.train.x[idx], mem.train.x[idx]):  # one channel: channels-last strides, same bytes
+        assert x.stride()[1] == 1 and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_minmax_arrays_streamed_from_a_npy_file(tmp_path):

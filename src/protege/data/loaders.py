@@ -21,7 +21,7 @@ from .images import read_images
 from .labels import require_two_classes
 from .lm import load_lm_corpus
 from .tabular import read_csv_table
-from .stream import Rows, affine, default_workers
+from .stream import Rows, affine, as_tensor, default_workers
 from .text import cached_tokenize, label_ids, tokenize_cached, tokenizer_digest
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -256,7 +256,7 @@ def _array_splits(cfg: DataConfig, seed: int, parts: dict[str, tuple[np.ndarray,
         split = {k: Split(Rows(x, r, shape, divide, shift, divisor, digest, workers if k == "train" else 0),
                           torch.as_tensor(y[r], dtype=torch.int64)) for k, r in rows.items()}
     else:
-        split = {k: Split(torch.from_numpy(np.ascontiguousarray(affine(x[r], divide, shift, divisor, shape))),
+        split = {k: Split(as_tensor(affine(x[r], divide, shift, divisor, shape)),
                           torch.as_tensor(y[r], dtype=torch.int64)) for k, r in rows.items()}
     how = f"streamed from a memory-mapped file, {workers} loader workers" if streamed else "in memory"
     return DataSplits(**split, num_classes=len(classes), input_shape=shape, class_names=classes, is_image=len(shape) == 3,

