@@ -21,7 +21,7 @@ from .images import read_images
 from .labels import require_two_classes
 from .lm import load_lm_corpus
 from .tabular import read_csv_table
-from .stream import Rows, affine, as_tensor, default_workers
+from .stream import DEFAULT_WORKERS, Rows, affine, as_tensor
 from .text import cached_tokenize, label_ids, tokenize_cached, tokenizer_digest
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -250,7 +250,7 @@ def _array_splits(cfg: DataConfig, seed: int, parts: dict[str, tuple[np.ndarray,
                         f"{int(np.prod(x.shape[1:]))} (shape {list(x.shape[1:])}); fix data.shape")
     shift, divisor, steps = scale(Rows(x, train, x.shape[1:], divide), cfg.scaling)
     streamed = _streamed(cfg, x)
-    workers = (default_workers() if cfg.workers is None else cfg.workers) if streamed else 0
+    workers = (DEFAULT_WORKERS if cfg.workers is None else cfg.workers) if streamed else 0
     rows = {"train": train, "val": val, "test": test}
     if streamed:
         split = {k: Split(Rows(x, r, shape, divide, shift, divisor, digest, workers if k == "train" else 0),

@@ -144,12 +144,11 @@ def trim(x: torch.Tensor, pad_id: Optional[int]) -> torch.Tensor:
     return x[:, : int(used[-1]) + 1 if len(used) else 1]
 
 
-def default_workers() -> int:
-    """DataLoader workers for streamed data when the recipe sets none: none. Measured on 2 cores (Fashion-MNIST as
-    70k PNGs, benchmarks/stream_images.py): a batch from the memory-mapped uint8 cache costs microseconds, and one
-    worker process made an epoch 1.24x slower by taking a core from the training threads. Set data.workers where
-    the files sit on slow storage and there are cores to spare."""
-    return 0
+# DataLoader workers for streamed data when the recipe sets none. Measured on 2 cores (Fashion-MNIST as 70k PNGs,
+# benchmarks/stream_images.py): a batch from the memory-mapped uint8 cache costs microseconds, and one worker process
+# made an epoch slower by taking a core from the training threads. Set data.workers where the files sit on slow
+# storage and there are cores to spare.
+DEFAULT_WORKERS = 0
 
 
 def fingerprint(x, y: torch.Tensor) -> str:
