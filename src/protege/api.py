@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 from torch import nn
 
 from .compress import prune_, quantize_onnx
+from .compress.budget import BudgetConfig
 from .errors import ModelError, RecipeError
 from .knowledge.inspect import format_rows, inspect_model
 from .knowledge.sequences import generate_corpus as generate
@@ -15,13 +16,31 @@ from .models.lm import convert_gguf as convert
 from .recipe import ModelSpec, PruneConfig, QuantizeConfig, load_recipe
 from .recipe.files import _describe
 from .run import Run
-from .stages import compress, distill, evaluate, export_onnx
+from .stages import compress, distill, distill_seeds, evaluate, export_onnx, tune
+from .stages.budget import compress_to_budget
 
 
-def distill_file(recipe: str | Path, out: Optional[str | Path] = None, overrides: Optional[list[str]] = None, **kw) -> Run:
-    """Load a recipe file (with ``--set`` overrides) and run it into ``out`` (default runs/<name>)."""
+def distill_file(recipe: str | Path, out: Optional[str | Path] = None, overrides: Optional[list[str]] = None, *,
+                 seeds: Optional[int] = None, baseline: Optional[bool] = None, **kw) -> Run | dict:
+    """Load a recipe file (with ``--set`` overrides) and run it into ``out`` (default runs/<name>). ``seeds`` /
+    ``baseline`` (the CLI's --seeds / --baseline) override the recipe's; several runs return distill_seeds' summary."""
+    if seeds is not None and seeds < 1:
+        raise RecipeError(f"--seeds {seeds}: give 1 or more (seeds seed, seed+1, ... are trained)")
+    extra = ([f"seeds={seeds}"] if seeds is not None else []) + ([f"baseline={str(baseline).lower()}"] if baseline is not None else [])
+    r = load_recipe(recipe, list(overrides or []) + extra)
+    out = out or Path("runs") / r.name
+    if r.seeds > 1 or r.baseline:
+        return distill_seeds(r, out, **kw)
+    return distill(r, out, **kw)
+
+
+def tune_file(recipe: str | Path, out: Optional[str | Path] = None, overrides: Optional[list[str]] = None, *,
+              trials: Optional[int] = None, seeds: Optional[int] = None, baseline: Optional[bool] = None,
+              storage: Optional[str] = None, overwrite: bool = False) -> dict:
+    """`protege tune`: load the recipe (with ``--set`` overrides) and tune it into ``out`` (default runs/<name>-tune)."""
     r = load_recipe(recipe, overrides)
-    return distill(r, out or Path("runs") / r.name, **kw)
+    return tune(r, out or Path("runs") / f"{r.name}-tune", trials=trials, baseline=baseline, final_seeds=seeds, storage=storage,
+                overwrite=overwrite)
 
 
 def option_name(cls, field: str) -> str:
@@ -48,9 +67,14 @@ def _config(cls, source: str, fields: dict):
         raise RecipeError(f"{source}: {text}") from None
 
 
-def compress_cli(run: str | Path, *, prune: dict, quantize: dict) -> Run:
-    """`protege compress`: the options given (field -> value, for PruneConfig and QuantizeConfig) become typed configs
-    (errors name the option) and run ``compress``."""
+def compress_cli(run: str | Path, *, prune: dict, quantize: dict, budget: Optional[dict] = None) -> Run | dict:
+    """`protege compress`: the options given (field -> value, for PruneConfig, QuantizeConfig and BudgetConfig) become
+    typed configs (errors name the option) and run ``compress``, or with a budget ``compress_to_budget``."""
+    if budget:
+        b = _config(BudgetConfig, "budget options", budget)
+        if prune and "ratio" not in prune and "target_params" not in prune:  # the candidates' own settings, checked now
+            _config(PruneConfig, "pruning options", {**prune, "ratio": 0.5})
+        return compress_to_budget(run, b, prune=prune, quantize=quantize)
     if prune and "ratio" not in prune and "target_params" not in prune:
         raise RecipeError(f"{', '.join(option_name(PruneConfig, f) for f in prune)}: pruning options need --prune RATIO or "
                           f"--target-params N")

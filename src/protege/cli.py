@@ -13,6 +13,7 @@ import click
 import typer
 
 from . import api
+from .compress.budget import BudgetConfig
 from .compress.prune import PruneConfig
 from .compress.quantize import QuantizeConfig
 from .demo import demo_recipe
@@ -37,10 +38,30 @@ def distill_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a folder that already holds a run."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle weights (can run code)."),
+    seeds: Optional[int] = typer.Option(None, "--seeds", help="Train the student with N seeds (seed, seed+1, ...): mean +- std."),
+    baseline: Optional[bool] = typer.Option(None, "--baseline/--no-baseline",
+                                            help="Also train, per seed, the student from labels only (same initial weights, data order)."),
 ) -> None:
     """Train or load the teacher, distil the student, export ONNX, evaluate, write report.json."""
     overrides = list(set_) + (["teacher.allow_pickle=true", "student.allow_pickle=true"] if allow_pickle else [])
-    api.distill_file(recipe, out, overrides, resume=resume, overwrite=overwrite)
+    api.distill_file(recipe, out, overrides, resume=resume, overwrite=overwrite, seeds=seeds, baseline=baseline)
+
+
+@app.command("tune")
+def tune_cmd(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file (its `tune` section: trials, search space)."),
+    trials: Optional[int] = typer.Option(None, "--trials", help="Finished trials per study (default: tune.trials, 20)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Tune folder (default: runs/<recipe name>-tune)."),
+    seeds: Optional[int] = typer.Option(None, "--seeds", help="Then train the best recipe with N seeds and report test accuracy."),
+    baseline: Optional[bool] = typer.Option(None, "--baseline/--no-baseline",
+                                            help="Also tune a labels-only student with the same trial budget, and compare."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL shared by several processes or machines "
+                                          "(default: sqlite in the tune folder)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a field, e.g. --set train.epochs=10 (repeatable)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start the tune folder over (its studies and trials are deleted)."),
+) -> None:
+    """Choose the recipe's knobs on the validation split with Optuna; write best.yaml; a killed tune resumes."""
+    api.tune_file(recipe, out, list(set_), trials=trials, seeds=seeds, baseline=baseline, storage=storage, overwrite=overwrite)
 
 
 @app.command("evaluate")
@@ -94,15 +115,17 @@ def _given(cls, prefix: str, options: dict) -> dict:
 
 
 def compress_cmd(run: Path, **options) -> None:
-    """Prune and/or int8-quantize a run's student, recover by distillation, evaluate every stage, write report.html."""
-    api.compress_cli(run, prune=_given(PruneConfig, "p_", options), quantize=_given(QuantizeConfig, "q_", options))
+    """Prune and/or int8-quantize a run's student, recover by distillation, evaluate every stage, write report.html.
+    With --max-latency-ms and/or --max-bytes: search pruning ratios and int8 schemes for the most accurate file within them."""
+    api.compress_cli(run, prune=_given(PruneConfig, "p_", options), quantize=_given(QuantizeConfig, "q_", options),
+                     budget=_given(BudgetConfig, "b_", options))
 
 
 def _compress_signature() -> inspect.Signature:
     """compress_cmd's options, one per PruneConfig and QuantizeConfig field: a new field is a new option."""
     run = inspect.Parameter("run", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path,
                             default=typer.Argument(..., help="Run folder with a finished student."))
-    return inspect.Signature([run] + [_option(cls, prefix, name, field) for cls, prefix in ((PruneConfig, "p_"), (QuantizeConfig, "q_"))
+    return inspect.Signature([run] + [_option(cls, prefix, name, field) for cls, prefix in ((PruneConfig, "p_"), (QuantizeConfig, "q_"), (BudgetConfig, "b_"))
                                       for name, field in cls.model_fields.items()])
 
 

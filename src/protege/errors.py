@@ -25,6 +25,10 @@ class RunError(ProtegeError):
     """A run folder in the wrong state (exists, unfinished, missing files)."""
 
 
+class FolderInUse(RunError):
+    """Another protege process holds the run folder's lock."""
+
+
 class ExportError(ProtegeError):
     """An export that failed or did not match PyTorch within tolerance."""
 

@@ -21,7 +21,7 @@ ROOT = "protege"
 # other libraries' loggers that chatter while protege uses them: transformers (weights not initialised, ...), the
 # torchao it imports ("Failed to load ..._C_mxfp8.so", CUDA-only kernels) and torch's pytree deprecation notes it
 # triggers, and the ONNX exporter's optimizer notes
-CHATTY = ("transformers", "torchao", "torch", "torch.onnx", "onnxscript", "onnx_ir")
+CHATTY = ("transformers", "torchao", "torch", "torch.onnx", "onnxscript", "onnx_ir", "optuna")
 
 
 def setup(level: int = logging.INFO) -> None:

@@ -43,6 +43,8 @@ class DataConfig(_Strict):
     test_fraction: float = Field(0.2, gt=0, lt=1)  # ignored for fashion_mnist (own test set)
     encoding: str = "utf-8"  # csv / text / lm_text: the files' text encoding (latin-1, cp1252, ...)
     limit: Optional[int] = Field(None, ge=10)  # use at most this many training examples (quick runs)
+    split_seed: Optional[int] = Field(None, ge=0, le=2**32 - 1)  # the seed of the train/val/test split (default: the
+    # recipe's seed); the seeds of one `--seeds` run share the first seed's split, so the teacher never sees their test data
 
     @field_validator("encoding")
     @classmethod

@@ -26,6 +26,7 @@ from ..export.onnx import ExportConfig
 from ..models.config import ModelSpec
 from ..train.distiller import DistillConfig, FeatureTerm, ResponseConfig  # noqa: F401 (re-exported)
 from ..train.fit import TrainConfig
+from ..tune import TuneConfig
 from ..train.lm_distiller import LMDistillConfig  # noqa: F401 (re-exported)
 
 
@@ -51,6 +52,8 @@ class Recipe(_Strict):
     name: str = "run"
     task: Literal["classify", "causal_lm"] = "classify"  # causal_lm: next-token distillation of a language model
     seed: int = Field(0, ge=0, le=2**32 - 1)  # the range numpy and scikit-learn accept
+    seeds: int = Field(1, ge=1, le=100)  # train the student with seeds seed, seed+1, ...: mean +- std (one teacher, one split)
+    baseline: bool = False  # also train, for each seed, the student from labels only (same initial weights, same data order)
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig
     student: StudentConfig
@@ -61,6 +64,7 @@ class Recipe(_Strict):
     more_teachers: list[TeacherConfig] = Field(default_factory=list)  # several teachers (weights or .onnx each)
     prune: Optional[PruneConfig] = None
     quantize: Optional[QuantizeConfig] = None
+    tune: TuneConfig = Field(default_factory=TuneConfig)  # protege tune: trials and search space (used only by tune)
 
     @model_validator(mode="after")
     def _plain_name(self) -> "Recipe":
@@ -135,6 +139,9 @@ class Recipe(_Strict):
             if m.output is not None and not m.model.endswith(".onnx"):
                 raise ValueError(f"{who}.output is ignored: it names an output of an .onnx model, and {who}.model is not "
                                  f"one; remove {who}.output")
+        for who, t in (("teacher", self.teacher), *((f"more_teachers[{i}]", m) for i, m in enumerate(self.more_teachers))):
+            if t.train is not None and t.train.log_with:
+                raise ValueError(f"{who}.train.log_with is ignored: trackers are the whole run's; set train.log_with instead")
         if self.teacher.weights and self.teacher.train:
             raise ValueError("teacher.train is ignored when teacher.weights is given (the teacher is loaded, not trained); "
                              "remove teacher.train, or remove teacher.weights to train the teacher here")

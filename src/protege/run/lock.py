@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
-from ..errors import RunError, StorageError
+from ..errors import FolderInUse, RunError, StorageError
 from ..files import write_atomic
 from .layout import ARTIFACTS, CHECKPOINT_FILES, LOCK, MANIFEST
 
@@ -109,7 +109,7 @@ def _acquire(path: Path, command: str) -> tuple:
         handle.seek(0)
         holder = handle.read().strip() or "unknown"
         handle.close()
-        raise RunError(f"'{path}' is in use by another protege process ({holder}); wait for it to finish, or use another "
+        raise FolderInUse(f"'{path}' is in use by another protege process ({holder}); wait for it to finish, or use another "
                        f"folder") from None
     handle.seek(0)
     killed = bool(handle.read().strip())  # the last holder never emptied the file: it was killed (SIGKILL, power)

@@ -4,5 +4,7 @@ from .compress import compress
 from .distill import distill
 from .evaluate import evaluate
 from .export import export_onnx
+from .seeds import distill_seeds
+from .tune import tune
 
-__all__ = ["compress", "distill", "evaluate", "export_onnx"]
+__all__ = ["compress", "distill", "distill_seeds", "evaluate", "export_onnx", "tune"]

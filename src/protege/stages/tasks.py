@@ -25,7 +25,7 @@ def load_run_data(recipe: Recipe) -> DataSplits:
     """The recipe's data. Text batches are cut to their longest text (``Split.pad_id``) only when every model of the
     run is known to mask its padding (Hugging Face folders, the zoo's bert): the BiLSTM runs its backward direction
     over the padding, and a user's own module or an ONNX file may too, so for them each batch keeps the full length."""
-    data = load_data(recipe.data, recipe.seed)
+    data = load_data(recipe.data, recipe.seed if recipe.data.split_seed is None else recipe.data.split_seed)
     if data.train.pad_id is None:
         return data
     models = [m.model for m in [recipe.student, *recipe.teachers]]

@@ -176,3 +176,17 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
                            f"({_reason(e)}); start again without --resume (with --overwrite)") from None
     log.warning(f"checkpoint {path} is unusable ({why}); resuming from the previous one, {prev} (epoch {loop['epoch']})")
     return loop
+
+
+def load_checkpoint_weights(path: Path, model: nn.Module) -> int:
+    """Load only the model weights of the checkpoint ``path`` into ``model`` (the weights of the epoch it holds; a
+    student trained with adapters or an EMA teacher beside it is stored under ``student.``); returns that epoch."""
+    try:
+        tensors, state = _read(Path(path))
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise StorageError(f"cannot read the checkpoint {path} ({_reason(e)}); train the run again with --overwrite") from None
+    weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    if any(k.startswith("student.") for k in weights) and not any(k.startswith("student.") for k in model.state_dict()):
+        weights = {k[8:]: v for k, v in weights.items() if k.startswith("student.")}
+    model.load_state_dict(with_tied(model, weights))
+    return int(state["loop"]["epoch"])

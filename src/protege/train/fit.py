@@ -5,6 +5,8 @@ and in several processes / machines. What a special training changes (QAT) goes 
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import math
@@ -12,11 +14,11 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Iterator, Literal, Optional
 
 import torch
 from accelerate import Accelerator
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..config import _Strict
 from ..data import Split
@@ -45,6 +47,28 @@ class TrainConfig(_Strict):
     schedule: Literal["cosine", "constant"] = "cosine"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     augment: bool = False  # images: random crop (pad 2) + horizontal flip; for a student it means live teacher passes
+    log_with: list[Literal["tensorboard", "mlflow", "trackio", "wandb", "aim", "comet_ml", "clearml", "dvclive", "swanlab"]] = \
+        Field(default_factory=list)  # the recipe's `train` only: trackers (through Accelerate) every epoch's metrics also go to
+
+    @field_validator("log_with", mode="before")
+    @classmethod
+    def _one_or_more(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+EpochEnd = Callable[[str, int, float], None]  # (stage, epoch, validation score): may raise to stop training
+_EPOCH_END: contextvars.ContextVar[Optional[EpochEnd]] = contextvars.ContextVar("protege_epoch_end", default=None)
+
+
+@contextlib.contextmanager
+def watch_epochs(callback: EpochEnd) -> Iterator[None]:
+    """Call ``callback(stage, epoch, score)`` after every validated epoch of every fit() inside the block, once its
+    checkpoint is saved (tuning reports each epoch to Optuna, whose pruner may stop the trial by raising)."""
+    token = _EPOCH_END.set(callback)
+    try:
+        yield
+    finally:
+        _EPOCH_END.reset(token)
 
 
 @dataclass
@@ -165,7 +189,13 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, train: Split, val: Split, cfg: 
             save_checkpoint(last, model, opt.optimizer if hasattr(opt, "optimizer") else opt, sched, loop)
             val_text = "  ".join(f"{k.replace('_accuracy', '_acc')} {v:.4f}" for k, v in shown.items())
             log.info(f"{stage} epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  {val_text}  ({row['epoch_time_s']:.1f}s)")
+        if accelerator.trackers:  # the run's trackers (train.log_with): each value under "<stage>/<name>", step = epoch
+            accelerator.log({f"{stage}/{k}": v for k, v in row.items() if k not in ("stage", "epoch", "processes")
+                             and isinstance(v, (int, float)) and math.isfinite(v)}, step=epoch + 1)
         accelerator.wait_for_everyone()
+        watcher = _EPOCH_END.get()
+        if watcher is not None and score is not None:
+            watcher(stage, epoch + 1, score)
     model = accelerator.unwrap_model(wrapped)
     if best.is_file():
         load_weights(model, best)

@@ -1,0 +1,121 @@
+"""`protege tune` on Fashion-MNIST: the KD student's knobs and a labels-only student's, each chosen on validation with the
+same trial budget, then both trained with 3 seeds and tested once (paired by seed).
+
+    python benchmarks/tune_fashion.py                 # 8 trials per study, 2 worker processes, then 3 seeds (about 2 h on 2 cores)
+    python benchmarks/tune_fashion.py --quick         # smoke test: 2,000 images, 3 trials of 2-4 epochs, 2 seeds
+
+The recipe is recipes/fashion_mnist.yaml (a 24k-parameter CNN student) with the committed teacher
+(benchmarks/teachers/fashion_mnist_cnn.safetensors, 94.03 % test); the search space is SPACE below. Both studies live
+in one SQLite file; a second process (`protege tune` with the same arguments) works on them at the same time, each
+with one thread. Re-running continues a killed tune. Writes benchmarks/results/tune_fashion.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+from _env import environment  # noqa: E402
+
+from protege.logs import setup as setup_logging  # noqa: E402
+from protege.recipe import load_recipe  # noqa: E402
+from protege.stages import tune  # noqa: E402
+
+TEACHER = ROOT / "teachers" / "fashion_mnist_cnn.safetensors"
+SPACE = {
+    "train.lr": {"low": 0.001, "high": 0.02, "log": True},
+    "train.weight_decay": {"low": 1e-6, "high": 1e-2, "log": True},
+    "train.epochs": {"low": 30, "high": 60},
+    "distill.alpha": {"low": 0.0, "high": 0.9},
+    "distill.temperature": {"low": 1.0, "high": 10.0},
+}
+
+
+def main() -> None:
+    setup_logging()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trials", type=int, default=8, help="finished trials per study (distilled, baseline)")
+    ap.add_argument("--workers", type=int, default=2, help="processes working on the studies at once (1 thread each)")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "tune_fashion")
+    args = ap.parse_args()
+    out = args.out / ("quick" if args.quick else "full")
+    space = dict(SPACE, **({"train.epochs": {"low": 2, "high": 4}} if args.quick else {}))
+    sets = [f"teacher.weights={TEACHER}", "teacher.train=null", "tune.startup_trials=3", "tune.warmup=0.3"]
+    sets += ["data.limit=2000"] if args.quick else []
+    base = load_recipe(ROOT.parent / "recipes" / "fashion_mnist.yaml", sets)
+    recipe_file = out / "recipe.yaml"
+    out.mkdir(parents=True, exist_ok=True)
+    data = base.model_dump(mode="json")
+    data["tune"]["space"] = space
+    recipe_file.write_text(yaml.safe_dump(data, sort_keys=False))
+    recipe = load_recipe(recipe_file)
+
+    folder = out / "tune"
+    torch.set_num_threads(1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [str(Path(sys.executable).with_name("protege")), "tune", str(recipe_file), "--out", str(folder), "--trials",
+           str(args.trials), "--baseline"]
+    t0 = time.perf_counter()
+    helpers = []
+    for i in range(args.workers - 1):  # the other processes join once this one has written the tune folder
+        time.sleep(5 if i == 0 else 1)
+        helpers.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    summary = tune(recipe, folder, trials=args.trials, baseline=True)
+    for h in helpers:
+        h.wait()
+    tuned_s = time.perf_counter() - t0
+    torch.set_num_threads(2)  # the final runs: one process, both cores
+    summary = tune(recipe, folder, trials=args.trials, baseline=True, final_seeds=args.seeds)
+    result = {"command": "python benchmarks/tune_fashion.py" + (" --quick" if args.quick else ""),
+              "environment": environment(2), "workers": args.workers, "threads_per_worker_while_tuning": 1,
+              "trials_per_study": args.trials, "space": space, "tuning_wall_time_s": tuned_s,
+              "pruning": {"startup_trials": recipe.tune.startup_trials, "warmup": recipe.tune.warmup},
+              "student_params": summary["final"]["runs"][0]["distilled"]["params"],
+              "teacher_test_accuracy": summary["final"]["runs"][0]["distilled"]["teacher_test_accuracy"], **summary}
+    if not args.quick:
+        (ROOT / "results").mkdir(exist_ok=True)
+        (ROOT / "results" / "tune_fashion.json").write_text(json.dumps(result, indent=2))
+        (ROOT / "results" / "tune_fashion.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def markdown(s: dict) -> str:
+    e, f = s["environment"], s["final"]
+    rows = []
+    for kind, label in (("distilled", "KD student, tuned"), ("baseline", "labels-only student, tuned")):
+        st, v, last = s[kind], f[kind]["val_selected"], f[kind]["last_epoch"]
+        params = ", ".join(f"{k.split('.')[-1]} {x:.3g}" if isinstance(x, float) else f"{k.split('.')[-1]} {x}" for k, x in st["params"].items())
+        rows.append(f"| {label} | {s['student_params']:,} | {100 * v['mean']:.2f} ± {100 * v['std']:.2f} | "
+                    f"{100 * last['mean']:.2f} ± {100 * last['std']:.2f} | {100 * st['best_value']:.2f} | {params} |")
+    cost = "; ".join(f"{kind}: {s[kind]['trials']} trials ({s[kind]['complete']} finished, {s[kind]['pruned']} pruned, "
+                     f"{s[kind]['failed']} failed), {s[kind]['wall_time_s'] / 60:.0f} min of trial time" for kind in ("distilled", "baseline"))
+    return "\n".join([
+        f"Fashion-MNIST, tuned on validation, `{s['command']}` ({e['cpu']}, {' '.join(e['cpu_flags'])}; torch {e['torch']}, "
+        f"onnxruntime {e['onnxruntime']}; {s['workers']} tuning processes of 1 thread, final runs 2 threads)",
+        "",
+        "| student | params | test acc. (%), val-selected epoch | test acc. (%), last epoch | best trial's val acc. (%) | chosen |",
+        "|---|---:|---:|---:|---:|---|",
+        *rows,
+        "",
+        f"Teacher: {100 * s['teacher_test_accuracy']:.2f} % test. Mean ± std over {len(f['seeds'])} seeds (each tuned recipe "
+        f"trained once per seed, tested once). KD - labels only, paired by seed: {f['verdict']}.",
+        f"Budget: {s['trials_per_study']} finished trials per study, the same for both. Cost: {cost}; tuning wall time "
+        f"{s['tuning_wall_time_s'] / 60:.0f} min. Search space: {json.dumps(s['space'])}; median pruning at each tenth of a "
+        f"trial's epochs after {s['pruning']['startup_trials']} trials and {100 * s['pruning']['warmup']:.0f} % of its epochs.",
+        "",
+    ])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""`protege distill --seeds N --baseline`: the student trained with N seeds, and for each seed a matched student from
+labels only, each a run folder of its own; then the figures a claim about accuracy needs (mean +- std, the paired
+difference, validation-selected and last-epoch) in summary.json and report.html.
+
+Layout: OUT/distilled/seed<S>/ and OUT/baseline/seed<S>/ (each a whole run), OUT/summary.json, OUT/report.html.
+
+What is held fixed: the train/validation/test split (the first seed's, ``data.split_seed``) and the teacher (trained
+once, by the first seed's run, and loaded by every other run), so the test data is never seen by the teacher and only
+the student's randomness changes from seed to seed. What a seed changes: the student's initial weights, the batch
+order, dropout. The distilled and the baseline student of one seed share all three (the seed fixes them)."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+from ..data import DataSplits
+from ..errors import RecipeError, RunError
+from ..evaluate.compare import mean_std, render_seeds_html, summarise
+from ..files import write_atomic
+from ..knowledge import predict_logits
+from ..logs import progress
+from ..models.text import is_hf_folder
+from ..recipe import Recipe, parse_recipe
+from ..run import Run, read_json
+from ..train.checkpoint import load_checkpoint_weights
+from .distill import distill
+from .tasks import load_run_data
+
+log = logging.getLogger(__name__)
+
+
+def with_fields(recipe: Recipe, fields: dict[str, Any], source: str = "") -> Recipe:
+    """A copy of ``recipe`` with ``section.field`` values replaced, validated again (a bad value is a RecipeError)."""
+    data = recipe.model_dump(mode="json")
+    for key, value in fields.items():
+        node = data
+        *parents, last = key.split(".")
+        for p in parents:
+            if isinstance(node, list):
+                node = node[int(p)]
+                continue
+            if node.get(p) is None:  # absent, or an empty section (prune: null)
+                node[p] = {}
+            node = node[p]
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return parse_recipe(data, source or f"recipe {recipe.name}")
+
+
+def labels_only(recipe: Recipe) -> Recipe:
+    """The matched baseline: the same student, data, seed and training from labels only (distill.alpha 1, no feature
+    terms, one generation) and no compression (the comparison is of the students)."""
+    if recipe.ema_teacher:
+        raise RecipeError("--baseline with teacher: ema is not supported: the labels-only student of a self-distillation "
+                          "recipe has no teacher to be evaluated against; train it with a recipe that names a teacher and "
+                          "--set distill.alpha=1.0")
+    return with_fields(recipe, {"distill.alpha": 1.0, "distill.features": [], "distill.generations": 1, "prune": None,
+                                "quantize": None, "seeds": 1, "baseline": False})
+
+
+def _trains_teacher(recipe: Recipe) -> bool:
+    t = recipe.teacher
+    return not recipe.ema_teacher and t.weights is None and t.train is not None and not t.model.endswith(".onnx") \
+        and not is_hf_folder(t.model)
+
+
+def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise RunError(f"output path '{out}' is a file; choose a folder for --out")
+    held = [p for p in ("summary.json", "distilled", "baseline") if (out / p).exists()]
+    if held and not (resume or overwrite):
+        raise RunError(f"'{out}' already holds a --seeds run ({held[0]}); pass --resume to continue it, --overwrite to "
+                       f"replace it, or choose another --out")
+    if not held and out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise RunError(f"'{out}' is not empty and is not a --seeds run; choose an empty or new folder for --out (or --overwrite)")
+
+
+def _run(recipe: Recipe, folder: Path, resume: bool, overwrite: bool) -> Run:
+    """One seed's run: reused when finished (with --resume), continued when interrupted, else trained."""
+    if resume and (folder / "report.json").is_file() and (folder / "recipe.yaml").is_file():
+        done = Run.load(folder)
+        if done.recipe.model_dump() == recipe.model_dump():
+            log.info(f"seeds: {folder} is finished; reusing it")
+            return done
+    again = resume and (folder / "recipe.yaml").is_file()
+    return distill(recipe, folder, resume=again, overwrite=overwrite or resume)
+
+
+def _figures(run: Run, data: DataSplits) -> dict:
+    """What the summary needs of one finished run: test accuracy of the validation-selected epoch (from its report)
+    and of the last epoch (its last checkpoint, scored here, once), which epoch was selected, validation accuracy."""
+    cfg = read_json(run.path / "student" / "config.json", "train the run again with --overwrite")
+    gens = run.recipe.distill.generations
+    ckpt = run.path / "student" / ("checkpoints" if gens == 1 else f"gen{gens}_checkpoints") / "last.safetensors"
+    test = float(run.report.student.accuracy)
+    if cfg["best_epoch"] == cfg["epochs_run"]:
+        last = test
+    else:
+        student = run.load_student(data)
+        load_checkpoint_weights(ckpt, student)
+        logits = predict_logits(student, data.test.x, pad_id=data.test.pad_id)
+        last = float((logits.argmax(-1) == data.test.y).float().mean())
+    return {"folder": str(run.path), "test_accuracy": test, "last_epoch_test_accuracy": last,
+            "val_accuracy": cfg["best_val_accuracy"], "best_epoch": cfg["best_epoch"], "epochs": cfg["epochs_run"],
+            "params": cfg["params"], "teacher_test_accuracy": float(run.report.teacher.accuracy)}
+
+
+def distill_seeds(recipe: Recipe, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+                  baseline_recipe: Optional[Recipe] = None) -> dict:
+    """Train ``recipe.seeds`` students (seeds seed, seed+1, ...) and, with ``recipe.baseline`` (or a given
+    ``baseline_recipe``, e.g. one tuned separately), a labels-only student per seed; write summary.json and
+    report.html into ``out``; returns the summary."""
+    if recipe.task != "classify":
+        raise RecipeError("seeds and baseline are for task: classify (accuracy); for a causal LM, run each seed with --set seed=N")
+    out = Path(out)
+    _check_out(out, resume, overwrite)
+    baseline = baseline_recipe or (labels_only(recipe) if recipe.baseline else None)
+    seeds = list(range(recipe.seed, recipe.seed + recipe.seeds))
+    split = recipe.seed if recipe.data.split_seed is None else recipe.data.split_seed
+    jobs = [(s, k) for s in seeds for k in ("distilled", "baseline") if k == "distilled" or baseline is not None]
+    fixed: dict[str, Any] = {"data.split_seed": split, "seeds": 1, "baseline": False}
+    results: dict[int, dict] = {s: {"seed": s, "distilled": None, "baseline": None} for s in seeds}
+    shown: dict[str, str] = {}
+    data: Optional[DataSplits] = None
+    log.info(f"seeds: {len(seeds)} seed(s) x {'distilled + baseline' if baseline else 'distilled'} = {len(jobs)} runs into {out}")
+    for seed, kind in progress(jobs, "seeds", logger=log, every=0, postfix=shown):
+        source = recipe if kind == "distilled" else baseline
+        r = with_fields(source, {**fixed, "seed": seed})
+        folder = out / kind / f"seed{seed}"
+        run = _run(r, folder, resume, overwrite)
+        if _trains_teacher(recipe) and "teacher.weights" not in fixed:  # every later run loads this teacher
+            fixed.update({"teacher.weights": str((folder / "teacher" / "model.safetensors").resolve()), "teacher.train": None})
+        data = data or load_run_data(r)
+        results[seed][kind] = _figures(run, data)
+        for k in ("distilled", "baseline"):
+            accs = [v[k]["test_accuracy"] for v in results.values() if v[k]]
+            if accs:
+                ms = mean_std(accs)
+                shown[k] = f"{100 * ms['mean']:.2f} ± {100 * ms['std']:.2f} %"
+    summary = {"name": recipe.name, **summarise(list(results.values())),
+               "held_fixed": {"split_seed": split, "teacher": fixed.get("teacher.weights", recipe.teacher.weights or recipe.teacher.model)},
+               "notes": "test accuracy of each run's validation-selected epoch (and of its last epoch); the difference is "
+                        "distilled - baseline, paired by seed (same initial weights and batch order)"}
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2), "then run the command again with --resume")
+    write_atomic(out / "report.html", render_seeds_html(recipe.name, copy.deepcopy(summary), summary["notes"]),
+                 "then run the command again with --resume")
+    log.info(_lines(summary))
+    return summary
+
+
+def _lines(summary: dict) -> str:
+    """The summary as the CLI prints it."""
+    parts = ["seeds " + ", ".join(map(str, summary["seeds"])) + " (test accuracy, validation-selected epoch; last epoch):"]
+    for kind in ("distilled", "baseline"):
+        if kind in summary:
+            v, last = summary[kind]["val_selected"], summary[kind]["last_epoch"]
+            parts.append(f"  {kind}: {100 * v['mean']:.2f} ± {100 * v['std']:.2f} %  (last epoch {100 * last['mean']:.2f} ± "
+                         f"{100 * last['std']:.2f} %)")
+    if "verdict" in summary:
+        parts.append(f"  {summary['verdict']}")
+    return "\n".join(parts)

@@ -1,0 +1,360 @@
+"""`protege tune RECIPE --trials N`: choose the recipe's knobs on the validation split with Optuna (TPE sampling,
+median pruning on each epoch's validation accuracy), write the best recipe, and optionally train it with several
+seeds against a labels-only student tuned with the same trial budget.
+
+Layout of the tune folder (default runs/<name>-tune):
+  tune.json                 what the folder was made for (the recipe, the search spaces), checked on every start
+  study.db                  the Optuna studies (SQLite) unless --storage names another database
+  teacher/                  the teacher, trained once and loaded by every trial (when the recipe trains one)
+  distilled/trials/NNNN/    one run folder per trial (no export, no evaluation, the test split dropped)
+  baseline/trials/NNNN/     the labels-only student's trials (with --baseline)
+  best.yaml, best_baseline.yaml, summary.json
+  final/                    with --seeds / --baseline: the best recipes trained and tested (stages/seeds.py)
+
+A killed tune resumes with the same command: finished trials stay in the study, the trial that was running when the
+process died is marked failed and replaced. Several processes (or machines sharing a database) can work on one study:
+start each with the same command and ``--storage`` URL; the study stops when it holds N finished trials.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from ..errors import FolderInUse, RecipeError, RunError
+from ..files import write_atomic
+from ..logs import progress, quiet
+from ..recipe import Recipe, dump_recipe
+from ..run import read_json
+from ..train.fit import watch_epochs
+from ..train.guard import Diverged
+from ..tune import Range, default_space
+from .distill import distill
+from .seeds import _trains_teacher, distill_seeds, labels_only, with_fields
+
+log = logging.getLogger(__name__)
+KINDS = ("distilled", "baseline")
+
+
+def _value_at(data: Any, key: str) -> Any:
+    """The value at a dotted path of a recipe dict; KeyError naming the first part that is not there."""
+    node = data
+    for part in key.split("."):
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            raise KeyError(part)
+    return node
+
+
+def _scalar_fields(data: Any, prefix: str = "") -> list[str]:
+    """Every number field of a recipe dict (what can be tuned), as dotted paths."""
+    if isinstance(data, dict):
+        return [p for k, v in data.items() if k not in ("tune", "seed", "seeds") for p in _scalar_fields(v, f"{prefix}{k}.")]
+    if isinstance(data, list):
+        return [p for i, v in enumerate(data) for p in _scalar_fields(v, f"{prefix}{i}.")]
+    return [prefix[:-1]] if isinstance(data, (int, float)) and not isinstance(data, bool) else []
+
+
+def check_space(recipe: Recipe, space: dict[str, Range]) -> dict[str, Range]:
+    """Refuse a field the recipe does not have, a range outside a field's allowed values, a non-integer range for an
+    integer field; returns the space. Each error is one line naming ``tune.space.<field>`` and the fix."""
+    import difflib
+
+    data = recipe.model_dump(mode="json")
+    for key, rng in space.items():
+        where = f"tune.space.{key}"
+        try:
+            current = _value_at(data, key)
+        except KeyError as e:
+            near = difflib.get_close_matches(key, _scalar_fields(data), n=3)
+            hint = f"did you mean {', '.join(near)}?" if near else "name a field as --set takes it, e.g. train.lr or distill.temperature"
+            raise RecipeError(f"{where}: the recipe has no field '{key}' (no '{e.args[0]}'); {hint}") from None
+        if key.split(".")[0] in ("tune", "seed", "seeds", "baseline", "name", "task"):
+            raise RecipeError(f"{where}: '{key}' cannot be tuned (it says what the tune is, not how the student learns); remove it")
+        values = rng.choices if rng.choices is not None else [rng.low, rng.high]
+        if rng.choices is None and isinstance(current, int) and not isinstance(current, bool):
+            if not (float(rng.low).is_integer() and float(rng.high).is_integer()):
+                raise RecipeError(f"{where}: '{key}' is an integer field; give integer low and high (got {rng.low:g}, {rng.high:g})")
+            values = [int(rng.low), int(rng.high)]
+        for v in values:
+            try:
+                with_fields(recipe, {key: v}, where)
+            except RecipeError as e:
+                why = str(e).split(": ", 1)[-1]
+                raise RecipeError(f"{where}: {v!r} is outside the field's allowed values ({why}); narrow the range") from None
+    return space
+
+
+def sample(trial, recipe: Recipe, space: dict[str, Range]) -> dict[str, Any]:
+    """One trial's values, drawn by Optuna from ``space`` (integer fields as integers)."""
+    data = recipe.model_dump(mode="json")
+    out = {}
+    for key, rng in space.items():
+        if rng.choices is not None:
+            out[key] = trial.suggest_categorical(key, rng.choices)
+            continue
+        current = _value_at(data, key)
+        if isinstance(current, int) and not isinstance(current, bool):
+            out[key] = trial.suggest_int(key, int(rng.low), int(rng.high), log=rng.log, step=int(rng.step or 1))
+        else:
+            out[key] = trial.suggest_float(key, rng.low, rng.high, log=rng.log, step=rng.step)
+    return out
+
+
+def _spaces(recipe: Recipe, baseline: bool) -> dict[str, dict[str, Range]]:
+    """The search space of each study: the recipe's (or its method's default) for the distilled student, and for the
+    labels-only student the same without the distillation fields."""
+    data = recipe.model_dump(mode="json")
+    given = recipe.tune.space
+    spaces = {"distilled": check_space(recipe, given if given is not None else default_space(data, baseline=False))}
+    if baseline:
+        base = labels_only(recipe)
+        own = {k: v for k, v in (given or default_space(data, baseline=True)).items() if not k.startswith("distill.")}
+        spaces["baseline"] = check_space(base, own)
+    return spaces
+
+
+def _identity(recipe: Recipe, spaces: dict) -> dict:
+    """What a tune folder was made for: the recipe (without the trial count and the final run's seeds, which may
+    change between starts) and the search spaces."""
+    data = recipe.model_dump(mode="json")
+    data["tune"] = {k: v for k, v in data["tune"].items() if k != "trials"}
+    data.pop("seeds"), data.pop("baseline")
+    text = json.dumps(data, sort_keys=True)
+    return {"recipe_sha256": hashlib.sha256(text.encode()).hexdigest(), "recipe": data,
+            "spaces": {k: {f: r.model_dump(exclude_none=True) for f, r in s.items()} for k, s in spaces.items()}}
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix[:-1]]
+
+
+def _check_folder(out: Path, ident: dict, resume: bool, overwrite: bool) -> None:
+    """A new tune folder, or the same recipe's (resumed); another recipe's is refused, nothing in it touched."""
+    made = out / "tune.json"
+    if out.exists() and not out.is_dir():
+        raise RunError(f"output path '{out}' is a file; choose a folder for --out")
+    if overwrite and made.is_file():
+        for name in ("study.db", "teacher", *KINDS, "final", "best.yaml", "best_baseline.yaml", "summary.json", "tune.json"):
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        return
+    if made.is_file():
+        old = read_json(made, "remove the tune folder or choose another --out")
+        if old.get("recipe_sha256") != ident["recipe_sha256"]:
+            diff = _differences(old.get("recipe"), ident["recipe"]) or ["tune.space"]
+            raise RecipeError(f"'{out}' was made for another recipe (differs in {', '.join(diff[:4])}); its trials would not "
+                              f"apply: use another --out, or --overwrite to start this folder over")
+        return
+    if out.is_dir() and any(out.iterdir()):
+        raise RunError(f"'{out}' is not empty and is not a tune folder; choose an empty or new folder for --out")
+
+
+def _teacher(recipe: Recipe, out: Path) -> Recipe:
+    """The recipe every trial runs: with a recipe-trained teacher, trained once in out/teacher (waiting while another
+    process of the same tune trains it) and then loaded."""
+    if not _trains_teacher(recipe):
+        return recipe
+    folder = out / "teacher"
+    weights = folder / "teacher" / "model.safetensors"
+    while True:
+        try:
+            distill(recipe, folder, resume=(folder / "recipe.yaml").is_file(), teacher_only=True, test=False)
+            break
+        except FolderInUse:
+            log.info(f"tune: another process is training the teacher in {folder}; waiting for it")
+            time.sleep(10)
+    return with_fields(recipe, {"teacher.weights": str(weights.resolve()), "teacher.train": None})
+
+
+def _storage(url: Optional[str], out: Path):
+    """The Optuna storage: a SQLite file in the tune folder, or the database URL given (several machines). Heartbeats
+    let a process find trials whose process died."""
+    import optuna
+
+    url = url or f"sqlite:///{(out / 'study.db').resolve()}"
+    with quiet():  # (heartbeats are marked experimental)
+        return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120), url
+
+
+def _fail_dead_trials(study, storage) -> None:
+    """Trials still marked running whose process (on this machine) is gone: failed now, so they are replaced."""
+    from optuna.trial import TrialState
+
+    me = socket.gethostname()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        host, pid = t.user_attrs.get("host"), t.user_attrs.get("pid")
+        if host == me and pid is not None and not _alive(int(pid)):
+            storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+            log.info(f"tune: trial {t.number} was running in a process that ended (pid {pid}); marked failed, it will be replaced")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # a trial of this very process cannot be running before it starts one
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _finished(study) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+def _study(recipe: Recipe, kind: str, storage, out: Path, space: dict[str, Range], trials: int) -> Any:
+    """Run (or continue) one study until it holds ``trials`` finished trials; returns it."""
+    import optuna
+
+    name = recipe.name if kind == "distilled" else f"{recipe.name}-baseline"
+    t = recipe.tune
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=t.startup_trials, n_warmup_steps=round(100 * t.warmup)) if t.prune \
+        else optuna.pruners.NopPruner()
+    with quiet():
+        study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True, pruner=pruner,
+                                    sampler=optuna.samplers.TPESampler(seed=recipe.seed + len(_all(storage, name))))
+    _fail_dead_trials(study, storage)
+    done = _finished(study)
+    if done >= trials:
+        log.info(f"tune {kind}: the study holds {done} finished trials (asked for {trials}); nothing to run")
+        return study
+    shown: dict[str, str] = {}
+    left = trials - done
+    bar = iter(progress(range(left + 1), f"tune {kind}", total=left, logger=log, every=0, postfix=shown))
+    next(bar)  # (a line is logged as each trial ends)
+    failed = [0]
+
+    def objective(trial) -> float:
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", os.getpid())
+        values = sample(trial, recipe, space)
+        r = with_fields(recipe, values, f"tune trial {trial.number}")
+        folder = out / kind / "trials" / f"{trial.number:04d}"
+        trial.set_user_attr("folder", str(folder))
+        reported = [0]
+
+        def report(stage: str, epoch: int, score: float) -> None:
+            """At each tenth of the trial's epochs (step 10, 20, .. 100: the percentage of training done), so trials of
+            different lengths are compared at the same phase of their schedules."""
+            step = 10 * (10 * epoch // r.train.epochs)
+            if stage != "student" or step <= reported[0]:
+                return
+            reported[0] = step
+            trial.report(score, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"validation accuracy {score:.4f} at epoch {epoch} is below the median of earlier trials")
+
+        with watch_epochs(report):
+            distill(r, folder, overwrite=True, test=False)
+        cfg = read_json(folder / "student" / "config.json", "run the tune again")
+        trial.set_user_attr("best_epoch", cfg["best_epoch"])
+        return float(cfg["best_val_accuracy"])
+
+    def after(study, trial) -> None:
+        pruned = sum(1 for x in study.get_trials(deepcopy=False) if x.state.name == "PRUNED")
+        try:
+            shown["best val"] = f"{study.best_value:.4f} (trial {study.best_trial.number})"
+        except ValueError:
+            pass
+        shown["pruned"] = str(pruned)
+        failed[0] += trial.state.name == "FAIL"
+        next(bar, None)  # logs this trial's line (a bar in a terminal)
+        if _finished(study) >= trials:
+            study.stop()
+        elif failed[0] > max(trials, 5):
+            raise RunError(f"tune {kind}: {failed[0]} trials failed (training diverged); lower the high end of train.lr in "
+                           f"tune.space, then run the same command again")
+
+    with quiet():
+        study.optimize(objective, callbacks=[after], catch=(Diverged,), gc_after_trial=True)
+    return study
+
+
+def _all(storage, name: str) -> list:
+    import optuna
+
+    try:
+        return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+    except KeyError:
+        return []
+
+
+def _best(recipe: Recipe, study) -> tuple[Recipe, dict]:
+    from optuna.trial import TrialState
+
+    try:
+        best = study.best_trial
+    except ValueError:
+        raise RunError(f"tune: no trial of study '{study.study_name}' finished (all pruned or failed); see the trial folders' "
+                       f"logs, widen or move the search space, then run again") from None
+    trials = study.get_trials(deepcopy=False)
+    info = {"best_value": best.value, "best_trial": best.number, "params": best.params,
+            "best_epoch": best.user_attrs.get("best_epoch"), "folder": best.user_attrs.get("folder"),
+            "trials": len(trials), "complete": sum(t.state == TrialState.COMPLETE for t in trials),
+            "pruned": sum(t.state == TrialState.PRUNED for t in trials), "failed": sum(t.state == TrialState.FAIL for t in trials),
+            "wall_time_s": sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials
+                               if t.datetime_complete and t.datetime_start)}
+    return with_fields(recipe, dict(best.params)), info
+
+
+def tune(recipe: Recipe, out: str | Path, *, trials: Optional[int] = None, baseline: Optional[bool] = None,
+         final_seeds: Optional[int] = None, storage: Optional[str] = None, overwrite: bool = False) -> dict:
+    """Tune ``recipe`` on validation (and, with ``baseline``, a labels-only student with the same trial budget); write
+    best.yaml (best_baseline.yaml) and summary.json into ``out``. With ``final_seeds``, the best recipe (and the best
+    baseline) are then trained with that many seeds and tested, in out/final (stages/seeds.py). Returns the summary."""
+    if recipe.task != "classify":
+        raise RecipeError("protege tune is for task: classify (validation accuracy)")
+    if trials is not None and trials < 1:
+        raise RecipeError(f"--trials {trials}: give 1 or more")
+    if final_seeds is not None and final_seeds < 1:
+        raise RecipeError(f"--seeds {final_seeds}: give 1 or more (the best recipe is then trained with seeds seed, seed+1, ...)")
+    trials = trials or recipe.tune.trials
+    baseline = recipe.baseline if baseline is None else baseline
+    out = Path(out)
+    spaces = _spaces(recipe, baseline)
+    ident = _identity(recipe, spaces)
+    _check_folder(out, ident, resume=True, overwrite=overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "tune.json", json.dumps(ident, indent=2))
+    storage_obj, url = _storage(storage, out)
+    base = _teacher(recipe.model_copy(update={"seeds": 1, "baseline": False}), out)
+    t0 = time.perf_counter()
+    summary: dict[str, Any] = {"name": recipe.name, "trials_per_study": trials, "storage": url if storage else "study.db"}
+    best: dict[str, Recipe] = {}
+    for kind, space in spaces.items():
+        start = base if kind == "distilled" else labels_only(base)
+        log.info(f"tune {kind}: {trials} trials over {', '.join(space)}; objective: validation accuracy (test split unread)")
+        study = _study(start, kind, storage_obj, out, space, trials)
+        best[kind], summary[kind] = _best(start, study)
+        name = "best.yaml" if kind == "distilled" else "best_baseline.yaml"
+        dump_recipe(best[kind], out / name)
+        log.info(f"tune {kind}: best validation accuracy {summary[kind]['best_value']:.4f} (trial {summary[kind]['best_trial']}: "
+                 f"{_params(summary[kind]['params'])}); {summary[kind]['pruned']} of {summary[kind]['trials']} trials pruned; "
+                 f"recipe: {out / name}")
+    summary["elapsed_s"] = time.perf_counter() - t0  # this call's (the trials' own times: each study's wall_time_s)
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    if final_seeds:
+        final = best["distilled"].model_copy(update={"seeds": final_seeds, "baseline": baseline})
+        summary["final"] = distill_seeds(final, out / "final", resume=True, baseline_recipe=best.get("baseline"))
+        write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _params(params: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in params.items())

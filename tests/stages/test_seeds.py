@@ -1,0 +1,127 @@
+"""`protege distill --seeds N --baseline`: per-seed runs that share the split and the teacher, matched labels-only
+students, the summary's figures checked against each run's own files, resume, and bad input."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from safetensors import safe_open
+
+from protege import api
+from protege.evaluate.compare import paired, summarise, verdict
+from protege.knowledge import predict_logits
+from protege.run import Run
+from protege.stages.tasks import load_run_data
+
+from ..helpers import assert_clean_error, run_cli, tiny_recipe_file
+
+
+def test_paired_difference_and_verdict():
+    d = paired([0.90, 0.92, 0.91], [0.88, 0.90, 0.90])
+    assert d["diffs"] == pytest.approx([0.02, 0.02, 0.01])
+    assert d["mean"] == pytest.approx(0.05 / 3) and d["std"] == pytest.approx(0.005773503)
+    half = 4.302653 * 0.005773503 / math.sqrt(3)  # t(0.975, 2 degrees of freedom)
+    assert d["ci95"] == pytest.approx([0.05 / 3 - half, 0.05 / 3 + half], rel=1e-5)
+    assert verdict(d).startswith("distillation helped: +1.67 ± 0.58 points over 3 seeds")
+    mixed = paired([0.90, 0.89, 0.91], [0.89, 0.90, 0.90])
+    assert verdict(mixed).startswith("no measurable gain from distillation: +0.33")
+    assert verdict(paired([0.80, 0.81], [0.90, 0.905])).startswith("distillation hurt: -9.75")
+    assert verdict(paired([0.9], [0.8])).startswith("one seed: distillation +10.00 points")
+    s = summarise([{"seed": 0, "distilled": {"test_accuracy": 0.9, "last_epoch_test_accuracy": 0.8}, "baseline": None}])
+    assert "difference" not in s and s["distilled"]["last_epoch"]["mean"] == pytest.approx(0.8)
+
+
+def _last_epoch_accuracy(folder, data) -> float:
+    """The student's last-epoch test accuracy, read straight from its checkpoint file (not through protege's loader)."""
+    run = Run.load(folder)
+    student = run.load_student(data)
+    with safe_open(str(folder / "student" / "checkpoints" / "last.safetensors"), framework="pt") as f:
+        student.load_state_dict({k[len("model."):]: f.get_tensor(k) for k in f.keys() if k.startswith("model.")})
+    logits = predict_logits(student, data.test.x)
+    return float((logits.argmax(-1) == data.test.y).float().mean())
+
+
+@pytest.fixture(scope="module")
+def seeds_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("seeds")
+    recipe = tiny_recipe_file(tmp, lambda r: r["train"].update(epochs=3))
+    out = tmp / "out"
+    api.distill_file(recipe, out, seeds=2, baseline=True)
+    return {"recipe": recipe, "out": out}
+
+
+def test_every_seed_has_a_distilled_and_a_matched_baseline_run(seeds_run):
+    out = seeds_run["out"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1]
+    first_teacher = (out / "distilled" / "seed0" / "teacher" / "model.safetensors").resolve()
+    for seed in (0, 1):
+        d, b = Run.load(out / "distilled" / f"seed{seed}"), Run.load(out / "baseline" / f"seed{seed}")
+        assert d.recipe.seed == b.recipe.seed == seed
+        assert d.recipe.data.split_seed == b.recipe.data.split_seed == 0  # one split for every seed
+        assert b.recipe.distill.alpha == 1.0 and not b.recipe.distill.features  # labels only
+        assert d.recipe.distill.alpha == 0.5
+        # the two runs of a seed differ in the distillation fields only (same seed, data, student, training)
+        dd, bd = d.recipe.model_dump(), b.recipe.model_dump()
+        for key in ("student", "train", "data", "seed", "eval"):
+            assert dd[key] == bd[key], key
+        if seed > 0:  # later runs load the first run's teacher instead of training their own
+            assert d.recipe.teacher.train is None and b.recipe.teacher.train is None
+            assert d.recipe.teacher.weights == b.recipe.teacher.weights == str(first_teacher)
+            assert not (out / "distilled" / f"seed{seed}" / "teacher" / "model.safetensors").exists()
+        row = summary["runs"][seed]
+        assert row["distilled"]["test_accuracy"] == pytest.approx(d.report.student.accuracy)
+        assert row["baseline"]["test_accuracy"] == pytest.approx(b.report.student.accuracy)
+        assert row["distilled"]["teacher_test_accuracy"] == pytest.approx(summary["runs"][0]["distilled"]["teacher_test_accuracy"])
+
+
+def test_the_summary_figures_come_from_the_runs(seeds_run):
+    out = seeds_run["out"]
+    summary = json.loads((out / "summary.json").read_text())
+    data = load_run_data(Run.load(out / "distilled" / "seed0").recipe)
+    for kind in ("distilled", "baseline"):
+        tests = [r[kind]["test_accuracy"] for r in summary["runs"]]
+        lasts = [_last_epoch_accuracy(out / kind / f"seed{r['seed']}", data) for r in summary["runs"]]
+        assert [r[kind]["last_epoch_test_accuracy"] for r in summary["runs"]] == pytest.approx(lasts, abs=1e-6)
+        assert summary[kind]["val_selected"]["mean"] == pytest.approx(sum(tests) / 2)
+        assert summary[kind]["last_epoch"]["mean"] == pytest.approx(sum(lasts) / 2, abs=1e-6)
+    diffs = [r["distilled"]["test_accuracy"] - r["baseline"]["test_accuracy"] for r in summary["runs"]]
+    assert summary["difference"]["val_selected"]["diffs"] == pytest.approx(diffs)
+    assert summary["verdict"] == verdict(summary["difference"]["val_selected"])
+    html = (out / "report.html").read_text()
+    assert html.count('class="seed-point"') == 4 and summary["verdict"].split(":")[0] in html
+
+
+def test_resume_reuses_finished_seeds_and_a_second_start_is_refused(seeds_run, capsys):
+    out = seeds_run["out"]
+    weights = out / "baseline" / "seed1" / "student" / "model.safetensors"
+    before, summary = weights.stat().st_mtime_ns, (out / "summary.json").read_text()
+    code, err = run_cli(["distill", seeds_run["recipe"], "--out", out, "--seeds", "2", "--baseline", "--resume"], capsys)
+    assert code == 0, err
+    assert weights.stat().st_mtime_ns == before  # not trained again
+    assert json.loads((out / "summary.json").read_text())["runs"] == json.loads(summary)["runs"]
+    code, err = run_cli(["distill", seeds_run["recipe"], "--out", out, "--seeds", "2", "--baseline"], capsys)
+    assert_clean_error(code, err, "already holds a --seeds run", "--resume", "--overwrite")
+    assert (out / "summary.json").read_text() == summary
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--seeds", "0"], ["--seeds 0", "1 or more"]),
+    (["--seeds", "-2"], ["--seeds -2", "1 or more"]),
+    (["--set", "seeds=0"], ["seeds", "greater than or equal to 1"]),
+])
+def test_bad_seed_counts_are_one_line_errors(tmp_path, capsys, args, words):
+    code, err = run_cli(["distill", tiny_recipe_file(tmp_path), "--out", tmp_path / "out", *args], capsys)
+    assert_clean_error(code, err, *words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_single_run_api_call_with_seeds_points_to_distill_seeds(tmp_path):
+    import protege
+    from protege.errors import RecipeError
+    from protege.recipe import load_recipe
+
+    r = load_recipe(tiny_recipe_file(tmp_path), ["seeds=3"])
+    with pytest.raises(RecipeError, match="distill_seeds"):
+        protege.distill(r, tmp_path / "out")

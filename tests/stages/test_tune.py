@@ -1,0 +1,200 @@
+"""`protege tune`: Optuna trials on the validation split (the test split is never read), per-epoch pruning, best.yaml,
+a tuned baseline with the same budget, a killed study resumed, and bad search spaces and folders refused."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import time
+
+import optuna
+import pytest
+
+from protege import api
+from protege.data import Split
+from protege.recipe import load_recipe
+
+from ..conftest import PROTEGE
+from ..helpers import assert_clean_error, file_digests, run_cli, tiny_recipe_file
+
+
+def _recipe(tmp, trials=4, space=None, **tune):
+    def edit(r):
+        r["teacher"]["train"]["epochs"] = 1
+        r["train"]["epochs"] = 3
+        r["tune"] = {"trials": trials, "startup_trials": 1, "warmup": 0, **tune}
+        if space is not None:
+            r["tune"]["space"] = space
+    return tiny_recipe_file(tmp, edit)
+
+
+class _Unreadable:
+    """A test split that fails the test as soon as anything reads it."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the test split was read while tuning ({name})")
+
+    def __getitem__(self, key):
+        raise AssertionError("the test split was read while tuning")
+
+    def __len__(self):
+        raise AssertionError("the test split was read while tuning")
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tune")
+    space = {"train.lr": {"low": 1e-6, "high": 0.05, "log": True}, "distill.temperature": {"low": 1, "high": 8}}
+    recipe = _recipe(tmp, trials=5, space=space)
+    distill_module = importlib.import_module("protege.stages.distill")
+    real = distill_module.load_run_data
+
+    def no_test(r):
+        data = real(r)
+        return type(data)(**{**data.__dict__, "test": Split(_Unreadable(), _Unreadable())})
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(distill_module, "load_run_data", no_test)
+    try:
+        summary = api.tune_file(recipe, tmp / "out", baseline=True)
+    finally:
+        mp.undo()
+    return {"tmp": tmp, "recipe": recipe, "out": tmp / "out", "summary": summary}
+
+
+def _study(out, name="tiny"):
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'study.db'}")
+
+
+def test_trials_are_chosen_on_validation_and_the_best_recipe_is_written(tuned):
+    out, summary = tuned["out"], tuned["summary"]
+    study = _study(out)
+    finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 5 and summary["distilled"]["trials"] == len(study.trials)
+    for t in study.trials:  # each trial's value is its run's best validation accuracy; nothing was exported or tested
+        folder = out / "distilled" / "trials" / f"{t.number:04d}"
+        assert not (folder / "report.json").exists() and not (folder / "student.onnx").exists()
+        assert 1e-6 <= t.params["train.lr"] <= 0.05 and 1 <= t.params["distill.temperature"] <= 8
+        if t.state.name == "COMPLETE":
+            cfg = json.loads((folder / "student" / "config.json").read_text())
+            assert t.value == pytest.approx(cfg["best_val_accuracy"])
+            assert max(t.intermediate_values.values()) == pytest.approx(cfg["best_val_accuracy"])
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert summary["distilled"]["best_value"] == pytest.approx(max(t.value for t in complete))
+    best = load_recipe(out / "best.yaml")
+    params = summary["distilled"]["params"]
+    assert best.train.lr == pytest.approx(params["train.lr"]) and best.distill.temperature == pytest.approx(params["distill.temperature"])
+    # every trial loaded the teacher trained once in out/teacher
+    assert best.teacher.weights == str((out / "teacher" / "teacher" / "model.safetensors").resolve())
+    assert best.teacher.train is None
+
+
+def test_bad_trials_are_pruned_at_an_epoch(tuned):
+    study = _study(tuned["out"])
+    pruned = [t for t in study.trials if t.state.name == "PRUNED"]
+    assert pruned, [(t.params, t.intermediate_values) for t in study.trials]
+    for t in pruned:  # stopped before its last epoch, below the median of the trials before it
+        assert len(t.intermediate_values) < 3
+    assert tuned["summary"]["distilled"]["pruned"] == len(pruned)
+
+
+def test_the_baseline_gets_the_same_budget_and_no_distillation_knobs(tuned):
+    base = _study(tuned["out"], "tiny-baseline")
+    assert len([t for t in base.trials if t.state.name in ("COMPLETE", "PRUNED")]) == 5
+    assert all(set(t.params) == {"train.lr"} for t in base.trials)  # distill.temperature is not the baseline's
+    best = load_recipe(tuned["out"] / "best_baseline.yaml")
+    assert best.distill.alpha == 1.0 and best.train.lr == pytest.approx(tuned["summary"]["baseline"]["params"]["train.lr"])
+
+
+def test_the_best_recipes_are_then_trained_with_seeds_and_tested(tmp_path):
+    recipe = _recipe(tmp_path, trials=2, space={"train.lr": {"low": 1e-3, "high": 0.05, "log": True}})
+    summary = api.tune_file(recipe, tmp_path / "out", seeds=2, baseline=True)
+    final = tmp_path / "out" / "final"
+    assert [r["seed"] for r in summary["final"]["runs"]] == [0, 1] and "verdict" in summary["final"]
+    for kind, best in (("distilled", "best.yaml"), ("baseline", "best_baseline.yaml")):
+        tuned_lr = load_recipe(tmp_path / "out" / best).train.lr
+        for seed in (0, 1):  # each final run is the tuned recipe (the baseline: the separately tuned one)
+            assert load_recipe(final / kind / f"seed{seed}" / "recipe.yaml").train.lr == pytest.approx(tuned_lr)
+            assert (final / kind / f"seed{seed}" / "report.json").is_file()
+
+
+def test_a_killed_tune_resumes_and_keeps_its_finished_trials(tmp_path):
+    recipe = _recipe(tmp_path, trials=3, space={"train.lr": {"low": 1e-3, "high": 0.05, "log": True}})
+    out = tmp_path / "out"
+    cmd = [PROTEGE, "tune", str(recipe), "--out", str(out), "--set", "train.epochs=25"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill it once one trial is finished and the next one has started
+        time.sleep(0.5)
+        if (out / "study.db").exists():
+            try:
+                states = [t.state.name for t in _study(out).trials]
+            except KeyError:  # the study is not created yet
+                continue
+            if states.count("COMPLETE") + states.count("PRUNED") >= 1 and "RUNNING" in states:
+                break
+    else:
+        proc.kill()
+        pytest.fail("the first trial did not finish in time")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = {t.number: (t.state.name, t.value) for t in _study(out).trials}
+    running = [n for n, (s, _) in before.items() if s == "RUNNING"]
+    assert running
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    after = {t.number: (t.state.name, t.value) for t in _study(out).trials}
+    for n, (state, value) in before.items():
+        if state in ("COMPLETE", "PRUNED"):
+            assert after[n] == (state, value)  # kept, not run again
+    assert all(after[n][0] == "FAIL" for n in running)  # the killed trial is failed and replaced
+    assert sum(s in ("COMPLETE", "PRUNED") for s, _ in after.values()) == 3
+    assert "marked failed" in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("space, words", [
+    ({"train.lrr": {"low": 0.001, "high": 0.01}}, ["tune.space.train.lrr", "no field", "train.lr"]),
+    ({"distill.alpha": {"low": 0.5, "high": 1.5}}, ["tune.space.distill.alpha", "1.5", "outside the field's allowed values"]),
+    ({"train.epochs": {"low": 1.5, "high": 4}}, ["tune.space.train.epochs", "integer"]),
+    ({"train.lr": {"low": 0.01, "high": 0.01}}, ["tune.space.train.lr", "empty range"]),
+    ({"train.lr": {"low": 0.0, "high": 0.01, "log": True}}, ["tune.space.train.lr", "log"]),
+    ({"train.lr": {"choices": []}}, ["tune.space.train.lr", "choices is empty"]),
+    ({"seed": {"low": 0, "high": 3}}, ["tune.space.seed", "cannot be tuned"]),
+])
+def test_bad_search_spaces_are_one_line_errors(tmp_path, capsys, space, words):
+    code, err = run_cli(["tune", _recipe(tmp_path, space=space), "--out", tmp_path / "out"], capsys)
+    assert_clean_error(code, err, *words)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, words", [(["--trials", "0"], ["--trials 0", "1 or more"]),
+                                         (["--seeds", "0"], ["--seeds 0", "1 or more"])])
+def test_bad_counts_are_one_line_errors(tmp_path, capsys, args, words):
+    code, err = run_cli(["tune", _recipe(tmp_path), "--out", tmp_path / "out", *args], capsys)
+    assert_clean_error(code, err, *words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tune_folder_made_for_another_recipe_is_refused_untouched(tuned, capsys):
+    before = file_digests(tuned["out"])
+    code, err = run_cli(["tune", tuned["recipe"], "--out", tuned["out"], "--set", "train.batch_size=32"], capsys)
+    assert_clean_error(code, err, "made for another recipe", "train.batch_size", "--overwrite")
+    assert file_digests(tuned["out"]) == before
+
+
+def test_the_default_space_follows_the_method():
+    from protege.recipe import parse_recipe
+    from protege.tune import default_space
+
+    from ..conftest import TINY
+
+    def space(**distill):
+        return default_space(parse_recipe({**TINY, "distill": {**TINY["distill"], **distill}}).model_dump(mode="json"), False)
+
+    assert {"train.lr", "train.weight_decay", "distill.alpha", "distill.temperature"} <= set(space())
+    assert {"distill.dkd_alpha", "distill.dkd_beta"} <= set(space(response="dkd"))
+    assert "distill.temperature" not in space(response="mse_logits")
+    feats = space(features=[{"loss": "sp", "student": "net.1", "teacher": "net.1", "weight": 3.0}])
+    assert feats["distill.features.0.weight"].low == pytest.approx(0.3) and feats["distill.features.0.weight"].log
