@@ -74,6 +74,8 @@ def compress_cli(run: str | Path, *, prune: dict, quantize: dict, budget: Option
         b = _config(BudgetConfig, "budget options", budget)
         if prune and "ratio" not in prune and "target_params" not in prune:  # the candidates' own settings, checked now
             _config(PruneConfig, "pruning options", {**prune, "ratio": 0.5})
+        if quantize and "mode" not in quantize:
+            _config(QuantizeConfig, "quantization options", {**quantize, "mode": "int8"})
         return compress_to_budget(run, b, prune=prune, quantize=quantize)
     if prune and "ratio" not in prune and "target_params" not in prune:
         raise RecipeError(f"{', '.join(option_name(PruneConfig, f) for f in prune)}: pruning options need --prune RATIO or "

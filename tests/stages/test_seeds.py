@@ -28,6 +28,8 @@ def test_paired_difference_and_verdict():
     assert verdict(mixed).startswith("no measurable gain from distillation: +0.33")
     assert verdict(paired([0.80, 0.81], [0.90, 0.905])).startswith("distillation hurt: -9.75")
     assert verdict(paired([0.9], [0.8])).startswith("one seed: distillation +10.00 points")
+    same = paired([0.9030, 0.9130], [0.9000, 0.9100])  # +0.3 points each: no spread, but under one of 100 examples
+    assert verdict(same).startswith("distillation helped") and "less than one of 100" in verdict(same, test_examples=100)
     s = summarise([{"seed": 0, "distilled": {"test_accuracy": 0.9, "last_epoch_test_accuracy": 0.8}, "baseline": None}])
     assert "difference" not in s and s["distilled"]["last_epoch"]["mean"] == pytest.approx(0.8)
 
@@ -88,7 +90,7 @@ def test_the_summary_figures_come_from_the_runs(seeds_run):
         assert summary[kind]["last_epoch"]["mean"] == pytest.approx(sum(lasts) / 2, abs=1e-6)
     diffs = [r["distilled"]["test_accuracy"] - r["baseline"]["test_accuracy"] for r in summary["runs"]]
     assert summary["difference"]["val_selected"]["diffs"] == pytest.approx(diffs)
-    assert summary["verdict"] == verdict(summary["difference"]["val_selected"])
+    assert summary["verdict"] == verdict(summary["difference"]["val_selected"], test_examples=len(data.test))
     html = (out / "report.html").read_text()
     assert html.count('class="seed-point"') == 4 and summary["verdict"].split(":")[0] in html
 

@@ -20,8 +20,10 @@ from ..conftest import PROTEGE
 from ..helpers import assert_clean_error, file_digests, run_cli, tiny_recipe_file
 
 
-def _recipe(tmp, trials=4, space=None, **tune):
+def _recipe(tmp, trials=4, space=None, quantize=None, **tune):
     def edit(r):
+        if quantize:
+            r["quantize"] = quantize
         r["teacher"]["train"]["epochs"] = 1
         r["train"]["epochs"] = 3
         r["tune"] = {"trials": trials, "startup_trials": 1, "warmup": 0, **tune}
@@ -47,16 +49,16 @@ class _Unreadable:
 def tuned(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tune")
     space = {"train.lr": {"low": 1e-6, "high": 0.05, "log": True}, "distill.temperature": {"low": 1, "high": 8}}
-    recipe = _recipe(tmp, trials=5, space=space)
-    distill_module = importlib.import_module("protege.stages.distill")
-    real = distill_module.load_run_data
+    recipe = _recipe(tmp, trials=5, space=space, quantize={"mode": "dynamic"})
+    tasks = importlib.import_module("protege.stages.tasks")  # every stage reads its data through tasks.load_data
+    real = tasks.load_data
 
-    def no_test(r):
-        data = real(r)
+    def no_test(cfg, seed):
+        data = real(cfg, seed)
         return type(data)(**{**data.__dict__, "test": Split(_Unreadable(), _Unreadable())})
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(distill_module, "load_run_data", no_test)
+    mp.setattr(tasks, "load_data", no_test)
     try:
         summary = api.tune_file(recipe, tmp / "out", baseline=True)
     finally:
@@ -76,6 +78,7 @@ def test_trials_are_chosen_on_validation_and_the_best_recipe_is_written(tuned):
     for t in study.trials:  # each trial's value is its run's best validation accuracy; nothing was exported or tested
         folder = out / "distilled" / "trials" / f"{t.number:04d}"
         assert not (folder / "report.json").exists() and not (folder / "student.onnx").exists()
+        assert not (folder / "quantized").exists()  # the recipe's int8 step is the final run's, not a trial's
         assert 1e-6 <= t.params["train.lr"] <= 0.05 and 1 <= t.params["distill.temperature"] <= 8
         if t.state.name == "COMPLETE":
             cfg = json.loads((folder / "student" / "config.json").read_text())
@@ -84,6 +87,7 @@ def test_trials_are_chosen_on_validation_and_the_best_recipe_is_written(tuned):
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert summary["distilled"]["best_value"] == pytest.approx(max(t.value for t in complete))
     best = load_recipe(out / "best.yaml")
+    assert best.quantize is not None and best.quantize.mode == "dynamic"  # kept for whoever runs best.yaml
     params = summary["distilled"]["params"]
     assert best.train.lr == pytest.approx(params["train.lr"]) and best.distill.temperature == pytest.approx(params["distill.temperature"])
     # every trial loaded the teacher trained once in out/teacher
@@ -162,6 +166,10 @@ def test_a_killed_tune_resumes_and_keeps_its_finished_trials(tmp_path):
     ({"train.lr": {"low": 0.0, "high": 0.01, "log": True}}, ["tune.space.train.lr", "log"]),
     ({"train.lr": {"choices": []}}, ["tune.space.train.lr", "choices is empty"]),
     ({"seed": {"low": 0, "high": 3}}, ["tune.space.seed", "cannot be tuned"]),
+    ({"data.val_fraction": {"low": 0.1, "high": 0.3}}, ["tune.space.data.val_fraction", "cannot be tuned", "test data"]),
+    ({"teacher.train.lr": {"low": 0.001, "high": 0.01}}, ["tune.space.teacher.train.lr", "cannot be tuned"]),
+    ({"train.epochs": {"low": 2, "high": 6, "step": 0.5}}, ["tune.space.train.epochs", "integer", "step"]),
+    ({"distill.response": {"low": 0, "high": 1}}, ["tune.space.distill.response", "not a number", "choices"]),
 ])
 def test_bad_search_spaces_are_one_line_errors(tmp_path, capsys, space, words):
     code, err = run_cli(["tune", _recipe(tmp_path, space=space), "--out", tmp_path / "out"], capsys)
@@ -170,7 +178,8 @@ def test_bad_search_spaces_are_one_line_errors(tmp_path, capsys, space, words):
 
 
 @pytest.mark.parametrize("args, words", [(["--trials", "0"], ["--trials 0", "1 or more"]),
-                                         (["--seeds", "0"], ["--seeds 0", "1 or more"])])
+                                         (["--seeds", "0"], ["--seeds 0", "1 or more"]),
+                                         (["--storage", "nosuchdb://x"], ["--storage", "cannot open", "postgresql://"])])
 def test_bad_counts_are_one_line_errors(tmp_path, capsys, args, words):
     code, err = run_cli(["tune", _recipe(tmp_path), "--out", tmp_path / "out", *args], capsys)
     assert_clean_error(code, err, *words)

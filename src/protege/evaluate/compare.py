@@ -31,13 +31,16 @@ def paired(a: list[float], b: list[float]) -> dict:
     return out
 
 
-def verdict(diff: dict, what: str = "distillation") -> str:
-    """One sentence on a paired difference of accuracies (fractions): helped, hurt, or no measurable gain."""
+def verdict(diff: dict, what: str = "distillation", test_examples: Optional[int] = None) -> str:
+    """One sentence on a paired difference of accuracies (fractions): helped, hurt, or no measurable gain. The interval
+    covers the spread between seeds on one test set; a mean difference under one test example is no gain either way."""
     m, s, n, ci = 100 * diff["mean"], 100 * diff["std"], diff["n"], diff["ci95"]
     if ci is None:
         return f"one seed: {what} {m:+.2f} points against the baseline; no spread to judge it by (use --seeds 3 or more)"
     lo, hi = 100 * ci[0], 100 * ci[1]
     spread = f"{m:+.2f} ± {s:.2f} points over {n} seeds (paired by seed; 95% interval {lo:+.2f} to {hi:+.2f})"
+    if test_examples and abs(diff["mean"]) * test_examples < 1:
+        return f"no measurable gain from {what}: {spread}, less than one of {test_examples} test examples"
     if lo > 0:
         return f"{what} helped: {spread}"
     if hi < 0:
@@ -45,7 +48,7 @@ def verdict(diff: dict, what: str = "distillation") -> str:
     return f"no measurable gain from {what}: {spread}"
 
 
-def summarise(rows: list[dict]) -> dict:
+def summarise(rows: list[dict], test_examples: Optional[int] = None) -> dict:
     """``rows``: one per seed, ``{"seed", "distilled": {...}, "baseline": {...} or None}``, each run holding
     ``test_accuracy`` (validation-selected epoch) and ``last_epoch_test_accuracy``. Returns the figures per kind,
     the paired differences and the verdict (on the validation-selected figures)."""
@@ -57,7 +60,7 @@ def summarise(rows: list[dict]) -> dict:
     if "baseline" in out:
         out["difference"] = {fig: paired([r["distilled"][key] for r in rows], [r["baseline"][key] for r in rows])
                              for fig, key in keys.items()}
-        out["verdict"] = verdict(out["difference"]["val_selected"])
+        out["verdict"] = verdict(out["difference"]["val_selected"], test_examples=test_examples)
     return out
 
 

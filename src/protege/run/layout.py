@@ -13,6 +13,7 @@ ARTIFACTS = ("teacher/model.safetensors", "teacher/config.json", "teacher/checkp
              "student/model.safetensors", "student/config.json", "student/checkpoints/last.safetensors",
              "student/checkpoints/last.prev.safetensors", "student/checkpoints/best.safetensors",
              "student.onnx", "student.rejected.onnx", "report.json", "metrics.jsonl", "report.html", "recipe.yaml",
+             "student.budget.onnx",
              *COMPRESS_ARTIFACTS)
 MANIFEST = "manifest.json"
 LOCK = ".protege.lock"

@@ -69,7 +69,7 @@ def compress_to_budget(run: Run | str | Path, budget: BudgetConfig, *, prune: Op
                            f"`protege distill RECIPE --out {path} --resume` first")
         q = QuantizeConfig(mode="int8", **quantize)
         configs = [PruneConfig(ratio=r, **prune) for r in budget.ratios]  # bad options fail here, before any work
-        names = ["unpruned", *(f"pruned{round(100 * r)}" for r in budget.ratios)]
+        names = ["unpruned", *(f"pruned{100 * r:g}" for r in budget.ratios)]
         log.info(f"budget: {budget.describe()}; {len(names)} candidate runs ({', '.join(names)}) x fp32/static/dynamic int8 "
                  f"in {path / 'budget'}")
         for name, cfg in zip(names, [None, *configs]):
@@ -138,10 +138,12 @@ def _measure_and_choose(run: Run, budget: BudgetConfig, names: list[str]) -> dic
                             f"{c.get(key, float('nan')):.3g} ms at batch {budget.batch_size} and {c['bytes']:,} bytes "
                             f"({overshoot(c, budget):.2f}x the budget); raise the budget or add larger --ratios "
                             f"(every candidate: {out / 'failed.json'})")
+    tmp = run.path / "student.budget.onnx.tmp"  # the file first (complete, then renamed), then what describes it
+    shutil.copy2(files[chosen], tmp)
+    tmp.replace(run.path / "student.budget.onnx")
     (out / "failed.json").unlink(missing_ok=True)
     write_atomic(out / "budget.json", json.dumps(result, indent=2))
     write_atomic(out / "report.html", _html(run.recipe.name, result))
-    shutil.copy2(files[chosen], run.path / "student.budget.onnx")
     c = cands[chosen]
     log.info(f"budget: chose {chosen} -> {run.path / 'student.budget.onnx'}: validation {100 * c['val_accuracy']:.2f} %, test "
              f"{100 * c['test_accuracy']:.2f} %, p50 {c[key]:.3g} ms at batch {budget.batch_size}, {c['bytes']:,} bytes")

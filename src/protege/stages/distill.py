@@ -91,7 +91,8 @@ def tracking(acc: Accelerator, recipe: Recipe, out: str | Path) -> Iterator[None
     try:
         yield
     finally:
-        acc.end_training()
+        for tracker in acc.trackers:  # (not acc.end_training(): that also ends a multi-process run's process group)
+            tracker.finish()
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -22,7 +22,6 @@ from ..evaluate.compare import mean_std, render_seeds_html, summarise
 from ..files import write_atomic
 from ..knowledge import predict_logits
 from ..logs import progress
-from ..models.text import is_hf_folder
 from ..recipe import Recipe, parse_recipe
 from ..run import Run, read_json
 from ..train.checkpoint import load_checkpoint_weights
@@ -65,8 +64,7 @@ def labels_only(recipe: Recipe) -> Recipe:
 
 def _trains_teacher(recipe: Recipe) -> bool:
     t = recipe.teacher
-    return not recipe.ema_teacher and t.weights is None and t.train is not None and not t.model.endswith(".onnx") \
-        and not is_hf_folder(t.model)
+    return not recipe.ema_teacher and t.weights is None and t.train is not None and not t.model.endswith(".onnx")
 
 
 def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
@@ -80,13 +78,18 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
         raise RunError(f"'{out}' is not empty and is not a --seeds run; choose an empty or new folder for --out (or --overwrite)")
 
 
-def _run(recipe: Recipe, folder: Path, resume: bool, overwrite: bool) -> Run:
-    """One seed's run: reused when finished (with --resume), continued when interrupted, else trained."""
-    if resume and (folder / "report.json").is_file() and (folder / "recipe.yaml").is_file():
-        done = Run.load(folder)
-        if done.recipe.model_dump() == recipe.model_dump():
+def _run(recipe: Recipe, folder: Path, resume: bool, overwrite: bool, restart_changed: bool = False) -> Run:
+    """One seed's run: reused when finished (with --resume), continued when interrupted, else trained.
+    ``restart_changed``: a folder holding another recipe's run is started over (tune's final runs after more trials)."""
+    same = False
+    if resume and (folder / "recipe.yaml").is_file():
+        same = Run.load(folder, read_report=False).recipe.model_dump() == recipe.model_dump()
+        if same and (folder / "report.json").is_file():
             log.info(f"seeds: {folder} is finished; reusing it")
-            return done
+            return Run.load(folder)
+        if not same and restart_changed:
+            log.info(f"seeds: {folder} holds a run of another recipe; starting it over")
+            return distill(recipe, folder, overwrite=True)
     again = resume and (folder / "recipe.yaml").is_file()
     return distill(recipe, folder, resume=again, overwrite=overwrite or resume)
 
@@ -107,16 +110,26 @@ def _figures(run: Run, data: DataSplits) -> dict:
         last = float((logits.argmax(-1) == data.test.y).float().mean())
     return {"folder": str(run.path), "test_accuracy": test, "last_epoch_test_accuracy": last,
             "val_accuracy": cfg["best_val_accuracy"], "best_epoch": cfg["best_epoch"], "epochs": cfg["epochs_run"],
-            "params": cfg["params"], "teacher_test_accuracy": float(run.report.teacher.accuracy)}
+            "params": cfg["params"], "teacher_test_accuracy": None if run.report.teacher.accuracy is None else float(run.report.teacher.accuracy)}
+
+
+def one_process(what: str) -> None:
+    """Several runs, each its own folder and report, are driven from one process; refuse a multi-process launch."""
+    from accelerate import PartialState
+
+    if PartialState().num_processes > 1:
+        raise RecipeError(f"{what} runs in one process (each run of it is a whole run); start it without accelerate launch, "
+                          f"or launch each run's recipe on its own")
 
 
 def distill_seeds(recipe: Recipe, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-                  baseline_recipe: Optional[Recipe] = None) -> dict:
+                  baseline_recipe: Optional[Recipe] = None, restart_changed: bool = False) -> dict:
     """Train ``recipe.seeds`` students (seeds seed, seed+1, ...) and, with ``recipe.baseline`` (or a given
     ``baseline_recipe``, e.g. one tuned separately), a labels-only student per seed; write summary.json and
     report.html into ``out``; returns the summary."""
     if recipe.task != "classify":
         raise RecipeError("seeds and baseline are for task: classify (accuracy); for a causal LM, run each seed with --set seed=N")
+    one_process("--seeds / --baseline")
     out = Path(out)
     _check_out(out, resume, overwrite)
     baseline = baseline_recipe or (labels_only(recipe) if recipe.baseline else None)
@@ -132,7 +145,7 @@ def distill_seeds(recipe: Recipe, out: str | Path, *, resume: bool = False, over
         source = recipe if kind == "distilled" else baseline
         r = with_fields(source, {**fixed, "seed": seed})
         folder = out / kind / f"seed{seed}"
-        run = _run(r, folder, resume, overwrite)
+        run = _run(r, folder, resume, overwrite, restart_changed)
         if _trains_teacher(recipe) and "teacher.weights" not in fixed:  # every later run loads this teacher
             fixed.update({"teacher.weights": str((folder / "teacher" / "model.safetensors").resolve()), "teacher.train": None})
         data = data or load_run_data(r)
@@ -142,7 +155,7 @@ def distill_seeds(recipe: Recipe, out: str | Path, *, resume: bool = False, over
             if accs:
                 ms = mean_std(accs)
                 shown[k] = f"{100 * ms['mean']:.2f} ± {100 * ms['std']:.2f} %"
-    summary = {"name": recipe.name, **summarise(list(results.values())),
+    summary = {"name": recipe.name, **summarise(list(results.values()), len(data.test)), "test_examples": len(data.test),
                "held_fixed": {"split_seed": split, "teacher": fixed.get("teacher.weights", recipe.teacher.weights or recipe.teacher.model)},
                "notes": "test accuracy of each run's validation-selected epoch (and of its last epoch); the difference is "
                         "distilled - baseline, paired by seed (same initial weights and batch order)"}

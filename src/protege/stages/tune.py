@@ -36,10 +36,12 @@ from ..train.fit import watch_epochs
 from ..train.guard import Diverged
 from ..tune import Range, default_space
 from .distill import distill
-from .seeds import _trains_teacher, distill_seeds, labels_only, with_fields
+from .seeds import _trains_teacher, distill_seeds, labels_only, one_process, with_fields
 
 log = logging.getLogger(__name__)
 KINDS = ("distilled", "baseline")
+TRIAL = {"prune": None, "quantize": None, "tune": {}}  # a trial trains and validates the student, nothing more
+TUNABLE = ("train.", "distill.", "student.kwargs.")  # what a trial may change: how the student learns, never the data
 
 
 def _value_at(data: Any, key: str) -> Any:
@@ -78,12 +80,18 @@ def check_space(recipe: Recipe, space: dict[str, Range]) -> dict[str, Range]:
             near = difflib.get_close_matches(key, _scalar_fields(data), n=3)
             hint = f"did you mean {', '.join(near)}?" if near else "name a field as --set takes it, e.g. train.lr or distill.temperature"
             raise RecipeError(f"{where}: the recipe has no field '{key}' (no '{e.args[0]}'); {hint}") from None
-        if key.split(".")[0] in ("tune", "seed", "seeds", "baseline", "name", "task"):
-            raise RecipeError(f"{where}: '{key}' cannot be tuned (it says what the tune is, not how the student learns); remove it")
+        if not key.startswith(TUNABLE):
+            raise RecipeError(f"{where}: '{key}' cannot be tuned: only how the student learns can (fields under "
+                              f"{', '.join(TUNABLE)}); the split, the teacher and the tune itself stay fixed so no trial "
+                              f"sees the test data; remove it")
+        if rng.choices is None and (current is None or isinstance(current, (bool, str, list, dict))):
+            raise RecipeError(f"{where}: '{key}' is {'empty' if current is None else 'not a number'} in the recipe; a "
+                              f"low/high range needs a number field (give it a value in the recipe), or use choices: [...]")
         values = rng.choices if rng.choices is not None else [rng.low, rng.high]
-        if rng.choices is None and isinstance(current, int) and not isinstance(current, bool):
-            if not (float(rng.low).is_integer() and float(rng.high).is_integer()):
-                raise RecipeError(f"{where}: '{key}' is an integer field; give integer low and high (got {rng.low:g}, {rng.high:g})")
+        if rng.choices is None and isinstance(current, int):
+            if not all(float(v).is_integer() for v in (rng.low, rng.high, rng.step or 1)):
+                raise RecipeError(f"{where}: '{key}' is an integer field; give integer low, high and step (got {rng.low:g}, "
+                                  f"{rng.high:g}{f', step {rng.step:g}' if rng.step else ''})")
             values = [int(rng.low), int(rng.high)]
         for v in values:
             try:
@@ -170,7 +178,7 @@ def _teacher(recipe: Recipe, out: Path) -> Recipe:
     weights = folder / "teacher" / "model.safetensors"
     while True:
         try:
-            distill(recipe, folder, resume=(folder / "recipe.yaml").is_file(), teacher_only=True, test=False)
+            distill(with_fields(recipe, TRIAL), folder, resume=(folder / "recipe.yaml").is_file(), teacher_only=True, test=False)
             break
         except FolderInUse:
             log.info(f"tune: another process is training the teacher in {folder}; waiting for it")
@@ -183,9 +191,23 @@ def _storage(url: Optional[str], out: Path):
     let a process find trials whose process died."""
     import optuna
 
+    given = url
     url = url or f"sqlite:///{(out / 'study.db').resolve()}"
-    with quiet():  # (heartbeats are marked experimental)
-        return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120), url
+    try:
+        with quiet():  # (heartbeats are marked experimental)
+            return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120), url
+    except Exception as e:  # sqlalchemy's own errors: a bad URL, a database that cannot be reached, a missing driver
+        if given is None:
+            raise
+        raise RecipeError(f"--storage: cannot open the study database ({type(e).__name__}: {str(e).splitlines()[0][:140]}); give "
+                          f"a database URL such as sqlite:////shared/tune.db or postgresql://user:password@host/db") from None
+
+
+def _shown_url(url: str) -> str:
+    """A storage URL as it may be written into a file: without its password."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def _fail_dead_trials(study, storage) -> None:
@@ -196,7 +218,10 @@ def _fail_dead_trials(study, storage) -> None:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         host, pid = t.user_attrs.get("host"), t.user_attrs.get("pid")
         if host == me and pid is not None and not _alive(int(pid)):
-            storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+            try:
+                storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+            except (RuntimeError, ValueError):  # another process resuming at the same moment failed it first
+                continue
             log.info(f"tune: trial {t.number} was running in a process that ended (pid {pid}); marked failed, it will be replaced")
 
 
@@ -218,17 +243,26 @@ def _finished(study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
 
-def _study(recipe: Recipe, kind: str, storage, out: Path, space: dict[str, Range], trials: int) -> Any:
-    """Run (or continue) one study until it holds ``trials`` finished trials; returns it."""
+def _study(recipe: Recipe, kind: str, storage, out: Path, space: dict[str, Range], trials: int, identity: str) -> Any:
+    """Run (or continue) one study until it holds ``trials`` finished trials; returns it. A study of the same name made
+    for another recipe (a shared --storage) is refused."""
     import optuna
 
     name = recipe.name if kind == "distilled" else f"{recipe.name}-baseline"
     t = recipe.tune
     pruner = optuna.pruners.MedianPruner(n_startup_trials=t.startup_trials, n_warmup_steps=round(100 * t.warmup)) if t.prune \
         else optuna.pruners.NopPruner()
+    earlier = _all(storage, name)  # a process joining a running study draws other values than the one already there
+    seed = recipe.seed + len(earlier) + 7919 * sum(t.state.name == "RUNNING" for t in earlier)
     with quiet():
         study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True, pruner=pruner,
-                                    sampler=optuna.samplers.TPESampler(seed=recipe.seed + len(_all(storage, name))))
+                                    sampler=optuna.samplers.TPESampler(seed=seed, constant_liar=True))
+    made_for = study.user_attrs.get("recipe_sha256")
+    if made_for is None:
+        study.set_user_attr("recipe_sha256", identity)
+    elif made_for != identity:
+        raise RecipeError(f"the storage already holds a study '{name}' made for another recipe; give this recipe another name, "
+                          f"use another --storage, or --overwrite to delete that study")
     _fail_dead_trials(study, storage)
     done = _finished(study)
     if done >= trials:
@@ -244,7 +278,7 @@ def _study(recipe: Recipe, kind: str, storage, out: Path, space: dict[str, Range
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
         values = sample(trial, recipe, space)
-        r = with_fields(recipe, values, f"tune trial {trial.number}")
+        r = with_fields(recipe, {**values, **TRIAL}, f"tune trial {trial.number}")
         folder = out / kind / "trials" / f"{trial.number:04d}"
         trial.set_user_attr("folder", str(folder))
         reported = [0]
@@ -273,7 +307,9 @@ def _study(recipe: Recipe, kind: str, storage, out: Path, space: dict[str, Range
         except ValueError:
             pass
         shown["pruned"] = str(pruned)
-        failed[0] += trial.state.name == "FAIL"
+        if trial.state.name == "FAIL":
+            failed[0] += 1
+            log.warning(f"tune {kind}: trial {trial.number} failed: {trial.system_attrs.get('fail_reason', 'see its folder')}")
         next(bar, None)  # logs this trial's line (a bar in a terminal)
         if _finished(study) >= trials:
             study.stop()
@@ -293,6 +329,15 @@ def _all(storage, name: str) -> list:
         return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
     except KeyError:
         return []
+
+
+def _delete(storage, name: str) -> None:
+    import optuna
+
+    try:
+        optuna.delete_study(study_name=name, storage=storage)
+    except KeyError:
+        pass
 
 
 def _best(recipe: Recipe, study) -> tuple[Recipe, dict]:
@@ -330,17 +375,24 @@ def tune(recipe: Recipe, out: str | Path, *, trials: Optional[int] = None, basel
     spaces = _spaces(recipe, baseline)
     ident = _identity(recipe, spaces)
     _check_folder(out, ident, resume=True, overwrite=overwrite)
+    one_process("protege tune")
+    if storage:  # a bad URL fails before anything is written
+        storage_obj, url = _storage(storage, out)
     out.mkdir(parents=True, exist_ok=True)
+    if not storage:
+        storage_obj, url = _storage(None, out)
+    if overwrite:  # (a shared --storage keeps its studies outside the folder)
+        for name in (recipe.name, f"{recipe.name}-baseline"):
+            _delete(storage_obj, name)
     write_atomic(out / "tune.json", json.dumps(ident, indent=2))
-    storage_obj, url = _storage(storage, out)
     base = _teacher(recipe.model_copy(update={"seeds": 1, "baseline": False}), out)
     t0 = time.perf_counter()
-    summary: dict[str, Any] = {"name": recipe.name, "trials_per_study": trials, "storage": url if storage else "study.db"}
+    summary: dict[str, Any] = {"name": recipe.name, "trials_per_study": trials, "storage": _shown_url(url) if storage else "study.db"}
     best: dict[str, Recipe] = {}
     for kind, space in spaces.items():
         start = base if kind == "distilled" else labels_only(base)
         log.info(f"tune {kind}: {trials} trials over {', '.join(space)}; objective: validation accuracy (test split unread)")
-        study = _study(start, kind, storage_obj, out, space, trials)
+        study = _study(start, kind, storage_obj, out, space, trials, ident["recipe_sha256"])
         best[kind], summary[kind] = _best(start, study)
         name = "best.yaml" if kind == "distilled" else "best_baseline.yaml"
         dump_recipe(best[kind], out / name)
@@ -349,9 +401,14 @@ def tune(recipe: Recipe, out: str | Path, *, trials: Optional[int] = None, basel
                  f"recipe: {out / name}")
     summary["elapsed_s"] = time.perf_counter() - t0  # this call's (the trials' own times: each study's wall_time_s)
     write_atomic(out / "summary.json", json.dumps(summary, indent=2))
-    if final_seeds:
-        final = best["distilled"].model_copy(update={"seeds": final_seeds, "baseline": baseline})
-        summary["final"] = distill_seeds(final, out / "final", resume=True, baseline_recipe=best.get("baseline"))
+    if final_seeds:  # (without the tune section: a later tune of more trials starts changed finals over, not resumes them)
+        final = with_fields(best["distilled"], {"seeds": final_seeds, "baseline": baseline, "tune": {}})
+        against = with_fields(best["baseline"], {"tune": {}}) if "baseline" in best else None
+        try:
+            summary["final"] = distill_seeds(final, out / "final", resume=True, baseline_recipe=against, restart_changed=True)
+        except FolderInUse:
+            log.info(f"tune: another process is training the final runs in {out / 'final'}; leaving them to it")
+            return summary
         write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
