@@ -104,6 +104,7 @@ class _Process(SimpleNamespace):
     unwrap_model = staticmethod(lambda m: m)
     backward = staticmethod(lambda loss: loss.backward())
     wait_for_everyone = staticmethod(lambda: None)
+    trackers = ()  # (no train.log_with)
 
     @property
     def is_main_process(self):

@@ -325,7 +325,8 @@ def _stub(*args, **kw):
 def stubbed_api():
     """The API's working functions replaced: the CLI parses its options and validates recipes, nothing runs."""
     with mock.patch.multiple(protege.api, distill=_stub, compress=_stub, evaluate=_stub, export_onnx=_stub,
-                             convert_gguf=_stub, generate_corpus=_stub), \
+                             convert_gguf=_stub, generate_corpus=_stub, distill_seeds=_stub, tune=_stub,
+                             compress_to_budget=_stub), \
             mock.patch.multiple(protege.api, load_for_inspect=lambda *a, **k: (None, None),
                                 inspect_model=lambda *a, **k: [], format_rows=lambda rows: ""):
         yield
