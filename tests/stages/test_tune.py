@@ -129,9 +129,11 @@ def test_a_killed_tune_resumes_and_keeps_its_finished_trials(tmp_path):
     out = tmp_path / "out"
     cmd = [PROTEGE, "tune", str(recipe), "--out", str(out), "--set", "train.epochs=25"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 240
+    deadline = time.time() + 900  # (a generous limit for a loaded machine: about 20 s on an idle one)
     while time.time() < deadline:  # kill it once one trial is finished and the next one has started
         time.sleep(0.5)
+        if proc.poll() is not None:
+            pytest.fail(f"the tune ended before it could be killed (exit {proc.returncode}): {proc.stderr.read()[-2000:]}")
         if (out / "study.db").exists():
             try:
                 states = [t.state.name for t in _study(out).trials]
