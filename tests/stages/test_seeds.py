@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from protege import api
@@ -127,3 +128,30 @@ def test_a_single_run_api_call_with_seeds_points_to_distill_seeds(tmp_path):
     r = load_recipe(tiny_recipe_file(tmp_path), ["seeds=3"])
     with pytest.raises(RecipeError, match="distill_seeds"):
         protege.distill(r, tmp_path / "out")
+
+
+def test_an_ema_self_distillation_recipe_gets_a_labels_only_baseline(tmp_path):
+    """The baseline of `teacher: {model: ema}` keeps the running average (reported as its teacher) but learns from labels
+    only: its student is the same whatever the EMA decay, while the distilled students differ with it."""
+    from protege.models.loading import read_state_dict
+
+    def ema(decay):
+        def edit(r):
+            r["teacher"] = {"model": "ema"}
+            r["distill"].update(alpha=0.5, ema_decay=decay)
+        return edit
+
+    outs = {}
+    for decay in (0.5, 0.9):
+        outs[decay] = tmp_path / f"out{decay}"
+        api.distill_file(tiny_recipe_file(tmp_path, ema(decay), f"r{decay}.yaml"), outs[decay], seeds=1, baseline=True)
+    summary = json.loads((outs[0.9] / "summary.json").read_text())
+    assert summary["runs"][0]["baseline"]["test_accuracy"] > 0 and "verdict" in summary
+    base = Run.load(outs[0.9] / "baseline" / "seed0")
+    assert base.recipe.distill.alpha == 1.0 and base.recipe.teacher.model == "ema" and base.report.teacher.accuracy is not None
+    students = {(d, k): read_state_dict(outs[d] / k / "seed0" / "student" / "model.safetensors")
+                for d in outs for k in ("distilled", "baseline")}
+    a, b = students[(0.5, "baseline")], students[(0.9, "baseline")]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = students[(0.5, "distilled")], students[(0.9, "distilled")]
+    assert any(not torch.equal(a[k], b[k]) for k in a)

@@ -172,9 +172,6 @@ class ClassifyRecipe(Recipe):
                              "add feature terms or set response: kl")
         if self.ema_teacher and d.generations > 1:
             raise ValueError("teacher.model: ema is the student's own running average: it takes no distill.generations")
-        if self.ema_teacher and (d.alpha == 1.0 or d.response == "none") and not d.features:
-            raise ValueError("teacher.model: ema with distill.alpha 1 (or response none) and no features distils nothing; "
-                             "set distill.alpha below 1")
         if d.ema_decay is not None and not self.ema_teacher:
             raise ValueError("distill.ema_decay is for `teacher: {model: ema}` only")
         return self

@@ -86,10 +86,12 @@ def student_loss(run: Run, data: DataSplits, teachers: list[nn.Module], acc: Acc
     """
     r = run.recipe
     cfg = r.distill if features else r.distill.model_copy(update={"features": []})
-    if (cfg.alpha == 1.0 or cfg.response == "none") and not cfg.features:  # the teachers are not consulted at all
+    labels_only = (cfg.alpha == 1.0 or cfg.response == "none") and not cfg.features
+    if labels_only and not (r.ema_teacher and not teachers):  # the teachers are not consulted at all
         return label_loss(r.train.label_smoothing)
     paths = [[f.teacher for f in cfg.features if f.teacher_index == i] for i in range(max(len(teachers), 1))]
-    if r.ema_teacher and not teachers:  # while training: the student's own running average
+    if r.ema_teacher and not teachers:  # while training: the student's own running average (kept and reported as the
+        # run's teacher even when it teaches nothing: the labels-only baseline of a self-distillation recipe)
         distiller = Distiller([], cfg, r.train.label_smoothing)
         distiller.ema = EmaTeacher(student, r.distill.ema_decay or 0.999, paths[0])
         distiller.teachers = [distiller.ema]
