@@ -218,6 +218,7 @@ def _study(recipe: Recipe, kind: str, storage, out: Path, space: dict[str, Range
         except ValueError:
             pass
         shown["pruned"] = str(pruned)
+        shown["study"] = f"{_finished(study)}/{trials} finished"  # (with several processes, the bar counts this one's trials)
         if trial.state.name == "FAIL":
             failed[0] += 1
             log.warning(f"tune {kind}: trial {trial.number} failed: {trial.system_attrs.get('fail_reason', 'see its folder')}")
