@@ -43,12 +43,14 @@ SPACE = {
 def main() -> None:
     setup_logging()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--trials", type=int, default=8, help="finished trials per study (distilled, baseline)")
+    ap.add_argument("--trials", type=int, help="finished trials per study (distilled, baseline); default 8 (--quick: 3)")
     ap.add_argument("--workers", type=int, default=2, help="processes working on the studies at once (1 thread each)")
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, help="seeds of the final runs; default 3 (--quick: 2)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "tune_fashion")
     args = ap.parse_args()
+    args.trials = args.trials or (3 if args.quick else 8)
+    args.seeds = args.seeds or (2 if args.quick else 3)
     out = args.out / ("quick" if args.quick else "full")
     space = dict(SPACE, **({"train.epochs": {"low": 2, "high": 4}} if args.quick else {}))
     sets = [f"teacher.weights={TEACHER}", "teacher.train=null", "tune.startup_trials=3", "tune.warmup=0.3"]
@@ -62,18 +64,8 @@ def main() -> None:
     recipe = load_recipe(recipe_file)
 
     folder = out / "tune"
-    torch.set_num_threads(1)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [str(Path(sys.executable).with_name("protege")), "tune", str(recipe_file), "--out", str(folder), "--trials",
-           str(args.trials), "--baseline"]
-    helpers = []
-    for i in range(args.workers - 1):  # the other processes join once this one has written the tune folder
-        time.sleep(5 if i == 0 else 1)
-        helpers.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    summary = tune(recipe, folder, trials=args.trials, baseline=True)
-    for h in helpers:
-        h.wait()
-    tuned_s = study_span(folder)  # first trial's start to last trial's end (a tune continued later is not counted twice)
+    tune_in_parallel(recipe_file, folder, args.trials, args.workers, baseline=True)
+    tuned_s = study_span(folder, [recipe.name, f"{recipe.name}-baseline"])  # (a tune continued later is not counted twice)
     torch.set_num_threads(2)  # the final runs: one process, both cores
     summary = tune(recipe, folder, trials=args.trials, baseline=True, final_seeds=args.seeds)
     result = {"command": "python benchmarks/tune_fashion.py" + (" --quick" if args.quick else ""),
@@ -81,7 +73,8 @@ def main() -> None:
               "trials_per_study": args.trials, "space": space, "tuning_wall_time_s": tuned_s,
               "pruning": {"startup_trials": recipe.tune.startup_trials, "warmup": recipe.tune.warmup},
               "student_params": summary["final"]["runs"][0]["distilled"]["params"],
-              "teacher_test_accuracy": summary["final"]["runs"][0]["distilled"]["teacher_test_accuracy"], **summary}
+              "teacher_test_accuracy": summary["final"]["runs"][0]["distilled"]["teacher_test_accuracy"], **summary,
+              "trials": study_trials(folder, [recipe.name, f"{recipe.name}-baseline"])}
     if not args.quick:
         (ROOT / "results").mkdir(exist_ok=True)
         (ROOT / "results" / "tune_fashion.json").write_text(json.dumps(result, indent=2))
@@ -89,11 +82,44 @@ def main() -> None:
     print(markdown(result))
 
 
-def study_span(folder: Path) -> float:
-    """Wall time of the tuning itself: from the first trial's start to the last trial's end, over both studies."""
+def tune_in_parallel(recipe_file: Path, folder: Path, trials: int, workers: int, baseline: bool) -> dict:
+    """`protege tune` of ``recipe_file`` into ``folder`` by ``workers`` processes of one thread each, sharing the
+    folder's study database; returns once every process is done (the studies have their trials)."""
+    torch.set_num_threads(1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [str(Path(sys.executable).with_name("protege")), "tune", str(recipe_file), "--out", str(folder), "--trials",
+           str(trials), "--baseline" if baseline else "--no-baseline"]
+    helpers = []
+    for i in range(workers - 1):  # the other processes join once this one has written the tune folder
+        time.sleep(5 if i == 0 else 1)
+        helpers.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    summary = tune(load_recipe(recipe_file), folder, trials=trials, baseline=baseline)
+    for h in helpers:
+        h.wait()
+    return summary
+
+
+def study_trials(folder: Path, names: list[str]) -> dict[str, list[dict]]:
+    """Every trial of the named studies (state, values, validation accuracy, the per-tenth reports, times), for the
+    results file: the study database itself stays in the scratch folder."""
     import optuna
 
-    trials = [t for n in ("fashion_mnist", "fashion_mnist-baseline")
+    out = {}
+    for n in names:
+        study = optuna.load_study(study_name=n, storage=f"sqlite:///{folder / 'study.db'}")
+        out[n] = [{"number": t.number, "state": t.state.name, "params": t.params, "value": t.value,
+                   "reports": {str(k): v for k, v in sorted(t.intermediate_values.items())},
+                   "start": t.datetime_start.isoformat() if t.datetime_start else None,
+                   "end": t.datetime_complete.isoformat() if t.datetime_complete else None}
+                  for t in study.get_trials(deepcopy=False)]
+    return out
+
+
+def study_span(folder: Path, names: list[str]) -> float:
+    """Wall time of the tuning itself: from the first trial's start to the last trial's end, over the named studies."""
+    import optuna
+
+    trials = [t for n in names
               for t in optuna.load_study(study_name=n, storage=f"sqlite:///{folder / 'study.db'}").get_trials(deepcopy=False)]
     starts = [t.datetime_start for t in trials if t.datetime_start]
     ends = [t.datetime_complete for t in trials if t.datetime_complete]
