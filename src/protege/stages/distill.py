@@ -52,9 +52,10 @@ def distill(recipe: Recipe, out: str | Path, *, resume: bool = False, overwrite:
                 return run
             student = train_student(run, data, task, models, acc, resume)
             run = task.finish(run, data, models, student, acc, resume, export, evaluate_)
-            if acc.trackers and run.report is not None:  # the run's test figures, once, at the end
+            if acc.trackers and run.report is not None:  # the run's test figures, once, at the end (step 0: they belong
+                # to no epoch, and a tracker left to count would put them at its own next step)
                 acc.log({f"test/{st.name}/{k}": float(v) for st in run.report.rows() for k in ("accuracy", "macro_f1", "test_ppl")
-                         if isinstance(v := getattr(st, k, None), (int, float))})
+                         if isinstance(v := getattr(st, k, None), (int, float))}, step=0)
             return run
 
 def accelerator(recipe: Recipe, out: str | Path) -> Accelerator:
@@ -84,7 +85,8 @@ def tracking(acc: Accelerator, recipe: Recipe, out: str | Path) -> Iterator[None
         return
     try:
         acc.init_trackers(recipe.name, config=_flat(recipe.model_dump(mode="json")),
-                          init_kwargs={"mlflow": {"run_name": str(out)}, "wandb": {"name": str(out)}})
+                          init_kwargs={"mlflow": {"run_name": str(out)}, "wandb": {"name": str(out)},
+                                       "trackio": {"name": str(out)}})
     except ImportError as e:
         raise RecipeError(f"train.log_with {recipe.train.log_with}: {str(e).splitlines()[0][:160]}; install the tracker's "
                           f"package or remove train.log_with") from None
