@@ -86,17 +86,16 @@ def student_loss(run: Run, data: DataSplits, teachers: list[nn.Module], acc: Acc
     """
     r = run.recipe
     cfg = r.distill if features else r.distill.model_copy(update={"features": []})
-    labels_only = (cfg.alpha == 1.0 or cfg.response == "none") and not cfg.features
-    if labels_only and not (r.ema_teacher and not teachers):  # the teachers are not consulted at all
-        return label_loss(r.train.label_smoothing)
     paths = [[f.teacher for f in cfg.features if f.teacher_index == i] for i in range(max(len(teachers), 1))]
     if r.ema_teacher and not teachers:  # while training: the student's own running average (kept and reported as the
-        # run's teacher even when it teaches nothing: the labels-only baseline of a self-distillation recipe)
+        # run's teacher even when it teaches nothing, alpha 1: the labels-only baseline of a self-distillation recipe)
         distiller = Distiller([], cfg, r.train.label_smoothing)
         distiller.ema = EmaTeacher(student, r.distill.ema_decay or 0.999, paths[0])
         distiller.teachers = [distiller.ema]
         log.info(f"teacher: running average of the student's own weights (decay {distiller.ema.decay}), live")
         return distiller
+    if (cfg.alpha == 1.0 or cfg.response == "none") and not cfg.features:  # the teachers are not consulted at all
+        return label_loss(r.train.label_smoothing)
     files = files or [teacher_file(run, i) for i in range(len(teachers))]
     ts = [_teacher(run, data, m, i, paths[i], files[i], acc, cache_prefix) for i, m in enumerate(teachers)]
     if ts[0].cache is not None:

@@ -178,10 +178,11 @@ class Distiller:
             logits, feats = model(x, features=True)
         else:
             logits, feats = model(x), {}
-        touts = [t(x, idx) for t in self.teachers]
+        responds = self.response is not None and self.cfg.alpha < 1  # (alpha 1: the response term has no weight)
+        touts = [t(x, idx) for t in self.teachers] if responds or self.cfg.features else []
         ce = LF.cross_entropy(logits, y, self.label_smoothing)
         losses: Losses = {"ce": ce}
-        if self.response is not None:
+        if responds:
             kd = self.response(logits, self.soft_target(touts, y), y, self.cfg)
             total = self.cfg.alpha * ce + (1 - self.cfg.alpha) * kd
             losses["kd"] = kd
