@@ -3,12 +3,13 @@ manifest.json): written whole to a temporary name and renamed into place, so a f
 previous version intact; a failed write is one StorageError that names the file and the fix."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from .errors import StorageError
 
@@ -26,6 +27,18 @@ def write_atomic(path: str | Path, data: str | bytes, then: str = "then run the 
         tmp.unlink(missing_ok=True)
         raise StorageError(f"cannot write {path} ({write_error(e)}; its earlier version, if any, is intact); "
                            f"{write_fix(e, path)}, {then}") from None
+
+
+@contextlib.contextmanager
+def exclusive(lock: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the file ``lock`` (made with its folder if missing) for the block; a second
+    process waits. For work that one process does and the others then read (a decoded image file, a shared cache)."""
+    import fcntl  # POSIX only: imported where it is used
+
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def _errno(e: BaseException) -> Optional[int]:

@@ -57,13 +57,21 @@ def tuned(tmp_path_factory):
         data = real(cfg, seed)
         return type(data)(**{**data.__dict__, "test": Split(_Unreadable(), _Unreadable())})
 
+    cache_mod = importlib.import_module("protege.knowledge.cache")
+    built, real_build = [], cache_mod.build_cache
+
+    def counted_build(folder, *a, **k):
+        built.append(folder)
+        return real_build(folder, *a, **k)
+
     mp = pytest.MonkeyPatch()
     mp.setattr(tasks, "load_data", no_test)
+    mp.setattr(cache_mod, "build_cache", counted_build)
     try:
         summary = api.tune_file(recipe, tmp / "out", baseline=True)
     finally:
         mp.undo()
-    return {"tmp": tmp, "recipe": recipe, "out": tmp / "out", "summary": summary}
+    return {"tmp": tmp, "recipe": recipe, "out": tmp / "out", "summary": summary, "caches_built": built}
 
 
 def _study(out, name="tiny"):
@@ -93,6 +101,15 @@ def test_trials_are_chosen_on_validation_and_the_best_recipe_is_written(tuned):
     # every trial loaded the teacher trained once in out/teacher
     assert best.teacher.weights == str((out / "teacher" / "teacher" / "model.safetensors").resolve())
     assert best.teacher.train is None
+
+
+def test_the_trials_share_one_teacher_cache(tuned):
+    out = tuned["out"]
+    shared = [p for p in (out / "teacher_cache").iterdir() if p.is_dir()]
+    assert len(shared) == 1 and (shared[0] / "meta.json").is_file()
+    assert tuned["caches_built"] == shared  # built by the first trial only; the other four read it
+    trials = sorted((out / "distilled" / "trials").iterdir())
+    assert len(trials) >= 5 and not any((t / "teacher_cache").exists() for t in trials)
 
 
 def test_bad_trials_are_pruned_at_an_epoch(tuned):

@@ -2,7 +2,6 @@
 `path` and `label`, paths relative to the manifest), decoded with Pillow to one channel count and one size."""
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -14,7 +13,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError, StorageError
-from ..files import write_error, write_fix
+from ..files import exclusive, write_error, write_fix
 from ..logs import progress
 from .labels import check_labels, ordered_classes, require_two_classes
 from .text import cache_root, read_rows
@@ -134,9 +133,7 @@ def decoded_file(files: list[Path], channels: Optional[int], size: Optional[list
     key = hashlib.sha256(json.dumps([CACHE_FORMAT, channels, size, skip_bad] + [
         [str(f.resolve()), *(lambda st: (st.st_size, st.st_mtime_ns))(f.stat())] for f in files]).encode()).hexdigest()[:24]
     folder = cache_root() / "images" / key
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one process decodes; the others wait, then read what it wrote
+    with exclusive(folder.with_suffix(".lock")):  # one process decodes; the others wait, then read what it wrote
         if not (folder / "meta.json").is_file():
             _decode_into(folder, files, channels, size, skip_bad)
     meta = json.loads((folder / "meta.json").read_text())

@@ -45,6 +45,7 @@ class Run:
     path: Path
     recipe: Recipe
     report: Optional[Report] = field(default=None)
+    shared_cache: Optional[Path] = None  # a folder of teacher caches shared with other runs (a tune's trials), else own
 
     @property
     def teacher_weights(self) -> Path:

@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from accelerate import Accelerator
@@ -23,17 +23,21 @@ log = logging.getLogger(__name__)
 
 
 def distill(recipe: Recipe, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-            export: bool = True, evaluate_: bool = True, test: bool = True, teacher_only: bool = False) -> Run:
+            export: bool = True, evaluate_: bool = True, test: bool = True, teacher_only: bool = False,
+            shared_cache: Optional[Path] = None) -> Run:
     """Run a recipe end to end into the folder ``out``; returns the Run (with its report). The folder is locked
     for the duration: a second protege writing to it is refused. ``test=False`` (tuning): the test split is
     dropped as soon as the data is read, so nothing in the run can score it (no export or evaluation either).
-    ``teacher_only``: stop once the teacher is trained (the teacher that a tune's trials or a --seeds run share)."""
+    ``teacher_only``: stop once the teacher is trained (the teacher that a tune's trials or a --seeds run share).
+    ``shared_cache``: keep the teacher's cached outputs in this folder, where other runs of the same teacher and
+    training data find them (a tune's trials), instead of in the run folder."""
     if recipe.seeds > 1 or recipe.baseline:
         raise RecipeError(f"recipe {recipe.name} asks for seeds: {recipe.seeds} / baseline: {str(recipe.baseline).lower()}, "
                           f"several runs: call distill_seeds(recipe, out) (the CLI does), or set seeds: 1 and baseline: false")
     acc = accelerator(recipe, out)
     with locked(out, "distill", enabled=acc.is_main_process, create=True):
         run = Run.create(out, recipe, overwrite=overwrite, resume=resume)
+        run.shared_cache = shared_cache
         data = load_run_data(recipe)
         if not test:
             data, export, evaluate_ = dataclasses.replace(data, test=Split(data.val.x[:0], data.val.y[:0], data.val.pad_id)), False, False

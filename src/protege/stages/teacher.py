@@ -14,7 +14,7 @@ from accelerate.utils import broadcast_object_list
 from torch import nn
 
 from ..data import DataSplits
-from ..files import write_atomic
+from ..files import exclusive, write_atomic
 from ..knowledge import Teacher, load_or_build_cache
 from ..knowledge.cache import Share
 from ..knowledge.features import LOGITS
@@ -70,6 +70,13 @@ def _teacher(run: Run, data: DataSplits, model: nn.Module, index: int, paths: li
     cache_paths = [p for p in paths if p != LOGITS]
     tag = f"_{hashlib.sha1(','.join(sorted(set(cache_paths))).encode()).hexdigest()[:8]}" if cache_paths else ""
     folder = run.path / "teacher_cache" / f"{prefix}t{index}{tag}"  # logits-only and hooked caches live side by side
+    if run.shared_cache is not None and acc.num_processes == 1:  # one cache for the runs of a tune (its trials)
+        digest = hashlib.sha1(json.dumps({**key, "paths": sorted(set(cache_paths))}, sort_keys=True).encode()).hexdigest()[:12]
+        folder = run.shared_cache / f"{prefix}t{index}{tag}_{digest}"  # another teacher or data: another folder
+        with exclusive(folder.with_suffix(".lock")):  # one run builds it, the others wait, then read it
+            cache = load_or_build_cache(folder, key, model, data.train.x, cache_paths, pad_id=data.train.pad_id)
+        log.info(f"teacher cache: shared by the runs of {run.shared_cache.parent} ({folder.name})")
+        return Teacher(model, cache, paths)
     agree = (lambda v: broadcast_object_list([v])[0]) if acc.num_processes > 1 else (lambda v: v)
     share = Share(acc.process_index, acc.num_processes, acc.wait_for_everyone, agree)  # each process writes its block
     cache = load_or_build_cache(folder, key, model, data.train.x, cache_paths, share, data.train.pad_id)

@@ -6,6 +6,7 @@ Layout of the tune folder (default runs/<name>-tune):
   tune.json                 what the folder was made for (the recipe, the search spaces), checked on every start
   study.db                  the Optuna studies (SQLite) unless --storage names another database
   teacher/                  the teacher, trained once and loaded by every trial (when the recipe trains one)
+  teacher_cache/            the teacher's outputs on the training set, computed by the first trial, read by the others
   distilled/trials/NNNN/    one run folder per trial (no export, no evaluation, the test split dropped)
   baseline/trials/NNNN/     the labels-only student's trials (with --baseline)
   best.yaml, best_baseline.yaml, summary.json
@@ -65,7 +66,7 @@ def _check_folder(out: Path, ident: dict, resume: bool, overwrite: bool) -> None
     if out.exists() and not out.is_dir():
         raise RunError(f"output path '{out}' is a file; choose a folder for --out")
     if overwrite and made.is_file():
-        for name in ("study.db", "teacher", *KINDS, "final", "best.yaml", "best_baseline.yaml", "summary.json", "tune.json"):
+        for name in ("study.db", "teacher", "teacher_cache", *KINDS, "final", "best.yaml", "best_baseline.yaml", "summary.json", "tune.json"):
             p = out / name
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         return
@@ -206,7 +207,7 @@ def _study(recipe: Recipe, kind: str, storage, out: Path, space: dict[str, Range
                 raise optuna.TrialPruned(f"validation accuracy {score:.4f} at epoch {epoch} is below the median of earlier trials")
 
         with watch_epochs(report):
-            distill(r, folder, overwrite=True, test=False)
+            distill(r, folder, overwrite=True, test=False, shared_cache=out / "teacher_cache")
         cfg = read_json(folder / "student" / "config.json", "run the tune again")
         trial.set_user_attr("best_epoch", cfg["best_epoch"])
         return float(cfg["best_val_accuracy"])
