@@ -73,10 +73,13 @@ def test_every_seed_has_a_distilled_and_a_matched_baseline_run(seeds_run):
             assert d.recipe.teacher.train is None and b.recipe.teacher.train is None
             assert d.recipe.teacher.weights == b.recipe.teacher.weights == str(first_teacher)
             assert not (out / "distilled" / f"seed{seed}" / "teacher" / "model.safetensors").exists()
+        assert not (out / "distilled" / f"seed{seed}" / "teacher_cache").exists()  # the seeds share one (below)
         row = summary["runs"][seed]
         assert row["distilled"]["test_accuracy"] == pytest.approx(d.report.student.accuracy)
         assert row["baseline"]["test_accuracy"] == pytest.approx(b.report.student.accuracy)
         assert row["distilled"]["teacher_test_accuracy"] == pytest.approx(summary["runs"][0]["distilled"]["teacher_test_accuracy"])
+    shared = [p for p in (out / "teacher_cache").iterdir() if p.is_dir()]  # same split and teacher: one cache for all
+    assert len(shared) == 1 and (shared[0] / "meta.json").is_file()
 
 
 def test_the_summary_figures_come_from_the_runs(seeds_run):

@@ -2,7 +2,8 @@
 labels only, each a run folder of its own; then the figures a claim about accuracy needs (mean +- std, the paired
 difference, validation-selected and last-epoch) in summary.json and report.html.
 
-Layout: OUT/distilled/seed<S>/ and OUT/baseline/seed<S>/ (each a whole run), OUT/summary.json, OUT/report.html.
+Layout: OUT/distilled/seed<S>/ and OUT/baseline/seed<S>/ (each a whole run), OUT/summary.json, OUT/report.html,
+OUT/teacher_cache/ (the teacher's outputs on the training set, computed by the first seed's run, read by the others).
 
 What is held fixed: the train/validation/test split (the first seed's, ``data.split_seed``) and the teacher (trained
 once, by the first seed's run, and loaded by every other run), so the test data is never seen by the teacher and only
@@ -75,9 +76,11 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
         raise RunError(f"'{out}' is not empty and is not a --seeds run; choose an empty or new folder for --out (or --overwrite)")
 
 
-def _run(recipe: Recipe, folder: Path, resume: bool, overwrite: bool, restart_changed: bool = False) -> Run:
+def _run(recipe: Recipe, folder: Path, resume: bool, overwrite: bool, restart_changed: bool = False,
+         shared_cache: Optional[Path] = None) -> Run:
     """One seed's run: reused when finished (with --resume), continued when interrupted, else trained.
-    ``restart_changed``: a folder holding another recipe's run is started over (tune's final runs after more trials)."""
+    ``restart_changed``: a folder holding another recipe's run is started over (tune's final runs after more trials).
+    ``shared_cache``: the folder of teacher caches the seeds share (the split and the teacher are the same)."""
     same = False
     if resume and (folder / "recipe.yaml").is_file():
         same = Run.load(folder, read_report=False).recipe.model_dump() == recipe.model_dump()
@@ -86,9 +89,9 @@ def _run(recipe: Recipe, folder: Path, resume: bool, overwrite: bool, restart_ch
             return Run.load(folder)
         if not same and restart_changed:
             log.info(f"seeds: {folder} holds a run of another recipe; starting it over")
-            return distill(recipe, folder, overwrite=True)
+            return distill(recipe, folder, overwrite=True, shared_cache=shared_cache)
     again = resume and (folder / "recipe.yaml").is_file()
-    return distill(recipe, folder, resume=again, overwrite=overwrite or resume)
+    return distill(recipe, folder, resume=again, overwrite=overwrite or resume, shared_cache=shared_cache)
 
 
 def _figures(run: Run, data: DataSplits) -> dict:
@@ -142,7 +145,7 @@ def distill_seeds(recipe: Recipe, out: str | Path, *, resume: bool = False, over
         source = recipe if kind == "distilled" else baseline
         r = with_fields(source, {**fixed, "seed": seed})
         folder = out / kind / f"seed{seed}"
-        run = _run(r, folder, resume, overwrite, restart_changed)
+        run = _run(r, folder, resume, overwrite, restart_changed, out / "teacher_cache")
         if _trains_teacher(recipe) and "teacher.weights" not in fixed:  # every later run loads this teacher
             fixed.update({"teacher.weights": str((folder / "teacher" / "model.safetensors").resolve()), "teacher.train": None})
         data = data or load_run_data(r)
