@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import math
 import os
 import re
@@ -30,14 +31,20 @@ def write_atomic(path: str | Path, data: str | bytes, then: str = "then run the 
 
 
 @contextlib.contextmanager
-def exclusive(lock: Path) -> Iterator[None]:
+def exclusive(lock: Path, waiting: str = "") -> Iterator[None]:
     """Hold an exclusive ``flock`` on the file ``lock`` (made with its folder if missing) for the block; a second
-    process waits. For work that one process does and the others then read (a decoded image file, a shared cache)."""
+    process waits (logging ``waiting`` first, if given). For work that one process does and the others then read
+    (a decoded image file, a shared teacher cache)."""
     import fcntl  # POSIX only: imported where it is used
 
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            if waiting:
+                logging.getLogger(__name__).info(waiting)
+            fcntl.flock(handle, fcntl.LOCK_EX)
         yield
 
 

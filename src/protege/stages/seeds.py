@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -132,6 +133,8 @@ def distill_seeds(recipe: Recipe, out: str | Path, *, resume: bool = False, over
     one_process("--seeds / --baseline")
     out = Path(out)
     _check_out(out, resume, overwrite)
+    if overwrite:  # (the runs' own files go as each run is overwritten; the shared caches of earlier teachers here)
+        shutil.rmtree(out / "teacher_cache", ignore_errors=True)
     baseline = baseline_recipe or (labels_only(recipe) if recipe.baseline else None)
     seeds = list(range(recipe.seed, recipe.seed + recipe.seeds))
     split = recipe.seed if recipe.data.split_seed is None else recipe.data.split_seed

@@ -66,14 +66,16 @@ def _teacher(run: Run, data: DataSplits, model: nn.Module, index: int, paths: li
     r = run.recipe
     if not (r.distill.cache_teacher and not r.train.augment):
         return Teacher(model, None, paths)
-    key = {"teacher": file_digest(file), "data": data.fingerprint()}
+    key = {"teacher": file_digest(file), "data": data.fingerprint(), "trim": data.train.pad_id is not None}  # (trim:
+    # text batches cut to their longest text, so the cache records each output's length axes)
     cache_paths = [p for p in paths if p != LOGITS]
     tag = f"_{hashlib.sha1(','.join(sorted(set(cache_paths))).encode()).hexdigest()[:8]}" if cache_paths else ""
     folder = run.path / "teacher_cache" / f"{prefix}t{index}{tag}"  # logits-only and hooked caches live side by side
     if run.shared_cache is not None and acc.num_processes == 1:  # one cache for the runs of a tune (its trials)
         digest = hashlib.sha1(json.dumps({**key, "paths": sorted(set(cache_paths))}, sort_keys=True).encode()).hexdigest()[:12]
         folder = run.shared_cache / f"{prefix}t{index}{tag}_{digest}"  # another teacher or data: another folder
-        with exclusive(folder.with_suffix(".lock")):  # one run builds it, the others wait, then read it
+        waiting = f"teacher cache: another run is computing {folder}; waiting for it"
+        with exclusive(folder.with_suffix(".lock"), waiting):  # one run builds it, the others wait, then read it
             cache = load_or_build_cache(folder, key, model, data.train.x, cache_paths, pad_id=data.train.pad_id)
         log.info(f"teacher cache: shared by the runs of {run.shared_cache.parent} ({folder.name})")
         return Teacher(model, cache, paths)

@@ -287,8 +287,8 @@ def tune(recipe: Recipe, out: str | Path, *, trials: Optional[int] = None, basel
     out = Path(out)
     spaces = search_spaces(recipe, baseline)
     ident = _identity(recipe, spaces)
+    one_process("protege tune")  # (before --overwrite removes anything)
     _check_folder(out, ident, resume=True, overwrite=overwrite)
-    one_process("protege tune")
     if storage:  # a bad URL fails before anything is written
         storage_obj, url = _storage(storage, out)
     out.mkdir(parents=True, exist_ok=True)
