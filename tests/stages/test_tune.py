@@ -212,6 +212,22 @@ def test_a_tune_folder_made_for_another_recipe_is_refused_untouched(tuned, capsy
     assert file_digests(tuned["out"]) == before
 
 
+def test_processes_joining_a_study_draw_unrelated_values():
+    from protege.stages.tune import sampler_seed
+
+    storage = optuna.storages.InMemoryStorage()
+    points = []
+    for running in range(4):  # process k starts while the k earlier processes' first trials run
+        study = optuna.create_study(study_name="s", storage=storage, load_if_exists=True, direction="maximize",
+                                    sampler=optuna.samplers.TPESampler(seed=sampler_seed(0, running, running), constant_liar=True))
+        t = study.ask()
+        points.append([t.suggest_float("alpha", 0, 0.9) / 0.9, (t.suggest_float("temperature", 1, 10) - 1) / 9])
+    for i in range(4):
+        for j in range(i):  # no two first trials within a tenth of the range in every knob (near-repeats)
+            assert max(abs(a - b) for a, b in zip(points[i], points[j])) > 0.1, (i, j, points)
+    assert sampler_seed(0, 0, 0) == sampler_seed(0, 0, 0) != sampler_seed(1, 0, 0)  # reproducible, and the recipe's seed counts
+
+
 def test_the_default_space_follows_the_method():
     from protege.recipe import parse_recipe
     from protege.tune import default_space

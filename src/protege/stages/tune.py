@@ -155,6 +155,16 @@ def _finished(study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
 
+def sampler_seed(seed: int, trials: int, running: int) -> int:
+    """The sampler's seed for a process starting on a study that holds ``trials`` trials, ``running`` of them running:
+    the recipe's seed mixed with both counts (numpy's SeedSequence), so that processes joining one study draw
+    unrelated values. (Nearby plain seeds do not guarantee that: numpy's generators seeded 0 and 7920 draw almost the
+    same first numbers, so a second process once repeated the first one's trial.)"""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, trials, running]).generate_state(1)[0])
+
+
 def _study(recipe: Recipe, kind: str, storage, out: Path, space: dict[str, Range], trials: int, identity: str) -> Any:
     """Run (or continue) one study until it holds ``trials`` finished trials; returns it. A study of the same name made
     for another recipe (a shared --storage) is refused."""
@@ -165,7 +175,7 @@ def _study(recipe: Recipe, kind: str, storage, out: Path, space: dict[str, Range
     pruner = optuna.pruners.MedianPruner(n_startup_trials=t.startup_trials, n_warmup_steps=round(100 * t.warmup)) if t.prune \
         else optuna.pruners.NopPruner()
     earlier = _all(storage, name)  # a process joining a running study draws other values than the one already there
-    seed = recipe.seed + len(earlier) + 7919 * sum(t.state.name == "RUNNING" for t in earlier)
+    seed = sampler_seed(recipe.seed, len(earlier), sum(t.state.name == "RUNNING" for t in earlier))
     with quiet():
         study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True, pruner=pruner,
                                     sampler=optuna.samplers.TPESampler(seed=seed, constant_liar=True))
