@@ -242,3 +242,29 @@ def test_the_default_space_follows_the_method():
     assert "distill.temperature" not in space(response="mse_logits")
     feats = space(features=[{"loss": "sp", "student": "net.1", "teacher": "net.1", "weight": 3.0}])
     assert feats["distill.features.0.weight"].low == pytest.approx(0.3) and feats["distill.features.0.weight"].log
+
+
+def test_a_best_value_at_the_end_of_its_range_is_pointed_out(tuned):
+    from protege.recipe import parse_recipe
+    from protege.stages.tune_space import at_edge, edge_advice
+    from protege.tune import Range
+
+    from ..conftest import TINY
+
+    recipe = parse_recipe({**TINY, "distill": {**TINY["distill"], "response": "dkd"}})
+    space = {"distill.dkd_beta": Range(low=1, high=16, log=True), "distill.alpha": Range(low=0, high=0.9),
+             "train.epochs": Range(low=2, high=6), "distill.temperature": Range(low=1, high=10),
+             "train.lr": Range(choices=[0.001, 0.01])}
+    best = {"distill.dkd_beta": 1.1, "distill.alpha": 0.02, "train.epochs": 6, "distill.temperature": 5.0, "train.lr": 0.01}
+    edges = at_edge(recipe, space, best)
+    assert set(edges) == {"distill.dkd_beta", "distill.alpha", "train.epochs"}  # T in the middle, choices have no ends
+    assert edges["distill.dkd_beta"] == {"end": "low", "value": 1.1, "range": [1.0, 16.0], "widen": True}
+    assert edges["distill.alpha"]["widen"] is False  # 0 is alpha's own limit: nothing to widen
+    assert edges["train.epochs"]["end"] == "high" and edges["train.epochs"]["widen"]
+    assert not at_edge(recipe, space, {**best, "distill.dkd_beta": 1.25, "distill.alpha": 0.1, "train.epochs": 4})
+    lines = edge_advice("distilled", edges)
+    assert any("distill.dkd_beta" in s and "widen tune.space.distill.dkd_beta" in s for s in lines)
+    assert any("distill.alpha" in s and "own limit" in s for s in lines)
+    for kind in ("distilled", "baseline"):  # a tune records them in summary.json, each inside its study's space
+        for key, e in tuned["summary"][kind]["at_edge"].items():
+            assert e["range"][0] <= tuned["summary"][kind]["params"][key] <= e["range"][1]

@@ -38,7 +38,7 @@ from ..train.guard import Diverged
 from ..tune import Range
 from .distill import distill
 from .seeds import _trains_teacher, distill_seeds, labels_only, one_process, with_fields
-from .tune_space import search_spaces, sample
+from .tune_space import at_edge, edge_advice, search_spaces, sample
 
 log = logging.getLogger(__name__)
 KINDS = ("distilled", "baseline")
@@ -317,11 +317,14 @@ def tune(recipe: Recipe, out: str | Path, *, trials: Optional[int] = None, basel
         log.info(f"tune {kind}: {trials} trials over {', '.join(space)}; objective: validation accuracy (test split unread)")
         study = _study(start, kind, storage_obj, out, space, trials, ident["recipe_sha256"])
         best[kind], summary[kind] = _best(start, study)
+        summary[kind]["at_edge"] = at_edge(start, space, summary[kind]["params"])
         name = "best.yaml" if kind == "distilled" else "best_baseline.yaml"
         dump_recipe(best[kind], out / name)
         log.info(f"tune {kind}: best validation accuracy {summary[kind]['best_value']:.4f} (trial {summary[kind]['best_trial']}: "
                  f"{_params(summary[kind]['params'])}); {summary[kind]['pruned']} of {summary[kind]['trials']} trials pruned; "
                  f"recipe: {out / name}")
+        for line in edge_advice(kind, summary[kind]["at_edge"]):
+            log.warning(line)
     summary["elapsed_s"] = time.perf_counter() - t0  # this call's (the trials' own times: each study's wall_time_s)
     write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     if final_seeds:  # (without the tune section: a later tune of more trials starts changed finals over, not resumes them)

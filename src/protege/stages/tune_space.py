@@ -97,3 +97,42 @@ def search_spaces(recipe: Recipe, baseline: bool) -> dict[str, dict[str, Range]]
         own = {k: v for k, v in (given or default_space(data, baseline=True)).items() if not k.startswith("distill.")}
         spaces["baseline"] = check_space(base, own)
     return spaces
+
+
+def at_edge(recipe: Recipe, space: dict[str, Range], params: dict[str, Any], margin: float = 0.05) -> dict[str, dict]:
+    """The best trial's values that lie within ``margin`` of a range's end (a share of its width, on the log scale for
+    a log range): the best value may lie beyond the range. Each entry says which end, and whether the field allows
+    values past it (``widen``: false where the end is the field's own limit, such as alpha's 0)."""
+    import math
+
+    found = {}
+    for key, v in params.items():
+        rng = space.get(key)
+        if rng is None or rng.choices is not None:
+            continue
+        f = math.log if rng.log else float
+        width = f(rng.high) - f(rng.low)
+        for end, bound, step in (("low", rng.low, -1), ("high", rng.high, 1)):
+            if abs(f(v) - f(bound)) > margin * width:
+                continue
+            beyond = bound * (2.0 ** step) if rng.log else bound + step * 0.25 * (rng.high - rng.low)
+            if isinstance(v, int) and not isinstance(v, bool):
+                beyond = int(round(beyond)) if round(beyond) != bound else int(bound) + step
+            try:
+                with_fields(recipe, {key: beyond})
+                widen = True
+            except RecipeError:
+                widen = False
+            found[key] = {"end": end, "value": v, "range": [rng.low, rng.high], "widen": widen}
+    return found
+
+
+def edge_advice(kind: str, edges: dict[str, dict]) -> list[str]:
+    """One line per value at an edge: which, and what to do about it."""
+    lines = []
+    for key, e in edges.items():
+        lo, hi = e["range"]
+        what = f"tune {kind}: the best trial's {key} ({e['value']:.4g}) lies at the {e['end']} end of its range [{lo:g}, {hi:g}]"
+        lines.append(f"{what}; the best value may lie beyond it: widen tune.space.{key} and run again with more trials"
+                     if e["widen"] else f"{what}, which is the field's own limit")
+    return lines
