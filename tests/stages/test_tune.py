@@ -262,6 +262,10 @@ def test_a_best_value_at_the_end_of_its_range_is_pointed_out(tuned):
     assert edges["distill.alpha"]["widen"] is False  # 0 is alpha's own limit: nothing to widen
     assert edges["train.epochs"]["end"] == "high" and edges["train.epochs"]["widen"]
     assert not at_edge(recipe, space, {**best, "distill.dkd_beta": 1.25, "distill.alpha": 0.1, "train.epochs": 4})
+    near = {"distill.alpha": Range(low=0, high=0.9), "distill.temperature": Range(low=1, high=9.9, step=2)}
+    high = at_edge(recipe, near, {"distill.alpha": 0.89, "distill.temperature": 9.0})  # a grid's top is its last point
+    assert high["distill.alpha"] == {"end": "high", "value": 0.89, "range": [0.0, 0.9], "widen": True}  # alpha goes to 1
+    assert high["distill.temperature"]["end"] == "high"
     lines = edge_advice("distilled", edges)
     assert any("distill.dkd_beta" in s and "widen tune.space.distill.dkd_beta" in s for s in lines)
     assert any("distill.alpha" in s and "own limit" in s for s in lines)

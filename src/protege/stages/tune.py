@@ -317,12 +317,16 @@ def tune(recipe: Recipe, out: str | Path, *, trials: Optional[int] = None, basel
         log.info(f"tune {kind}: {trials} trials over {', '.join(space)}; objective: validation accuracy (test split unread)")
         study = _study(start, kind, storage_obj, out, space, trials, ident["recipe_sha256"])
         best[kind], summary[kind] = _best(start, study)
-        summary[kind]["at_edge"] = at_edge(start, space, summary[kind]["params"])
         name = "best.yaml" if kind == "distilled" else "best_baseline.yaml"
         dump_recipe(best[kind], out / name)
         log.info(f"tune {kind}: best validation accuracy {summary[kind]['best_value']:.4f} (trial {summary[kind]['best_trial']}: "
                  f"{_params(summary[kind]['params'])}); {summary[kind]['pruned']} of {summary[kind]['trials']} trials pruned; "
                  f"recipe: {out / name}")
+        try:  # (advice only: never the reason a finished tune loses its summary)
+            summary[kind]["at_edge"] = at_edge(start, space, summary[kind]["params"])
+        except Exception as e:
+            log.warning(f"tune {kind}: could not check whether the best values lie at the ends of their ranges ({e})")
+            summary[kind]["at_edge"] = {}
         for line in edge_advice(kind, summary[kind]["at_edge"]):
             log.warning(line)
     summary["elapsed_s"] = time.perf_counter() - t0  # this call's (the trials' own times: each study's wall_time_s)

@@ -110,14 +110,19 @@ def at_edge(recipe: Recipe, space: dict[str, Range], params: dict[str, Any], mar
         rng = space.get(key)
         if rng is None or rng.choices is not None:
             continue
-        f = math.log if rng.log else float
-        width = f(rng.high) - f(rng.low)
-        for end, bound, step in (("low", rng.low, -1), ("high", rng.high, 1)):
+        whole = isinstance(v, int) and not isinstance(v, bool)
+        high = rng.high if rng.step is None else rng.low + math.floor((rng.high - rng.low) / rng.step + 1e-9) * rng.step
+        f = math.log if rng.log else float  # (a grid's top is its last point: Optuna never draws above it)
+        width = f(high) - f(rng.low)
+        for end, bound, sign in (("low", rng.low, -1), ("high", high, 1)):
             if abs(f(v) - f(bound)) > margin * width:
                 continue
-            beyond = bound * (2.0 ** step) if rng.log else bound + step * 0.25 * (rng.high - rng.low)
-            if isinstance(v, int) and not isinstance(v, bool):
-                beyond = int(round(beyond)) if round(beyond) != bound else int(bound) + step
+            if whole:  # just past the end: is the field allowed to go there?
+                beyond: float = int(round(bound)) + sign
+            elif rng.log:
+                beyond = bound * (1 + 1e-6) ** sign
+            else:
+                beyond = bound + sign * max(1e-6 * (high - rng.low), 1e-12)
             try:
                 with_fields(recipe, {key: beyond})
                 widen = True
