@@ -174,6 +174,13 @@ class ClassifyRecipe(Recipe):
             raise ValueError("teacher.model: ema is the student's own running average: it takes no distill.generations")
         if d.ema_decay is not None and not self.ema_teacher:
             raise ValueError("distill.ema_decay is for `teacher: {model: ema}` only")
+        if d.teacher_views:
+            if not self.train.augment:
+                raise ValueError("distill.teacher_views caches the teacher on augmented views of the training images: set "
+                                 "train.augment: true, or remove distill.teacher_views")
+            if not d.cache_teacher or self.ema_teacher:
+                raise ValueError("distill.teacher_views needs a cached teacher: remove it, or set distill.cache_teacher: true "
+                                 "(an ema teacher is never cached)")
         return self
 
 

@@ -17,6 +17,7 @@ from ..files import write_atomic
 from ..models import save_weights
 from ..run import Run
 from ..train import fit
+from .teacher import augmentation
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def prune_stage(run: Run, data: DataSplits, student: nn.Module, loss_fn, acc: Ac
         entry = res.as_dict()
         if cfg.finetune_epochs:
             result = fit(model, loss_fn, data.train, data.val, ft, seed=r.seed + i, ckpt_dir=run.path / "pruned" / "checkpoints",
-                         metrics_path=run.metrics_path, stage=f"prune{i}", accelerator=acc, augment=r.train.augment,
+                         metrics_path=run.metrics_path, stage=f"prune{i}", accelerator=acc, augment=augmentation(run, loss_fn),
                          lr_field="prune.finetune_lr")
             entry["recovery"] = {"epochs": ft.epochs, "lr": ft.lr, "best_epoch": result.best_epoch,
                                  "best_val_accuracy": result.best_val_accuracy}

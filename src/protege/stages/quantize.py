@@ -172,7 +172,8 @@ def qat_fn(run: Run, data: DataSplits, teachers: list[nn.Module], acc: Accelerat
         r, q = run.recipe, run.recipe.quantize
         model = run.load_pruned(data)
         model = run.load_student(data) if model is None else model
-        return qat_to_onnx(model, student_loss(run, data, teachers, acc, features=False), data.train, data.val, dst, epochs=q.qat_epochs,
+        loss = student_loss(run, data, teachers, acc, features=False, views=False)  # (QAT does not augment)
+        return qat_to_onnx(model, loss, data.train, data.val, dst, epochs=q.qat_epochs,
                            lr=q.qat_lr or r.train.lr / 10, batch_size=r.train.batch_size, seed=r.seed,
                            portable=q.target == "portable", accelerator=acc, ckpt_dir=run.quant_dir / "qat_checkpoints",
                            metrics_path=run.metrics_path)

@@ -15,7 +15,7 @@ from ..models import build_model, save_weights
 from ..run import Run
 from ..train import Distiller, FitResult, fit
 from .task import Models, Task
-from .teacher import student_loss, write_config
+from .teacher import augmentation, student_loss, write_config
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def _fit_student(run: Run, data: DataSplits, student: nn.Module, loss_fn, acc: A
         idx = torch.arange(min(r.train.batch_size, len(data.train)))
         module = loss_fn.training_module(student, data.train.x[idx], idx, seed=seed)
     return fit(module, loss_fn, data.train, data.val, r.train, seed=seed, ckpt_dir=ckpt_dir, metrics_path=run.metrics_path,
-               stage=stage, accelerator=acc, augment=r.train.augment, resume=resume, validate=validate)
+               stage=stage, accelerator=acc, augment=augmentation(run, loss_fn), resume=resume, validate=validate)
 
 
 def train_student(run: Run, data: DataSplits, task: Task, models: Models, acc: Accelerator, resume: bool) -> nn.Module:

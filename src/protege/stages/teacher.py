@@ -14,6 +14,7 @@ from accelerate.utils import broadcast_object_list
 from torch import nn
 
 from ..data import DataSplits
+from ..data.views import Views
 from ..files import exclusive, write_atomic
 from ..knowledge import Teacher, load_or_build_cache
 from ..knowledge.cache import Share
@@ -61,13 +62,18 @@ def teacher_file(run: Run, index: int = 0) -> Path:
     return run.teacher_weights
 
 
-def _teacher(run: Run, data: DataSplits, model: nn.Module, index: int, paths: list[str], file: Path, acc: Accelerator, prefix: str = "") -> Teacher:
-    """A Teacher over ``model``: outputs cached once on disk when the inputs never change, else live passes."""
+def _teacher(run: Run, data: DataSplits, model: nn.Module, index: int, paths: list[str], file: Path, acc: Accelerator,
+             prefix: str = "", views: Optional[Views] = None) -> Teacher:
+    """A Teacher over ``model``: outputs cached once on disk when the inputs never change (or, with ``views``, for each
+    fixed augmented view of every training image), else live passes."""
     r = run.recipe
-    if not (r.distill.cache_teacher and not r.train.augment):
+    if not r.distill.cache_teacher or (r.train.augment and views is None):
         return Teacher(model, None, paths)
     key = {"teacher": file_digest(file), "data": data.fingerprint(), "trim": data.train.pad_id is not None}  # (trim:
     # text batches cut to their longest text, so the cache records each output's length axes)
+    inputs = data.train.x
+    if views is not None:  # rows v * N + i: example i as it looks in view v
+        key["views"], inputs = views.describe(), views.inputs(data.train.x)
     cache_paths = [p for p in paths if p != LOGITS]
     tag = f"_{hashlib.sha1(','.join(sorted(set(cache_paths))).encode()).hexdigest()[:8]}" if cache_paths else ""
     folder = run.path / "teacher_cache" / f"{prefix}t{index}{tag}"  # logits-only and hooked caches live side by side
@@ -76,22 +82,24 @@ def _teacher(run: Run, data: DataSplits, model: nn.Module, index: int, paths: li
         folder = run.shared_cache / f"{prefix}t{index}{tag}_{digest}"  # another teacher or data: another folder
         waiting = f"teacher cache: another run is computing {folder}; waiting for it"
         with exclusive(folder.with_suffix(".lock"), waiting):  # one run builds it, the others wait, then read it
-            cache = load_or_build_cache(folder, key, model, data.train.x, cache_paths, pad_id=data.train.pad_id)
+            cache = load_or_build_cache(folder, key, model, inputs, cache_paths, pad_id=data.train.pad_id)
         log.info(f"teacher cache: shared by the runs of {run.shared_cache.parent} ({folder.name})")
         return Teacher(model, cache, paths)
     agree = (lambda v: broadcast_object_list([v])[0]) if acc.num_processes > 1 else (lambda v: v)
     share = Share(acc.process_index, acc.num_processes, acc.wait_for_everyone, agree)  # each process writes its block
-    cache = load_or_build_cache(folder, key, model, data.train.x, cache_paths, share, data.train.pad_id)
+    cache = load_or_build_cache(folder, key, model, inputs, cache_paths, share, data.train.pad_id)
     return Teacher(model, cache, paths)
 
 
 def student_loss(run: Run, data: DataSplits, teachers: list[nn.Module], acc: Accelerator, *,
                  features: bool = True, student: Optional[nn.Module] = None, files: Optional[list[Path]] = None,
-                 cache_prefix: str = ""):
+                 cache_prefix: str = "", views: bool = True):
     """The student's training loss from the recipe: labels only (alpha = 1, no feature terms) or the Distiller.
 
     ``features=False`` keeps the response term only (pruning recovery and QAT change the student's shapes).
     ``files`` names the weights each teacher came from (default: the recipe's), which keys its cache.
+    ``views=False``: no cache of augmented views (``distill.teacher_views``) for a fit loop that does not augment
+    (QAT); the Distiller's ``views`` are what the fit loop must apply (``augmentation``).
     """
     r = run.recipe
     cfg = r.distill if features else r.distill.model_copy(update={"features": []})
@@ -106,12 +114,27 @@ def student_loss(run: Run, data: DataSplits, teachers: list[nn.Module], acc: Acc
     if (cfg.alpha == 1.0 or cfg.response == "none") and not cfg.features:  # the teachers are not consulted at all
         return label_loss(r.train.label_smoothing)
     files = files or [teacher_file(run, i) for i in range(len(teachers))]
-    ts = [_teacher(run, data, m, i, paths[i], files[i], acc, cache_prefix) for i, m in enumerate(teachers)]
-    if ts[0].cache is not None:
+    fixed = None
+    if views and r.train.augment and r.distill.teacher_views and r.distill.cache_teacher:
+        fixed = Views(len(data.train), r.distill.teacher_views)
+    ts = [_teacher(run, data, m, i, paths[i], files[i], acc, cache_prefix, fixed) for i, m in enumerate(teachers)]
+    if fixed is not None:
+        log.info(f"teacher outputs: cached once for {fixed.k} fixed augmented views of every training image; epoch e "
+                 f"trains on view e mod {fixed.k}")
+    elif ts[0].cache is not None:
         log.info("teacher outputs: cached once for the training set (inputs do not change between epochs)")
     elif r.train.augment:
         log.info("teacher outputs: live teacher passes (augmentation changes the inputs every epoch; nothing is cached)")
-    return Distiller(ts, cfg, r.train.label_smoothing, weights=[t.weight for t in r.teachers][:len(ts)])
+    distiller = Distiller(ts, cfg, r.train.label_smoothing, weights=[t.weight for t in r.teachers][:len(ts)])
+    distiller.views = fixed
+    return distiller
+
+
+def augmentation(run: Run, loss_fn) -> "bool | Views":
+    """What the fit loop applies to training images: the loss's fixed views when its teacher was cached on them (so the
+    student sees the image the cached answer is for), else live augmentation if the recipe asks for it."""
+    views = getattr(loss_fn, "views", None)
+    return views if views is not None else run.recipe.train.augment
 
 
 def model_config(spec, data: DataSplits, model: nn.Module, result: Optional[FitResult]) -> dict:

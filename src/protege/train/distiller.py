@@ -67,6 +67,8 @@ class DistillConfig(ResponseConfig):
     generations: int = Field(1, ge=1, le=100)  # born-again: each further generation is taught by the previous student
     ema_decay: Optional[float] = Field(None, gt=0, lt=1)  # teacher.model: ema only: the running-average decay (default 0.999)
     cache_teacher: bool = True  # compute teacher outputs once when inputs do not change between epochs
+    teacher_views: int = Field(0, ge=0, le=1000)  # with train.augment: cache the teacher's outputs on this many fixed
+    # augmented views of every training image (epoch e trains on view e mod K; data/views.py); 0: live teacher passes
 
 
 Losses = dict[str, torch.Tensor]
@@ -144,6 +146,7 @@ class Distiller:
                  weights: Optional[Sequence[float]] = None):
         self.teachers = [teacher] if isinstance(teacher, Teacher) else list(teacher)
         self.cfg, self.label_smoothing = cfg, label_smoothing
+        self.views = None  # fixed augmented views its teachers' caches were built on (stages/teacher.py), if any
         self.weights = torch.tensor(list(weights) if weights is not None else [1.0] * len(self.teachers))
         self.response = RESPONSE.get(cfg.response)
         self.ema: Optional[EmaTeacher] = None

@@ -23,6 +23,7 @@ from pydantic import Field, field_validator
 from ..config import _Strict
 from ..data import Split
 from ..data.base import augment_images
+from ..data.views import Views
 from ..data.stream import batches as read_batches
 from ..files import finite_json, write_atomic
 from ..knowledge import predict_logits
@@ -47,6 +48,7 @@ class TrainConfig(_Strict):
     schedule: Literal["cosine", "constant"] = "cosine"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     augment: bool = False  # images: random crop (pad 2) + horizontal flip; for a student it means live teacher passes
+    # (unless distill.teacher_views caches the teacher on fixed augmented views)
     log_with: list[Literal["tensorboard", "mlflow", "trackio", "wandb", "aim", "comet_ml", "clearml", "dvclive", "swanlab"]] = \
         Field(default_factory=list)  # the recipe's `train` only: trackers (through Accelerate) every epoch's metrics also go to
 
@@ -137,7 +139,7 @@ def _append_metrics(path: Path, stage: str, start_epoch: int, row: dict | None =
 
 
 def fit(model: torch.nn.Module, loss_fn: LossFn, train: Split, val: Split, cfg: TrainConfig, *, seed: int,
-        ckpt_dir: Path, metrics_path: Optional[Path], stage: str, accelerator: Accelerator, augment: bool = False,
+        ckpt_dir: Path, metrics_path: Optional[Path], stage: str, accelerator: Accelerator, augment: "bool | Views" = False,
         resume: bool = False, validate: Optional[Callable[[torch.nn.Module, torch.device], dict]] = None,
         lr_field: str = "train.lr", hooks: Optional[Hooks] = None) -> FitResult:
     """Train ``model`` in place; on return it holds the validation-selected weights (``hooks.select_best``).
@@ -205,7 +207,7 @@ def fit(model: torch.nn.Module, loss_fn: LossFn, train: Split, val: Split, cfg: 
 
 
 def _epoch(model: torch.nn.Module, loss_fn: LossFn, train: Split, cfg: TrainConfig, seed: int, epoch: int, opt, sched,
-           accelerator: Accelerator, augment: bool, hooks: Hooks, guard: dict) -> tuple[dict[str, float], int]:
+           accelerator: Accelerator, augment: "bool | Views", hooks: Hooks, guard: dict) -> tuple[dict[str, float], int]:
     """One epoch of steps over this process's batches; the sums of the named losses and the number of steps."""
     hooks.train_mode(model)
     if hooks.epoch_start is not None:
@@ -217,7 +219,10 @@ def _epoch(model: torch.nn.Module, loss_fn: LossFn, train: Split, cfg: TrainConf
     bar = progress(read_batches(train.x, train.y, batches, train.pad_id), f"{guard['stage']} {epoch + 1}/{cfg.epochs}", logger=log,
                    enabled=accelerator.is_main_process, postfix=shown_loss)
     for step, (x, y, idx) in enumerate(bar, 1):
-        if augment:
+        if isinstance(augment, Views):  # fixed views: the cached teacher answered for exactly this image
+            view = epoch % augment.k
+            x, idx = augment.apply(x, idx, view), augment.rows(idx, view)
+        elif augment:
             x = augment_images(x)
         losses = loss_fn(model, x.to(accelerator.device), y.to(accelerator.device), idx)
         check_loss(float(losses["loss"].detach()), epoch=epoch + 1, step=step, **guard)
