@@ -3,11 +3,14 @@ same trial budget, then both trained with 3 seeds and tested once (paired by see
 
     python benchmarks/tune_fashion.py                 # 8 trials per study, 2 worker processes, then 3 seeds (about 2 h on 2 cores)
     python benchmarks/tune_fashion.py --quick         # smoke test: 2,000 images, 3 trials of 2-4 epochs, 2 seeds
+    python benchmarks/tune_fashion.py --augment 8     # both students see augmented images (crop + flip); the KD
+                                                      # student's teacher is cached on 8 fixed views (distill.teacher_views)
 
 The recipe is recipes/fashion_mnist.yaml (a 24k-parameter CNN student) with the committed teacher
 (benchmarks/teachers/fashion_mnist_cnn.safetensors, 94.03 % test); the search space is SPACE below. Both studies live
 in one SQLite file; a second process (`protege tune` with the same arguments) works on them at the same time, each
-with one thread. Re-running continues a killed tune. Writes benchmarks/results/tune_fashion.{json,md}.
+with one thread. Re-running continues a killed tune. Writes benchmarks/results/tune_fashion.{json,md}
+(tune_fashion_augment.{json,md} with --augment; the labels-only student then draws fresh augmentations every epoch).
 """
 from __future__ import annotations
 
@@ -46,14 +49,18 @@ def main() -> None:
     ap.add_argument("--trials", type=int, help="finished trials per study (distilled, baseline); default 8 (--quick: 3)")
     ap.add_argument("--workers", type=int, default=2, help="processes working on the studies at once (1 thread each)")
     ap.add_argument("--seeds", type=int, help="seeds of the final runs; default 3 (--quick: 2)")
+    ap.add_argument("--augment", type=int, default=0, metavar="K",
+                    help="train both students on augmented images, the KD student's teacher cached on K fixed views")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "tune_fashion")
     args = ap.parse_args()
     args.trials = args.trials or (3 if args.quick else 8)
     args.seeds = args.seeds or (2 if args.quick else 3)
-    out = args.out / ("quick" if args.quick else "full")
+    tag = f"_augment{args.augment}" if args.augment else ""
+    out = args.out / (("quick" if args.quick else "full") + tag)
     space = dict(SPACE, **({"train.epochs": {"low": 2, "high": 4}} if args.quick else {}))
     sets = [f"teacher.weights={TEACHER}", "teacher.train=null", "tune.startup_trials=3", "tune.warmup=0.3"]
+    sets += ["train.augment=true", f"distill.teacher_views={args.augment}"] if args.augment else []
     sets += ["data.limit=2000"] if args.quick else []
     base = load_recipe(ROOT.parent / "recipes" / "fashion_mnist.yaml", sets)
     recipe_file = out / "recipe.yaml"
@@ -68,7 +75,8 @@ def main() -> None:
     tuned_s = study_span(folder, [recipe.name, f"{recipe.name}-baseline"])  # (a tune continued later is not counted twice)
     torch.set_num_threads(2)  # the final runs: one process, both cores
     summary = tune(recipe, folder, trials=args.trials, baseline=True, final_seeds=args.seeds)
-    result = {"command": "python benchmarks/tune_fashion.py" + (" --quick" if args.quick else ""),
+    result = {"command": "python benchmarks/tune_fashion.py" + (f" --augment {args.augment}" if args.augment else "")
+              + (" --quick" if args.quick else ""), "augment_views": args.augment,
               "environment": environment(2), "workers": args.workers, "threads_per_worker_while_tuning": 1,
               "trials_per_study": args.trials, "space": space, "tuning_wall_time_s": tuned_s,
               "pruning": {"startup_trials": recipe.tune.startup_trials, "warmup": recipe.tune.warmup},
@@ -77,8 +85,9 @@ def main() -> None:
               "trials": study_trials(folder, [recipe.name, f"{recipe.name}-baseline"])}
     if not args.quick:
         (ROOT / "results").mkdir(exist_ok=True)
-        (ROOT / "results" / "tune_fashion.json").write_text(json.dumps(result, indent=2))
-        (ROOT / "results" / "tune_fashion.md").write_text(markdown(result))
+        name = "tune_fashion_augment" if args.augment else "tune_fashion"
+        (ROOT / "results" / f"{name}.json").write_text(json.dumps(result, indent=2))
+        (ROOT / "results" / f"{name}.md").write_text(markdown(result))
     print(markdown(result))
 
 
