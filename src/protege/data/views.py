@@ -48,14 +48,17 @@ class Views:
     def apply(self, x: torch.Tensor, idx: torch.Tensor, view: int) -> torch.Tensor:
         """Examples ``idx`` (their inputs ``x``, (B, C, H, W)) as they look in ``view``."""
         dy, dx, fl = (t[idx.cpu().long()] for t in self.params(view))
-        b, _, h, w = x.shape
-        p = self.pad
-        padded = F.pad(x, (p, p, p, p))
-        rows = (dy[:, None] + torch.arange(h)).to(x.device)  # (B, H)
-        cols = dx[:, None] + torch.arange(w)
-        cols = torch.where(fl[:, None], cols.flip(1), cols).to(x.device)  # (B, W), reversed where flipped
-        out = padded[torch.arange(b, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
-        return out.permute(0, 3, 1, 2).contiguous()
+        h, w = x.shape[-2:]
+        padded = F.pad(x, (self.pad,) * 4)
+        out = torch.empty_like(x)
+        offsets = dy * (2 * self.pad + 1) + dx
+        for o in offsets.unique().tolist():  # at most (2 * pad + 1)^2 crops, each a slice of the examples that share it
+            sel = (offsets == o).nonzero().squeeze(1).to(x.device)
+            top, left = divmod(o, 2 * self.pad + 1)
+            out[sel] = padded[sel, :, top:top + h, left:left + w]
+        flipped = fl.nonzero().squeeze(1).to(x.device)
+        out[flipped] = out[flipped].flip(-1)
+        return out
 
     def rows(self, idx: torch.Tensor, view: int) -> torch.Tensor:
         """The cache rows of examples ``idx`` in ``view``."""
