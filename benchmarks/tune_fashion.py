@@ -125,11 +125,14 @@ def study_trials(folder: Path, names: list[str]) -> dict[str, list[dict]]:
 
 
 def study_span(folder: Path, names: list[str]) -> float:
-    """Wall time of the tuning itself: from the first trial's start to the last trial's end, over the named studies."""
+    """Wall time of the tuning itself: from the first trial's start to the last trial's end, over the named studies'
+    finished (complete or pruned) trials; a failed trial may be one whose process was killed, marked failed only when
+    the tune resumed, so its span would count the time nothing ran."""
     import optuna
 
     trials = [t for n in names
-              for t in optuna.load_study(study_name=n, storage=f"sqlite:///{folder / 'study.db'}").get_trials(deepcopy=False)]
+              for t in optuna.load_study(study_name=n, storage=f"sqlite:///{folder / 'study.db'}").get_trials(deepcopy=False)
+              if t.state.name in ("COMPLETE", "PRUNED")]
     starts = [t.datetime_start for t in trials if t.datetime_start]
     ends = [t.datetime_complete for t in trials if t.datetime_complete]
     return (max(ends) - min(starts)).total_seconds() if starts and ends else 0.0
