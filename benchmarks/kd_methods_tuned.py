@@ -79,7 +79,7 @@ def tune_method(method: str, ref: dict, args, teacher: Path, second: Path, out: 
     summary = tune(load_recipe(recipe_file), folder / "tune", trials=args.trials, baseline=False, final_seeds=args.seeds)
     runs = {r["seed"]: r["distilled"] for r in summary["final"]["runs"]}
     return {"method": method, "overrides": METHODS[method], "space": space, "tuning_wall_time_s": span,
-            "study": summary["distilled"], "seeds": sorted(runs), "runs": runs,
+            "study": summary["distilled"], "seeds": sorted(runs), "runs": runs, "environment": environment(2),
             "trials": study_trials(folder / "tune", [data["name"]])[data["name"]]}
 
 
@@ -110,6 +110,8 @@ def tuning_span(trials: list[dict]) -> float:
 def summarise(results: dict[str, dict], ref: dict, args) -> dict:
     rows = {"scratch": {"val_selected": mean_std([r["test_accuracy"] for r in ref["scratch"].values()]), "reference": True},
             "kd": {"val_selected": mean_std([r["test_accuracy"] for r in ref["kd"].values()]), "reference": True}}
+    for row in rows.values():
+        row["cpu"] = ref.get("environment", {}).get("cpu", "")
     if ref["kd"]:
         seeds = sorted(ref["kd"])
         diff = paired([ref["scratch"][s]["test_accuracy"] for s in seeds], [ref["kd"][s]["test_accuracy"] for s in seeds])
@@ -117,7 +119,8 @@ def summarise(results: dict[str, dict], ref: dict, args) -> dict:
     for m, res in results.items():
         rows[m] = {**compare(res, ref), "study": {k: res["study"][k] for k in ("trials", "complete", "pruned", "failed",
                                                                                  "best_value", "params")},
-                   "tuning_wall_time_s": tuning_span(res["trials"])}
+                   "tuning_wall_time_s": tuning_span(res["trials"]),
+                   "cpu": res["environment"]["cpu"] if "environment" in res else "not recorded"}
     return {"command": "python benchmarks/kd_methods_tuned.py", "environment": environment(2),
             "reference": {"file": "benchmarks/results/tune_fashion.json", "kd_params": ref["params"]},
             "trials_per_method": args.trials, "workers": args.workers, "seeds": sorted(ref["kd"]), "methods": rows,
@@ -130,13 +133,14 @@ def markdown(s: dict) -> str:
     lines = [f"Distillation methods, each tuned on validation, `{s['command']}` ({e['cpu']}, {' '.join(e['cpu_flags'])}; "
              f"torch {e['torch']}; tuning {s['workers']} processes of 1 thread, final runs 2 threads)", "",
              "| method | test acc. (%), val-selected epoch | vs tuned KD (points, paired by seed) | verdict | test acc. (%), "
-             "last epoch | trials (pruned) | tuning min | chosen |", "|---|---:|---:|---|---:|---:|---:|---|"]
+             "last epoch | trials (pruned) | tuning min | chosen | CPU |", "|---|---:|---:|---|---:|---:|---:|---|---|"]
     for m, row in s["methods"].items():
         v = row["val_selected"]
         vs = row.get("vs_tuned_kd")
         diff = "" if vs is None else f"{100 * vs['mean']:+.2f} ± {100 * vs['std']:.2f}"
         word = "" if vs is None else vs["verdict"].split(":")[0]
         last = "" if "last_epoch" not in row else f"{100 * row['last_epoch']['mean']:.2f} ± {100 * row['last_epoch']['std']:.2f}"
+        cpu = row.get("cpu", "")
         if row.get("reference"):
             trials, minutes, chosen = "tune_fashion.py", "", "(reference)"
         else:
@@ -145,7 +149,7 @@ def markdown(s: dict) -> str:
             trials, minutes = f"{st['trials']} ({st['pruned']}{failed})", f"{row['tuning_wall_time_s'] / 60:.0f}"
             chosen = ", ".join(f"{k.replace('distill.', '')} {x:.4g}" for k, x in st["params"].items())
         lines.append(f"| {m} | {100 * v['mean']:.2f} ± {100 * v['std']:.2f} | {diff} | {word} | {last} | {trials} | "
-                     f"{minutes} | {chosen} |")
+                     f"{minutes} | {chosen} | {cpu} |")
     lines += ["", f"Every method starts from tuned KD's lr {kd.get('lr', 0):.3g}, weight decay {kd.get('weight_decay', 0):.2g}, "
               f"{kd.get('epochs')} epochs, alpha {kd.get('alpha', 0):.2f}, T {kd.get('temperature', 0):.2f} (tune_fashion.py) and "
               f"tunes its own knobs with {s['trials_per_method']} finished trials; mean ± std over seeds "
