@@ -3,6 +3,7 @@ same trial budget, then both trained with 3 seeds and tested once (paired by see
 
     python benchmarks/tune_fashion.py                 # 8 trials per study, 2 worker processes, then 3 seeds (about 2 h on 2 cores)
     python benchmarks/tune_fashion.py --quick         # smoke test: 2,000 images, 3 trials of 2-4 epochs, 2 seeds
+    python benchmarks/tune_fashion.py --student 12,20,40:2   # another student: channels per stage, convs per stage
     python benchmarks/tune_fashion.py --augment 8     # both students see augmented images (crop + flip); the KD
                                                       # student's teacher is cached on 8 fixed views (distill.teacher_views)
 
@@ -10,7 +11,8 @@ The recipe is recipes/fashion_mnist.yaml (a 24k-parameter CNN student) with the 
 (benchmarks/teachers/fashion_mnist_cnn.safetensors, 94.03 % test); the search space is SPACE below. Both studies live
 in one SQLite file; a second process (`protege tune` with the same arguments) works on them at the same time, each
 with one thread. Re-running continues a killed tune. Writes benchmarks/results/tune_fashion.{json,md}
-(tune_fashion_augment.{json,md} with --augment; the labels-only student then draws fresh augmentations every epoch).
+(tune_fashion_augment8.{json,md} with --augment 8, the labels-only student then drawing fresh augmentations every
+epoch; tune_fashion_student12-20-40d2.{json,md} with --student 12,20,40:2).
 """
 from __future__ import annotations
 
@@ -51,16 +53,29 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, help="seeds of the final runs; default 3 (--quick: 2)")
     ap.add_argument("--augment", type=int, default=0, metavar="K",
                     help="train both students on augmented images, the KD student's teacher cached on K fixed views")
+    ap.add_argument("--student", metavar="CHANNELS:DEPTH", help="the student CNN's channels per stage and convs per stage, "
+                    "e.g. 12,20,40:2 (29,462 parameters); default: the recipe's 16,32,64:1 (24,058)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "tune_fashion")
     args = ap.parse_args()
     args.trials = args.trials or (3 if args.quick else 8)
     args.seeds = args.seeds or (2 if args.quick else 3)
     tag = f"_augment{args.augment}" if args.augment else ""
+    student = []
+    if args.student:
+        try:
+            channels, depth = args.student.split(":")
+            widths = [int(c) for c in channels.split(",")]
+            student = [f"student.kwargs.channels={widths}", f"student.kwargs.depth={int(depth)}"]
+        except ValueError:
+            raise SystemExit(f"--student {args.student}: give channels per stage and convs per stage as CHANNELS:DEPTH, "
+                             f"e.g. 12,20,40:2") from None
+        tag += f"_student{'-'.join(map(str, widths))}d{int(depth)}"
     out = args.out / (("quick" if args.quick else "full") + tag)
     space = dict(SPACE, **({"train.epochs": {"low": 2, "high": 4}} if args.quick else {}))
     sets = [f"teacher.weights={TEACHER}", "teacher.train=null", "tune.startup_trials=3", "tune.warmup=0.3"]
     sets += ["train.augment=true", f"distill.teacher_views={args.augment}"] if args.augment else []
+    sets += student
     sets += ["data.limit=2000"] if args.quick else []
     base = load_recipe(ROOT.parent / "recipes" / "fashion_mnist.yaml", sets)
     recipe_file = out / "recipe.yaml"
@@ -76,6 +91,7 @@ def main() -> None:
     torch.set_num_threads(2)  # the final runs: one process, both cores
     summary = tune(recipe, folder, trials=args.trials, baseline=True, final_seeds=args.seeds)
     result = {"command": "python benchmarks/tune_fashion.py" + (f" --augment {args.augment}" if args.augment else "")
+              + (f" --student {args.student}" if args.student else "")
               + (" --quick" if args.quick else ""), "augment_views": args.augment,
               "environment": environment(2), "workers": args.workers, "threads_per_worker_while_tuning": 1,
               "trials_per_study": args.trials, "space": space, "tuning_wall_time_s": tuned_s,
@@ -85,7 +101,7 @@ def main() -> None:
               "trials": study_trials(folder, [recipe.name, f"{recipe.name}-baseline"])}
     if not args.quick:
         (ROOT / "results").mkdir(exist_ok=True)
-        name = "tune_fashion_augment" if args.augment else "tune_fashion"
+        name = "tune_fashion" + tag
         (ROOT / "results" / f"{name}.json").write_text(json.dumps(result, indent=2))
         (ROOT / "results" / f"{name}.md").write_text(markdown(result))
     print(markdown(result))
