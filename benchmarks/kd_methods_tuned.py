@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 from _env import environment  # noqa: E402
 from kd_methods import METHODS, overrides, teacher_files  # noqa: E402
-from tune_fashion import study_span, study_trials, tune_in_parallel  # noqa: E402
+from tune_fashion import span, study_span, study_trials, tune_in_parallel  # noqa: E402
 
 from protege.evaluate.compare import mean_std, paired, verdict  # noqa: E402
 from protege.logs import setup as setup_logging  # noqa: E402
@@ -74,11 +74,11 @@ def tune_method(method: str, ref: dict, args, teacher: Path, second: Path, out: 
     recipe_file.write_text(yaml.safe_dump(data, sort_keys=False))
     print(f"== {method}: {args.trials} trials over {', '.join(space)}", flush=True)
     tune_in_parallel(recipe_file, folder / "tune", args.trials, args.workers, baseline=False)
-    span = study_span(folder / "tune", [data["name"]])
+    tuned_s = study_span(folder / "tune", [data["name"]])
     torch.set_num_threads(2)  # the final runs: one process, both cores
     summary = tune(load_recipe(recipe_file), folder / "tune", trials=args.trials, baseline=False, final_seeds=args.seeds)
     runs = {r["seed"]: r["distilled"] for r in summary["final"]["runs"]}
-    return {"method": method, "overrides": METHODS[method], "space": space, "tuning_wall_time_s": span,
+    return {"method": method, "overrides": METHODS[method], "space": space, "tuning_wall_time_s": tuned_s,
             "study": summary["distilled"], "seeds": sorted(runs), "runs": runs, "environment": environment(2),
             "trials": study_trials(folder / "tune", [data["name"]])[data["name"]]}
 
@@ -95,18 +95,6 @@ def compare(result: dict, ref: dict) -> dict:
     return row
 
 
-def tuning_span(trials: list[dict]) -> float:
-    """Seconds from the first finished (complete or pruned) trial's start to the last one's end. Failed trials are left
-    out: a trial whose process was killed (a session that ended) is marked failed only when the tune resumes, so its
-    span would count the time nothing ran."""
-    from datetime import datetime
-
-    done = [t for t in trials if t["state"] in ("COMPLETE", "PRUNED") and t["start"] and t["end"]]
-    if not done:
-        return 0.0
-    return (max(datetime.fromisoformat(t["end"]) for t in done) - min(datetime.fromisoformat(t["start"]) for t in done)).total_seconds()
-
-
 def summarise(results: dict[str, dict], ref: dict, args) -> dict:
     rows = {"scratch": {"val_selected": mean_std([r["test_accuracy"] for r in ref["scratch"].values()]), "reference": True},
             "kd": {"val_selected": mean_std([r["test_accuracy"] for r in ref["kd"].values()]), "reference": True}}
@@ -119,7 +107,7 @@ def summarise(results: dict[str, dict], ref: dict, args) -> dict:
     for m, res in results.items():
         rows[m] = {**compare(res, ref), "study": {k: res["study"][k] for k in ("trials", "complete", "pruned", "failed",
                                                                                  "best_value", "params")},
-                   "tuning_wall_time_s": tuning_span(res["trials"]),
+                   "tuning_wall_time_s": span(res["trials"]),  # (finished trials only)
                    "cpu": res["environment"]["cpu"] if "environment" in res else "not recorded"}
     return {"command": "python benchmarks/kd_methods_tuned.py", "environment": environment(2),
             "reference": {"file": "benchmarks/results/tune_fashion.json", "kd_params": ref["params"]},

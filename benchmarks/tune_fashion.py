@@ -141,17 +141,20 @@ def study_trials(folder: Path, names: list[str]) -> dict[str, list[dict]]:
 
 
 def study_span(folder: Path, names: list[str]) -> float:
-    """Wall time of the tuning itself: from the first trial's start to the last trial's end, over the named studies'
-    finished (complete or pruned) trials; a failed trial may be one whose process was killed, marked failed only when
-    the tune resumed, so its span would count the time nothing ran."""
-    import optuna
+    """Wall time of the tuning itself (``span``) over the named studies' trials."""
+    return span([t for trials in study_trials(folder, names).values() for t in trials])
 
-    trials = [t for n in names
-              for t in optuna.load_study(study_name=n, storage=f"sqlite:///{folder / 'study.db'}").get_trials(deepcopy=False)
-              if t.state.name in ("COMPLETE", "PRUNED")]
-    starts = [t.datetime_start for t in trials if t.datetime_start]
-    ends = [t.datetime_complete for t in trials if t.datetime_complete]
-    return (max(ends) - min(starts)).total_seconds() if starts and ends else 0.0
+
+def span(trials: list[dict]) -> float:
+    """Seconds from the first finished (complete or pruned) trial's start to the last one's end, trials as
+    ``study_trials`` records them. Failed trials are left out: a trial whose process was killed (a session that ended)
+    is marked failed only when the tune resumes, so its span would count the time nothing ran."""
+    from datetime import datetime
+
+    done = [t for t in trials if t["state"] in ("COMPLETE", "PRUNED") and t["start"] and t["end"]]
+    if not done:
+        return 0.0
+    return (max(datetime.fromisoformat(t["end"]) for t in done) - min(datetime.fromisoformat(t["start"]) for t in done)).total_seconds()
 
 
 def markdown(s: dict) -> str:

@@ -270,5 +270,6 @@ def test_a_best_value_at_the_end_of_its_range_is_pointed_out(tuned):
     assert any("distill.dkd_beta" in s and "widen tune.space.distill.dkd_beta" in s for s in lines)
     assert any("distill.alpha" in s and "own limit" in s for s in lines)
     for kind in ("distilled", "baseline"):  # a tune records them in summary.json, each inside its study's space
+        assert isinstance(tuned["summary"][kind]["at_edge"], dict)
         for key, e in tuned["summary"][kind]["at_edge"].items():
             assert e["range"][0] <= tuned["summary"][kind]["params"][key] <= e["range"][1]

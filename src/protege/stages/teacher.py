@@ -114,9 +114,8 @@ def student_loss(run: Run, data: DataSplits, teachers: list[nn.Module], acc: Acc
     if (cfg.alpha == 1.0 or cfg.response == "none") and not cfg.features:  # the teachers are not consulted at all
         return label_loss(r.train.label_smoothing)
     files = files or [teacher_file(run, i) for i in range(len(teachers))]
-    fixed = None
-    if views and r.train.augment and r.distill.teacher_views and r.distill.cache_teacher:
-        fixed = Views(len(data.train), r.distill.teacher_views)
+    fixed = Views(len(data.train), r.distill.teacher_views) if views and r.distill.teacher_views else None  # (the recipe
+    # allows teacher_views only with train.augment and a cached teacher)
     ts = [_teacher(run, data, m, i, paths[i], files[i], acc, cache_prefix, fixed) for i, m in enumerate(teachers)]
     if fixed is not None:
         log.info(f"teacher outputs: cached once for {fixed.k} fixed augmented views of every training image; epoch e "
@@ -125,9 +124,7 @@ def student_loss(run: Run, data: DataSplits, teachers: list[nn.Module], acc: Acc
         log.info("teacher outputs: cached once for the training set (inputs do not change between epochs)")
     elif r.train.augment:
         log.info("teacher outputs: live teacher passes (augmentation changes the inputs every epoch; nothing is cached)")
-    distiller = Distiller(ts, cfg, r.train.label_smoothing, weights=[t.weight for t in r.teachers][:len(ts)])
-    distiller.views = fixed
-    return distiller
+    return Distiller(ts, cfg, r.train.label_smoothing, weights=[t.weight for t in r.teachers][:len(ts)], views=fixed)
 
 
 def augmentation(run: Run, loss_fn) -> "bool | Views":

@@ -143,10 +143,11 @@ class Distiller:
     """
 
     def __init__(self, teacher: Teacher | Sequence[Teacher], cfg: DistillConfig, label_smoothing: float = 0.0,
-                 weights: Optional[Sequence[float]] = None):
+                 weights: Optional[Sequence[float]] = None, views=None):
         self.teachers = [teacher] if isinstance(teacher, Teacher) else list(teacher)
         self.cfg, self.label_smoothing = cfg, label_smoothing
-        self.views = None  # fixed augmented views its teachers' caches were built on (stages/teacher.py), if any
+        self.views = views  # fixed augmented views (data/views.py) its teachers' caches were built on, if any: what the
+        # fit loop must apply to the training images
         self.weights = torch.tensor(list(weights) if weights is not None else [1.0] * len(self.teachers))
         self.response = RESPONSE.get(cfg.response)
         self.ema: Optional[EmaTeacher] = None
