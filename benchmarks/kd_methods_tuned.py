@@ -26,7 +26,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parent
@@ -38,7 +37,6 @@ from tune_fashion import span, study_span, study_trials, tune_in_parallel  # noq
 from protege.evaluate.compare import mean_std, paired, verdict  # noqa: E402
 from protege.logs import setup as setup_logging  # noqa: E402
 from protege.recipe import load_recipe  # noqa: E402
-from protege.stages import tune  # noqa: E402
 from protege.tune.space import default_space  # noqa: E402
 
 RESULTS = ROOT / "results" / "kd_methods_tuned"
@@ -73,13 +71,12 @@ def tune_method(method: str, ref: dict, args, teacher: Path, second: Path, out: 
     recipe_file = out / f"{method}.yaml"
     recipe_file.write_text(yaml.safe_dump(data, sort_keys=False))
     print(f"== {method}: {args.trials} trials over {', '.join(space)}", flush=True)
-    tune_in_parallel(recipe_file, folder / "tune", args.trials, args.workers, baseline=False)
+    summary = tune_in_parallel(recipe_file, folder / "tune", args.trials, args.workers, baseline=False, final_seeds=args.seeds)
     tuned_s = study_span(folder / "tune", [data["name"]])
-    torch.set_num_threads(2)  # the final runs: one process, both cores
-    summary = tune(load_recipe(recipe_file), folder / "tune", trials=args.trials, baseline=False, final_seeds=args.seeds)
     runs = {r["seed"]: r["distilled"] for r in summary["final"]["runs"]}
     return {"method": method, "overrides": METHODS[method], "space": space, "tuning_wall_time_s": tuned_s,
-            "study": summary["distilled"], "seeds": sorted(runs), "runs": runs, "environment": environment(2),
+            "study": summary["distilled"], "seeds": sorted(runs), "runs": runs, "environment": environment(1),
+            "final_runs": f"{args.workers} processes of 1 thread",
             "trials": study_trials(folder / "tune", [data["name"]])[data["name"]]}
 
 
@@ -118,8 +115,12 @@ def summarise(results: dict[str, dict], ref: dict, args) -> dict:
 def markdown(s: dict) -> str:
     e = s["environment"]
     kd = {k.split(".")[-1]: v for k, v in s["reference"]["kd_params"].items()}
+    ways: dict[str, list[str]] = {}  # (the first methods' final runs were one process of 2 threads)
+    for m, res in s["runs"].items():
+        ways.setdefault(res.get("final_runs", "1 process of 2 threads"), []).append(m)
+    finals = "; ".join(f"{w} ({', '.join(ms)})" for w, ms in ways.items()) or "none yet"
     lines = [f"Distillation methods, each tuned on validation, `{s['command']}` ({e['cpu']}, {' '.join(e['cpu_flags'])}; "
-             f"torch {e['torch']}; tuning {s['workers']} processes of 1 thread, final runs 2 threads)", "",
+             f"torch {e['torch']}; tuning {s['workers']} processes of 1 thread; final runs: {finals})", "",
              "| method | test acc. (%), val-selected epoch | vs tuned KD (points, paired by seed) | verdict | test acc. (%), "
              "last epoch | trials (pruned) | tuning min | chosen | CPU |", "|---|---:|---:|---|---:|---:|---:|---|---|"]
     for m, row in s["methods"].items():

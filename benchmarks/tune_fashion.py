@@ -86,14 +86,13 @@ def main() -> None:
     recipe = load_recipe(recipe_file)
 
     folder = out / "tune"
-    tune_in_parallel(recipe_file, folder, args.trials, args.workers, baseline=True)
+    summary = tune_in_parallel(recipe_file, folder, args.trials, args.workers, baseline=True, final_seeds=args.seeds)
     tuned_s = study_span(folder, [recipe.name, f"{recipe.name}-baseline"])  # (a tune continued later is not counted twice)
-    torch.set_num_threads(2)  # the final runs: one process, both cores
-    summary = tune(recipe, folder, trials=args.trials, baseline=True, final_seeds=args.seeds)
     result = {"command": "python benchmarks/tune_fashion.py" + (f" --augment {args.augment}" if args.augment else "")
               + (f" --student {args.student}" if args.student else "")
               + (" --quick" if args.quick else ""), "augment_views": args.augment,
-              "environment": environment(2), "workers": args.workers, "threads_per_worker_while_tuning": 1,
+              "environment": environment(1), "workers": args.workers, "threads_per_worker_while_tuning": 1,
+              "final_runs": f"{args.workers} processes of 1 thread",
               "trials_per_study": args.trials, "space": space, "tuning_wall_time_s": tuned_s,
               "pruning": {"startup_trials": recipe.tune.startup_trials, "warmup": recipe.tune.warmup},
               "student_params": summary["final"]["runs"][0]["distilled"]["params"],
@@ -107,18 +106,20 @@ def main() -> None:
     print(markdown(result))
 
 
-def tune_in_parallel(recipe_file: Path, folder: Path, trials: int, workers: int, baseline: bool) -> dict:
+def tune_in_parallel(recipe_file: Path, folder: Path, trials: int, workers: int, baseline: bool,
+                     final_seeds: int | None = None) -> dict:
     """`protege tune` of ``recipe_file`` into ``folder`` by ``workers`` processes of one thread each, sharing the
-    folder's study database; returns once every process is done (the studies have their trials)."""
+    folder's study database (and, with ``final_seeds``, the final runs: each process takes the seeds nobody holds);
+    returns this process's summary once every process is done."""
     torch.set_num_threads(1)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [str(Path(sys.executable).with_name("protege")), "tune", str(recipe_file), "--out", str(folder), "--trials",
-           str(trials), "--baseline" if baseline else "--no-baseline"]
+           str(trials), "--baseline" if baseline else "--no-baseline", *(["--seeds", str(final_seeds)] if final_seeds else [])]
     helpers = []
     for i in range(workers - 1):  # the other processes join once this one has written the tune folder
         time.sleep(5 if i == 0 else 1)
         helpers.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    summary = tune(load_recipe(recipe_file), folder, trials=trials, baseline=baseline)
+    summary = tune(load_recipe(recipe_file), folder, trials=trials, baseline=baseline, final_seeds=final_seeds)
     for h in helpers:
         h.wait()
     return summary
@@ -169,7 +170,8 @@ def markdown(s: dict) -> str:
                      f"{s[kind]['failed']} failed), {s[kind]['wall_time_s'] / 60:.0f} min of trial time" for kind in ("distilled", "baseline"))
     return "\n".join([
         f"Fashion-MNIST, tuned on validation, `{s['command']}` ({e['cpu']}, {' '.join(e['cpu_flags'])}; torch {e['torch']}, "
-        f"onnxruntime {e['onnxruntime']}; {s['workers']} tuning processes of 1 thread, final runs 2 threads)",
+        f"onnxruntime {e['onnxruntime']}; {s['workers']} tuning processes of 1 thread, final runs "
+        f"{s.get('final_runs', '1 process of 2 threads')})",
         "",
         "| student | params | test acc. (%), val-selected epoch | test acc. (%), last epoch | best trial's val acc. (%) | chosen |",
         "|---|---:|---:|---:|---:|---|",

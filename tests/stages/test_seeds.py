@@ -158,3 +158,72 @@ def test_an_ema_self_distillation_recipe_gets_a_labels_only_baseline(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     a, b = students[(0.5, "distilled")], students[(0.9, "distilled")]
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_another_process_holds_is_left_to_it_then_waited_for(tmp_path):
+    """Several processes share one --seeds folder: a run whose folder another holder has locked is skipped, the
+    others are trained, then that run is waited for and (its holder having left it unfinished) trained here."""
+    import threading
+    import time
+
+    from protege.run import locked
+
+    from ..log_capture import logged
+
+    recipe, out = tiny_recipe_file(tmp_path), tmp_path / "out"
+    held, last_other = out / "baseline" / "seed0", out / "baseline" / "seed1" / "report.json"
+    holding, released = threading.Event(), []
+
+    def other_process():  # holds baseline/seed0 until every other run is finished, then lets go without writing
+        with locked(held, "distill", create=True):
+            holding.set()
+            deadline = time.monotonic() + 300
+            while not last_other.is_file() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)  # (the seeds run is then waiting on the lock)
+            released.append(time.monotonic_ns())
+
+    thread = threading.Thread(target=other_process)
+    thread.start()
+    assert holding.wait(30)
+    messages: list[str] = []
+    with logged(messages):
+        summary = api.distill_file(recipe, out, seeds=2, baseline=True, resume=True)  # (the folder holds a run: resume)
+    thread.join()
+    assert any(f"{held} is being trained by another process; taking the next run" in m for m in messages)
+    assert any(f"another process is training {held}; waiting for it" in m for m in messages)
+    assert [r["seed"] for r in summary["runs"]] == [0, 1] and all(r["baseline"] for r in summary["runs"])
+    # trained after the holder let go, so after every other run
+    assert (held / "report.json").stat().st_mtime_ns > max(released[0], last_other.stat().st_mtime_ns)
+    assert Run.load(held).report.student.accuracy == pytest.approx(summary["runs"][0]["baseline"]["test_accuracy"])
+
+
+def test_two_processes_on_one_seeds_folder_share_its_runs(tmp_path):
+    """The same --seeds command started twice at once (the second with --resume): both finish, every run is trained
+    once, and both write the same figures."""
+    import subprocess
+    import time
+
+    from ..conftest import PROTEGE
+
+    recipe, out = tiny_recipe_file(tmp_path), tmp_path / "out"
+    cmd = [PROTEGE, "distill", str(recipe), "--out", str(out), "--seeds", "2", "--baseline"]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120  # the second joins once the first has started the folder (as a user would)
+    while not (out / "distilled").is_dir() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = subprocess.Popen([*cmd, "--resume"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    (out1, err1), (out2, err2) = first.communicate(timeout=600), second.communicate(timeout=600)
+    assert first.returncode == 0, err1
+    assert second.returncode == 0, err2
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["seed"] for r in summary["runs"]] == [0, 1]
+    for kind in ("distilled", "baseline"):
+        for seed in (0, 1):
+            metrics = [json.loads(x) for x in (out / kind / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()]
+            epochs = [m["epoch"] for m in metrics if m.get("stage") == "student"]
+            assert sorted(epochs) == [1, 2], (kind, seed, epochs)  # trained once: no epoch twice
+            assert summary["runs"][seed][kind]["test_accuracy"] == pytest.approx(
+                Run.load(out / kind / f"seed{seed}").report.student.accuracy)
+    lines = [[x.strip() for x in text.splitlines() if x.strip().startswith(("distilled:", "baseline:"))] for text in (out1, out2)]
+    assert len(lines[0]) == 2 and lines[0] == lines[1]  # the summary each process printed

@@ -94,6 +94,20 @@ def locked(path: str | Path, command: str, enabled: bool = True, create: bool = 
         _release(path, handle, before, fresh, made)
 
 
+def wait_until_free(path: str | Path) -> None:
+    """Block while another process (or another hold in this one) holds the run folder's lock; return at once when it
+    has no lock file or nobody holds it. The lock file is only read: its holder's line stays."""
+    import fcntl  # POSIX only: imported where it is used
+
+    try:
+        handle = open(Path(path) / LOCK)
+    except OSError:
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_SH)  # granted once no writer holds it
+        fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _acquire(path: Path, command: str) -> tuple:
     """Open and lock ``path/.protege.lock``, write the holder into it; (the file, whether the last holder was killed)."""
     import fcntl  # POSIX only: imported where it is used

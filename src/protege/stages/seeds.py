@@ -8,7 +8,11 @@ OUT/teacher_cache/ (the teacher's outputs on the training set, computed by the f
 What is held fixed: the train/validation/test split (the first seed's, ``data.split_seed``) and the teacher (trained
 once, by the first seed's run, and loaded by every other run), so the test data is never seen by the teacher and only
 the student's randomness changes from seed to seed. What a seed changes: the student's initial weights, the batch
-order, dropout. The distilled and the baseline student of one seed share all three (the seed fixes them)."""
+order, dropout. The distilled and the baseline student of one seed share all three (the seed fixes them).
+
+Several processes can work on one folder at once (the same command again, with --resume, in another terminal): each
+run folder is locked while it trains, so each process takes the runs nobody holds and at the end waits for the others'
+(reusing them once finished, or continuing one whose process died); every process then writes the same summary."""
 from __future__ import annotations
 
 import copy
@@ -19,13 +23,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..data import DataSplits
-from ..errors import RecipeError, RunError
+from ..errors import FolderInUse, RecipeError, RunError
 from ..evaluate.compare import mean_std, render_seeds_html, summarise
 from ..files import write_atomic
 from ..knowledge import predict_logits
 from ..logs import progress
 from ..recipe import Recipe, parse_recipe
-from ..run import Run, read_json
+from ..run import Run, read_json, wait_until_free
 from ..train.checkpoint import load_checkpoint_weights
 from .distill import distill
 from .tasks import load_run_data
@@ -144,11 +148,16 @@ def distill_seeds(recipe: Recipe, out: str | Path, *, resume: bool = False, over
     shown: dict[str, str] = {}
     data: Optional[DataSplits] = None
     log.info(f"seeds: {len(seeds)} seed(s) x {'distilled + baseline' if baseline else 'distilled'} = {len(jobs)} runs into {out}")
-    for seed, kind in progress(jobs, "seeds", logger=log, every=0, postfix=shown):
-        source = recipe if kind == "distilled" else baseline
-        r = with_fields(source, {**fixed, "seed": seed})
+
+    def train(seed: int, kind: str, again: bool) -> bool:
+        """Train (or reuse, or continue) one run and record its figures; False when another process holds its folder."""
+        nonlocal data
+        r = with_fields(recipe if kind == "distilled" else baseline, {**fixed, "seed": seed})
         folder = out / kind / f"seed{seed}"
-        run = _run(r, folder, resume, overwrite, restart_changed, out / "teacher_cache")
+        try:
+            run = _run(r, folder, again, overwrite, restart_changed, out / "teacher_cache")
+        except FolderInUse:
+            return False
         if _trains_teacher(recipe) and "teacher.weights" not in fixed:  # every later run loads this teacher
             fixed.update({"teacher.weights": str((folder / "teacher" / "model.safetensors").resolve()), "teacher.train": None})
         data = data or load_run_data(r)
@@ -158,6 +167,28 @@ def distill_seeds(recipe: Recipe, out: str | Path, *, resume: bool = False, over
             if accs:
                 ms = mean_std(accs)
                 shown[k] = f"{100 * ms['mean']:.2f} ± {100 * ms['std']:.2f} %"
+        return True
+
+    def wait_for(seed: int, kind: str) -> None:
+        """The run another process is training: wait for it, then reuse it (or continue it, if that process died)."""
+        folder = out / kind / f"seed{seed}"
+        log.info(f"seeds: another process is training {folder}; waiting for it")
+        while True:
+            wait_until_free(folder)
+            if train(seed, kind, True):
+                return
+
+    deferred = []  # several processes may work on one --seeds folder: each takes the runs nobody holds
+    for seed, kind in progress(jobs, "seeds", logger=log, every=0, postfix=shown):
+        if train(seed, kind, resume):
+            continue
+        if _trains_teacher(recipe) and "teacher.weights" not in fixed:  # that run trains every later run's teacher
+            wait_for(seed, kind)
+        else:
+            log.info(f"seeds: {out / kind / f'seed{seed}'} is being trained by another process; taking the next run")
+            deferred.append((seed, kind))
+    for seed, kind in deferred:
+        wait_for(seed, kind)
     summary = {"name": recipe.name, **summarise(list(results.values()), len(data.test)), "test_examples": len(data.test),
                "held_fixed": {"split_seed": split, "teacher": fixed.get("teacher.weights", recipe.teacher.weights or recipe.teacher.model)},
                "notes": "test accuracy of each run's validation-selected epoch (and of its last epoch); the difference is "

@@ -14,7 +14,8 @@ Layout of the tune folder (default runs/<name>-tune):
 
 A killed tune resumes with the same command: finished trials stay in the study, the trial that was running when the
 process died is marked failed and replaced. Several processes (or machines sharing a database) can work on one study:
-start each with the same command and ``--storage`` URL; the study stops when it holds N finished trials.
+start each with the same command and ``--storage`` URL; the study stops when it holds N finished trials. With
+--seeds, the processes then share the final runs as well (stages/seeds.py).
 """
 from __future__ import annotations
 
@@ -334,11 +335,8 @@ def tune(recipe: Recipe, out: str | Path, *, trials: Optional[int] = None, basel
     if final_seeds:  # (without the tune section: a later tune of more trials starts changed finals over, not resumes them)
         final = with_fields(best["distilled"], {"seeds": final_seeds, "baseline": baseline, "tune": {}})
         against = with_fields(best["baseline"], {"tune": {}}) if "baseline" in best else None
-        try:
-            summary["final"] = distill_seeds(final, out / "final", resume=True, baseline_recipe=against, restart_changed=True)
-        except FolderInUse:
-            log.info(f"tune: another process is training the final runs in {out / 'final'}; leaving them to it")
-            return summary
+        # (several processes of one tune share these runs too: each takes the runs nobody holds, then waits for the rest)
+        summary["final"] = distill_seeds(final, out / "final", resume=True, baseline_recipe=against, restart_changed=True)
         write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
