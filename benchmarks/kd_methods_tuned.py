@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 from _env import environment  # noqa: E402
 from kd_methods import METHODS, overrides, teacher_files  # noqa: E402
-from tune_fashion import span, study_span, study_trials, tune_in_parallel  # noqa: E402
+from tune_fashion import past_budget, span, study_span, study_trials, tune_in_parallel  # noqa: E402
 
 from protege.evaluate.compare import mean_std, paired, verdict  # noqa: E402
 from protege.logs import setup as setup_logging  # noqa: E402
@@ -102,7 +102,7 @@ def summarise(results: dict[str, dict], ref: dict, args) -> dict:
         diff = paired([ref["scratch"][s]["test_accuracy"] for s in seeds], [ref["kd"][s]["test_accuracy"] for s in seeds])
         rows["scratch"]["vs_tuned_kd"] = {**diff, "verdict": verdict(diff, what="labels only", test_examples=10_000)}
     for m, res in results.items():
-        rows[m] = {**compare(res, ref), "study": {k: res["study"][k] for k in ("trials", "complete", "pruned", "failed",
+        rows[m] = {**compare(res, ref), "study": {k: res["study"].get(k, 0) for k in ("trials", "complete", "pruned", "failed", "beyond_budget",
                                                                                  "best_value", "params")},
                    "tuning_wall_time_s": span(res["trials"]),  # (finished trials only)
                    "cpu": res["environment"]["cpu"] if "environment" in res else "not recorded"}
@@ -134,7 +134,7 @@ def markdown(s: dict) -> str:
             trials, minutes, chosen = "tune_fashion.py", "", "(reference)"
         else:
             st = row["study"]
-            failed = f", {st['failed']} failed" if st["failed"] else ""
+            failed = (f", {st['failed']} failed" if st["failed"] else "") + past_budget(st)
             trials, minutes = f"{st['trials']} ({st['pruned']}{failed})", f"{row['tuning_wall_time_s'] / 60:.0f}"
             chosen = ", ".join(f"{k.replace('distill.', '')} {x:.4g}" for k, x in st["params"].items())
         lines.append(f"| {m} | {100 * v['mean']:.2f} ± {100 * v['std']:.2f} | {diff} | {word} | {last} | {trials} | "

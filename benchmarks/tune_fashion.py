@@ -158,6 +158,12 @@ def span(trials: list[dict]) -> float:
     return (max(datetime.fromisoformat(t["end"]) for t in done) - min(datetime.fromisoformat(t["start"]) for t in done)).total_seconds()
 
 
+def past_budget(study: dict) -> str:
+    """Trials another process was running when the budget filled, stopped and not counted (stages/tune.py counted)."""
+    n = study.get("beyond_budget", 0)
+    return f", {n} stopped past the budget" if n else ""
+
+
 def markdown(s: dict) -> str:
     e, f = s["environment"], s["final"]
     rows = []
@@ -167,7 +173,7 @@ def markdown(s: dict) -> str:
         rows.append(f"| {label} | {s['student_params']:,} | {100 * v['mean']:.2f} ± {100 * v['std']:.2f} | "
                     f"{100 * last['mean']:.2f} ± {100 * last['std']:.2f} | {100 * st['best_value']:.2f} | {params} |")
     cost = "; ".join(f"{kind}: {s[kind]['trials']} trials ({s[kind]['complete']} finished, {s[kind]['pruned']} pruned, "
-                     f"{s[kind]['failed']} failed), {s[kind]['wall_time_s'] / 60:.0f} min of trial time" for kind in ("distilled", "baseline"))
+                     f"{s[kind]['failed']} failed{past_budget(s[kind])}), {s[kind]['wall_time_s'] / 60:.0f} min of trial time" for kind in ("distilled", "baseline"))
     return "\n".join([
         f"Fashion-MNIST, tuned on validation, `{s['command']}` ({e['cpu']}, {' '.join(e['cpu_flags'])}; torch {e['torch']}, "
         f"onnxruntime {e['onnxruntime']}; {s['workers']} tuning processes of 1 thread, final runs "

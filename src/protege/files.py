@@ -16,10 +16,11 @@ from .errors import StorageError
 
 
 def write_atomic(path: str | Path, data: str | bytes, then: str = "then run the command again") -> None:
-    """Write ``data`` to ``path`` via ``path.tmp`` and a rename; on an OSError remove the temporary file and raise
-    StorageError naming ``path``, what went wrong and what to do (``then``: the step after making room)."""
+    """Write ``data`` to ``path`` via ``path.<pid>.tmp`` and a rename (processes writing one file at once each write
+    their own temporary file); on an OSError remove the temporary file and raise StorageError naming ``path``, what
+    went wrong and what to do (``then``: the step after making room)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)

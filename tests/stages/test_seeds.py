@@ -171,31 +171,50 @@ def test_a_run_another_process_holds_is_left_to_it_then_waited_for(tmp_path):
     from ..log_capture import logged
 
     recipe, out = tiny_recipe_file(tmp_path), tmp_path / "out"
-    held, last_other = out / "baseline" / "seed0", out / "baseline" / "seed1" / "report.json"
-    holding, released = threading.Event(), []
+    held = out / "baseline" / "seed0"
+    holding, released, messages = threading.Event(), [], []
+    waiting = f"another process is training {held}; waiting for it"
 
-    def other_process():  # holds baseline/seed0 until every other run is finished, then lets go without writing
+    def other_process():  # holds baseline/seed0 until the seeds run waits for it, then lets go without writing
         with locked(held, "distill", create=True):
             holding.set()
-            deadline = time.monotonic() + 300
-            while not last_other.is_file() and time.monotonic() < deadline:
+            deadline = time.monotonic() + 600
+            while not any(waiting in m for m in messages) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            time.sleep(0.5)  # (the seeds run is then waiting on the lock)
-            released.append(time.monotonic_ns())
+            time.sleep(0.2)
+            released.append(time.time_ns())
 
-    thread = threading.Thread(target=other_process)
+    thread = threading.Thread(target=other_process, daemon=True)
     thread.start()
     assert holding.wait(30)
-    messages: list[str] = []
-    with logged(messages):
-        summary = api.distill_file(recipe, out, seeds=2, baseline=True, resume=True)  # (the folder holds a run: resume)
-    thread.join()
-    assert any(f"{held} is being trained by another process; taking the next run" in m for m in messages)
-    assert any(f"another process is training {held}; waiting for it" in m for m in messages)
+    try:
+        with logged(messages):
+            summary = api.distill_file(recipe, out, seeds=2, baseline=True, resume=True)  # (the folder holds a run: resume)
+    finally:
+        thread.join(timeout=600)
+    taken = [i for i, m in enumerate(messages) if f"{held} is being trained by another process; taking the next run" in m]
+    waited = [i for i, m in enumerate(messages) if waiting in m]
+    assert taken and waited and taken[0] < waited[0]
     assert [r["seed"] for r in summary["runs"]] == [0, 1] and all(r["baseline"] for r in summary["runs"])
-    # trained after the holder let go, so after every other run
-    assert (held / "report.json").stat().st_mtime_ns > max(released[0], last_other.stat().st_mtime_ns)
+    others = [out / k / f"seed{s}" / "report.json" for k, s in (("distilled", 0), ("distilled", 1), ("baseline", 1))]
+    assert all(p.stat().st_mtime_ns < released[0] for p in others)  # trained while the holder held baseline/seed0
+    assert (held / "report.json").stat().st_mtime_ns > released[0]  # trained here once it let go
     assert Run.load(held).report.student.accuracy == pytest.approx(summary["runs"][0]["baseline"]["test_accuracy"])
+
+
+def test_an_overwrite_does_not_share_a_seeds_folder(tmp_path, capsys):
+    """--overwrite replaces runs other processes would read: it is refused while another process works in the folder,
+    and a process joining a folder being overwritten is refused; one-line errors, nothing written."""
+    from protege.run import joined
+
+    recipe, out = tiny_recipe_file(tmp_path), tmp_path / "out"
+    with joined(out):  # another process at work here
+        code, err = run_cli(["distill", recipe, "--out", out, "--seeds", "2", "--baseline", "--overwrite"], capsys)
+    assert_clean_error(code, err, str(out), "in use by another protege process", "wait for them to finish")
+    with joined(out, alone=True):  # another process overwriting it
+        code, err = run_cli(["distill", recipe, "--out", out, "--seeds", "2", "--baseline", "--resume"], capsys)
+    assert_clean_error(code, err, str(out), "overwriting it", "--resume")
+    assert [p.name for p in out.iterdir()] == [".protege.join"]  # (no run written)
 
 
 def test_two_processes_on_one_seeds_folder_share_its_runs(tmp_path):
@@ -208,14 +227,16 @@ def test_two_processes_on_one_seeds_folder_share_its_runs(tmp_path):
 
     recipe, out = tiny_recipe_file(tmp_path), tmp_path / "out"
     cmd = [PROTEGE, "distill", str(recipe), "--out", str(out), "--seeds", "2", "--baseline"]
-    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120  # the second joins once the first has started the folder (as a user would)
-    while not (out / "distilled").is_dir() and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    second = subprocess.Popen([*cmd, "--resume"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    (out1, err1), (out2, err2) = first.communicate(timeout=600), second.communicate(timeout=600)
-    assert first.returncode == 0, err1
-    assert second.returncode == 0, err2
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    with open(logs[0], "w") as f1, open(logs[1], "w") as f2:  # (files, not pipes: a full pipe would stall a process)
+        first = subprocess.Popen(cmd, stdout=f1, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120  # the second joins once the first has started the folder (as a user would)
+        while not (out / "distilled").is_dir() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second = subprocess.Popen([*cmd, "--resume"], stdout=f2, stderr=subprocess.STDOUT)
+        codes = first.wait(timeout=600), second.wait(timeout=600)
+    texts = [p.read_text() for p in logs]
+    assert codes == (0, 0), texts[0][-2000:] + texts[1][-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert [r["seed"] for r in summary["runs"]] == [0, 1]
     for kind in ("distilled", "baseline"):
@@ -225,5 +246,5 @@ def test_two_processes_on_one_seeds_folder_share_its_runs(tmp_path):
             assert sorted(epochs) == [1, 2], (kind, seed, epochs)  # trained once: no epoch twice
             assert summary["runs"][seed][kind]["test_accuracy"] == pytest.approx(
                 Run.load(out / kind / f"seed{seed}").report.student.accuracy)
-    lines = [[x.strip() for x in text.splitlines() if x.strip().startswith(("distilled:", "baseline:"))] for text in (out1, out2)]
+    lines = [[x.strip() for x in text.splitlines() if x.strip().startswith(("distilled:", "baseline:"))] for text in texts]
     assert len(lines[0]) == 2 and lines[0] == lines[1]  # the summary each process printed

@@ -273,3 +273,64 @@ def test_a_best_value_at_the_end_of_its_range_is_pointed_out(tuned):
         assert isinstance(tuned["summary"][kind]["at_edge"], dict)
         for key, e in tuned["summary"][kind]["at_edge"].items():
             assert e["range"][0] <= tuned["summary"][kind]["params"][key] <= e["range"][1]
+
+
+def _frozen(number, state, value, end, **attrs):
+    from datetime import datetime, timedelta
+
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import FrozenTrial, TrialState
+
+    t0 = datetime(2026, 1, 1)
+    return FrozenTrial(number=number, state=getattr(TrialState, state), value=value, datetime_start=t0,
+                       datetime_complete=t0 + timedelta(seconds=end), params={"train.lr": 0.01 * (number + 1)},
+                       distributions={"train.lr": FloatDistribution(0.001, 0.1)}, user_attrs=attrs, system_attrs={},
+                       intermediate_values={}, trial_id=number)
+
+
+def test_the_budget_counts_the_first_trials_to_finish_and_the_best_is_among_them(tmp_path):
+    """With several processes, a trial can end after the study already holds its N finished trials: the budget counts
+    the first N to finish, so every process picks the same best (not a trial one process had not yet seen)."""
+    from protege.stages.tune import _best, counted
+
+    study = optuna.create_study(direction="maximize")
+    for t in (_frozen(0, "COMPLETE", 0.90, end=3), _frozen(1, "PRUNED", None, end=1),
+              _frozen(2, "COMPLETE", 0.95, end=5),  # third to finish: past a budget of 2
+              _frozen(3, "PRUNED", None, end=2, beyond_budget=True)):  # stopped past the budget: never counted
+        study.add_trial(t)
+    assert [t.number for t in counted(study, 2)] == [1, 0]
+    assert [t.number for t in counted(study, 3)] == [1, 0, 2]
+    recipe = load_recipe(_recipe(tmp_path))
+    chosen, info = _best(recipe, study, 2)
+    assert info["best_trial"] == 0 and info["best_value"] == pytest.approx(0.90) and chosen.train.lr == pytest.approx(0.01)
+    assert (info["trials"], info["complete"], info["pruned"], info["beyond_budget"]) == (4, 2, 1, 1)
+    assert _best(recipe, study, 3)[1]["best_trial"] == 2
+    with pytest.raises(Exception, match="no trial of study"):
+        _best(recipe, study, 1)  # the first to finish was pruned
+
+
+def test_a_trial_running_when_another_process_fills_the_budget_is_stopped(tmp_path, monkeypatch):
+    """Another process ends the budget's last trial while this one trains: at its next check this trial stops, marked
+    past the budget, and the best comes from the counted trials."""
+    tune_mod = importlib.import_module("protege.stages.tune")
+    recipe = _recipe(tmp_path, trials=1, space={"train.lr": {"low": 1e-3, "high": 0.05, "log": True}})
+    real = tune_mod.distill
+    out = tmp_path / "out"
+
+    def other_process_finishes_one(r, folder, **kw):  # (the teacher's run has teacher_only; trials have test=False)
+        if kw.get("test") is False and not kw.get("teacher_only"):
+            study = _study(out)
+            if not any(t.user_attrs.get("other") for t in study.trials):
+                study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.COMPLETE, value=0.5,
+                                                          params={"train.lr": 0.01}, user_attrs={"other": True},
+                                                          distributions={"train.lr": optuna.distributions.FloatDistribution(1e-3, 0.05, log=True)}))
+        return real(r, folder, **kw)
+
+    monkeypatch.setattr(tune_mod, "distill", other_process_finishes_one)
+    summary = api.tune_file(recipe, out, baseline=False)
+    trials = _study(out).trials
+    stopped = [t for t in trials if t.user_attrs.get("beyond_budget")]
+    assert len(stopped) == 1 and stopped[0].state.name == "PRUNED"
+    assert summary["distilled"]["beyond_budget"] == 1 and summary["distilled"]["pruned"] == 0
+    assert summary["distilled"]["best_value"] == pytest.approx(0.5)  # the other process's trial, the only one counted
+    assert load_recipe(out / "best.yaml").train.lr == pytest.approx(0.01)

@@ -17,3 +17,4 @@ ARTIFACTS = ("teacher/model.safetensors", "teacher/config.json", "teacher/checkp
              *COMPRESS_ARTIFACTS)
 MANIFEST = "manifest.json"
 LOCK = ".protege.lock"
+JOIN = ".protege.join"  # a folder of runs that several processes share (a --seeds run): run/lock.py joined

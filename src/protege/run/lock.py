@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 
 from ..errors import FolderInUse, RunError, StorageError
 from ..files import write_atomic
-from .layout import ARTIFACTS, CHECKPOINT_FILES, LOCK, MANIFEST
+from .layout import ARTIFACTS, CHECKPOINT_FILES, JOIN, LOCK, MANIFEST
 
 
 def own_files(path: Path) -> list[str]:
@@ -108,6 +108,29 @@ def wait_until_free(path: str | Path) -> None:
         fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def joined(path: str | Path, alone: bool = False) -> Iterator[None]:
+    """A folder that several processes may work in together (a --seeds run: each run folder in it has its own lock):
+    each holds ``path/.protege.join`` shared while it works; ``alone`` (--overwrite, which replaces what the others
+    would read) holds it exclusively. Refused at once (FolderInUse) when that is not possible."""
+    import fcntl  # POSIX only: imported where it is used
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle = open(path / JOIN, "a")
+    except OSError as e:
+        raise RunError(f"cannot write to the folder '{path}': {e.strerror}; choose a writable folder for --out") from None
+    with handle:
+        try:
+            fcntl.flock(handle, (fcntl.LOCK_EX if alone else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except OSError:
+            raise FolderInUse(f"'{path}' is in use by another protege process" + (
+                " (other processes are working in it); wait for them to finish, or use another folder" if alone else
+                " that is overwriting it; wait for it to finish, then run again with --resume")) from None
+        yield
+
+
 def _acquire(path: Path, command: str) -> tuple:
     """Open and lock ``path/.protege.lock``, write the holder into it; (the file, whether the last holder was killed)."""
     import fcntl  # POSIX only: imported where it is used
@@ -125,6 +148,13 @@ def _acquire(path: Path, command: str) -> tuple:
         handle.close()
         raise FolderInUse(f"'{path}' is in use by another protege process ({holder}); wait for it to finish, or use another "
                        f"folder") from None
+    try:
+        current = os.fstat(handle.fileno()).st_ino == os.stat(path / LOCK).st_ino
+    except OSError:
+        current = False
+    if not current:  # its last holder wrote nothing and removed it (and its folder) after this process opened it
+        handle.close()
+        return _acquire(path, command)
     handle.seek(0)
     killed = bool(handle.read().strip())  # the last holder never emptied the file: it was killed (SIGKILL, power)
     handle.seek(0)

@@ -29,7 +29,7 @@ from ..files import write_atomic
 from ..knowledge import predict_logits
 from ..logs import progress
 from ..recipe import Recipe, parse_recipe
-from ..run import Run, read_json, wait_until_free
+from ..run import JOIN, Run, joined, read_json, wait_until_free
 from ..train.checkpoint import load_checkpoint_weights
 from .distill import distill
 from .tasks import load_run_data
@@ -77,7 +77,7 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
     if held and not (resume or overwrite):
         raise RunError(f"'{out}' already holds a --seeds run ({held[0]}); pass --resume to continue it, --overwrite to "
                        f"replace it, or choose another --out")
-    if not held and out.is_dir() and any(out.iterdir()) and not overwrite:
+    if not held and out.is_dir() and any(p.name != JOIN for p in out.iterdir()) and not overwrite:
         raise RunError(f"'{out}' is not empty and is not a --seeds run; choose an empty or new folder for --out (or --overwrite)")
 
 
@@ -137,6 +137,14 @@ def distill_seeds(recipe: Recipe, out: str | Path, *, resume: bool = False, over
     one_process("--seeds / --baseline")
     out = Path(out)
     _check_out(out, resume, overwrite)
+    with joined(out, alone=overwrite):  # other processes may join this one (not one that overwrites)
+        return _seeds(recipe, out, overwrite, baseline_recipe, restart_changed)
+
+
+def _seeds(recipe: Recipe, out: Path, overwrite: bool, baseline_recipe: Optional[Recipe], restart_changed: bool) -> dict:
+    """distill_seeds' runs, figures and summary. Each run is trained, continued or reused (a run found finished was
+    trained by this command earlier, or by another process working here); one that another process holds is left to it
+    and waited for at the end."""
     if overwrite:  # (the runs' own files go as each run is overwritten; the shared caches of earlier teachers here)
         shutil.rmtree(out / "teacher_cache", ignore_errors=True)
     baseline = baseline_recipe or (labels_only(recipe) if recipe.baseline else None)
@@ -157,6 +165,8 @@ def distill_seeds(recipe: Recipe, out: str | Path, *, resume: bool = False, over
         try:
             run = _run(r, folder, again, overwrite, restart_changed, out / "teacher_cache")
         except FolderInUse:
+            if overwrite:  # (it holds this folder alone: some other command is using that run)
+                raise
             return False
         if _trains_teacher(recipe) and "teacher.weights" not in fixed:  # every later run loads this teacher
             fixed.update({"teacher.weights": str((folder / "teacher" / "model.safetensors").resolve()), "teacher.train": None})
@@ -180,7 +190,7 @@ def distill_seeds(recipe: Recipe, out: str | Path, *, resume: bool = False, over
 
     deferred = []  # several processes may work on one --seeds folder: each takes the runs nobody holds
     for seed, kind in progress(jobs, "seeds", logger=log, every=0, postfix=shown):
-        if train(seed, kind, resume):
+        if train(seed, kind, not overwrite):
             continue
         if _trains_teacher(recipe) and "teacher.weights" not in fixed:  # that run trains every later run's teacher
             wait_for(seed, kind)

@@ -213,6 +213,9 @@ def _study(recipe: Recipe, kind: str, storage, out: Path, space: dict[str, Range
             if stage != "student" or step <= reported[0]:
                 return
             reported[0] = step
+            if _finished(trial.study) >= trials:  # another process ended the budget's last trial: this one is past it
+                trial.set_user_attr("beyond_budget", True)
+                raise optuna.TrialPruned(f"the study holds its {trials} finished trials; stopped at epoch {epoch}")
             trial.report(score, step)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"validation accuracy {score:.4f} at epoch {epoch} is below the median of earlier trials")
@@ -264,19 +267,32 @@ def _delete(storage, name: str) -> None:
         pass
 
 
-def _best(recipe: Recipe, study) -> tuple[Recipe, dict]:
+def counted(study, trials: int) -> list:
+    """The trials the budget counts: the first ``trials`` to finish (complete or pruned; by end time, then number).
+    A trial another process was running when the budget filled is not among them (it is stopped at its next check, or,
+    started by an older protege, ends past the budget), so every process of a tune picks the same best trial."""
     from optuna.trial import TrialState
 
-    try:
-        best = study.best_trial
-    except ValueError:
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+            if not t.user_attrs.get("beyond_budget")]
+    return sorted(done, key=lambda t: (t.datetime_complete, t.number))[:trials]
+
+
+def _best(recipe: Recipe, study, budget: int) -> tuple[Recipe, dict]:
+    from optuna.trial import TrialState
+
+    complete = [t for t in counted(study, budget) if t.state == TrialState.COMPLETE]
+    if not complete:
         raise RunError(f"tune: no trial of study '{study.study_name}' finished (all pruned or failed); see the trial folders' "
-                       f"logs, widen or move the search space, then run again") from None
+                       f"logs, widen or move the search space, then run again")
+    best = max(complete, key=lambda t: (t.value, -t.number))
     trials = study.get_trials(deepcopy=False)
+    beyond = sum(bool(t.user_attrs.get("beyond_budget")) for t in trials)
     info = {"best_value": best.value, "best_trial": best.number, "params": best.params,
             "best_epoch": best.user_attrs.get("best_epoch"), "folder": best.user_attrs.get("folder"),
             "trials": len(trials), "complete": sum(t.state == TrialState.COMPLETE for t in trials),
-            "pruned": sum(t.state == TrialState.PRUNED for t in trials), "failed": sum(t.state == TrialState.FAIL for t in trials),
+            "pruned": sum(t.state == TrialState.PRUNED for t in trials) - beyond, "beyond_budget": beyond,
+            "failed": sum(t.state == TrialState.FAIL for t in trials),
             "wall_time_s": sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials
                                if t.datetime_complete and t.datetime_start)}
     return with_fields(recipe, dict(best.params)), info
@@ -317,12 +333,13 @@ def tune(recipe: Recipe, out: str | Path, *, trials: Optional[int] = None, basel
         start = base if kind == "distilled" else labels_only(base)
         log.info(f"tune {kind}: {trials} trials over {', '.join(space)}; objective: validation accuracy (test split unread)")
         study = _study(start, kind, storage_obj, out, space, trials, ident["recipe_sha256"])
-        best[kind], summary[kind] = _best(start, study)
+        best[kind], summary[kind] = _best(start, study, trials)
         name = "best.yaml" if kind == "distilled" else "best_baseline.yaml"
         dump_recipe(best[kind], out / name)
         log.info(f"tune {kind}: best validation accuracy {summary[kind]['best_value']:.4f} (trial {summary[kind]['best_trial']}: "
-                 f"{_params(summary[kind]['params'])}); {summary[kind]['pruned']} of {summary[kind]['trials']} trials pruned; "
-                 f"recipe: {out / name}")
+                 f"{_params(summary[kind]['params'])}); {summary[kind]['pruned']} of {summary[kind]['trials']} trials pruned"
+                 + (f", {summary[kind]['beyond_budget']} stopped past the budget" if summary[kind]["beyond_budget"] else "")
+                 + f"; recipe: {out / name}")
         try:  # (advice only: never the reason a finished tune loses its summary)
             summary[kind]["at_edge"] = at_edge(start, space, summary[kind]["params"])
         except Exception as e:
