@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import re
+import uuid
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -16,13 +17,13 @@ from .errors import StorageError
 
 
 def write_atomic(path: str | Path, data: str | bytes, then: str = "then run the command again") -> None:
-    """Write ``data`` to ``path`` via ``path.<pid>.tmp`` and a rename (processes writing one file at once each write
-    their own temporary file); on an OSError remove the temporary file and raise StorageError naming ``path``, what
-    went wrong and what to do (``then``: the step after making room)."""
+    """Write ``data`` to ``path`` via a temporary file of its own (``path.<pid>-<random>.tmp``: writers of one file at
+    once, on one machine or several, never share it) and a rename; on an OSError remove the temporary file and raise
+    StorageError naming ``path``, what went wrong and what to do (``then``: the step after making room)."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
         os.replace(tmp, path)
     except OSError as e:

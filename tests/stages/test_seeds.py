@@ -172,14 +172,14 @@ def test_a_run_another_process_holds_is_left_to_it_then_waited_for(tmp_path):
 
     recipe, out = tiny_recipe_file(tmp_path), tmp_path / "out"
     held = out / "baseline" / "seed0"
-    holding, released, messages = threading.Event(), [], []
+    holding, stop, released, messages = threading.Event(), threading.Event(), [], []
     waiting = f"another process is training {held}; waiting for it"
 
     def other_process():  # holds baseline/seed0 until the seeds run waits for it, then lets go without writing
         with locked(held, "distill", create=True):
             holding.set()
             deadline = time.monotonic() + 600
-            while not any(waiting in m for m in messages) and time.monotonic() < deadline:
+            while not any(waiting in m for m in messages) and not stop.is_set() and time.monotonic() < deadline:
                 time.sleep(0.05)
             time.sleep(0.2)
             released.append(time.time_ns())
@@ -191,7 +191,8 @@ def test_a_run_another_process_holds_is_left_to_it_then_waited_for(tmp_path):
         with logged(messages):
             summary = api.distill_file(recipe, out, seeds=2, baseline=True, resume=True)  # (the folder holds a run: resume)
     finally:
-        thread.join(timeout=600)
+        stop.set()  # (if the seeds run failed, the holder stops waiting for it)
+        thread.join(timeout=60)
     taken = [i for i, m in enumerate(messages) if f"{held} is being trained by another process; taking the next run" in m]
     waited = [i for i, m in enumerate(messages) if waiting in m]
     assert taken and waited and taken[0] < waited[0]
@@ -214,7 +215,7 @@ def test_an_overwrite_does_not_share_a_seeds_folder(tmp_path, capsys):
     with joined(out, alone=True):  # another process overwriting it
         code, err = run_cli(["distill", recipe, "--out", out, "--seeds", "2", "--baseline", "--resume"], capsys)
     assert_clean_error(code, err, str(out), "overwriting it", "--resume")
-    assert [p.name for p in out.iterdir()] == [".protege.join"]  # (no run written)
+    assert not out.exists()  # nothing written (and the refused processes left no trace)
 
 
 def test_two_processes_on_one_seeds_folder_share_its_runs(tmp_path):
@@ -248,3 +249,37 @@ def test_two_processes_on_one_seeds_folder_share_its_runs(tmp_path):
                 Run.load(out / kind / f"seed{seed}").report.student.accuracy)
     lines = [[x.strip() for x in text.splitlines() if x.strip().startswith(("distilled:", "baseline:"))] for text in texts]
     assert len(lines[0]) == 2 and lines[0] == lines[1]  # the summary each process printed
+
+
+def test_a_process_started_without_resume_reuses_a_run_a_sharer_finished(seeds_run, tmp_path, monkeypatch):
+    """A second process (started with --resume) can finish a run before the first process reaches it: the first,
+    started without --resume, reuses it instead of refusing the folder or training it again."""
+    import contextlib
+    import importlib
+    import shutil
+
+    from ..helpers import file_digests
+    from ..log_capture import logged
+
+    teacher = seeds_run["out"] / "distilled" / "seed0" / "teacher" / "model.safetensors"  # (a fixed teacher: every
+    # run's recipe is then the same whichever folder it is in)
+    recipe = tiny_recipe_file(tmp_path, lambda r: r["teacher"].update(weights=str(teacher), train=None))
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    api.distill_file(recipe, ref, seeds=2, baseline=True)
+    seeds_mod = importlib.import_module("protege.stages.seeds")
+    real_joined = seeds_mod.joined
+
+    @contextlib.contextmanager
+    def a_sharer_finishes_one(path, alone=False):
+        with real_joined(path, alone):
+            shutil.copytree(ref / "baseline" / "seed1", path / "baseline" / "seed1")  # finished by the other process
+            yield
+
+    monkeypatch.setattr(seeds_mod, "joined", a_sharer_finishes_one)
+    messages: list[str] = []
+    with logged(messages):
+        summary = api.distill_file(recipe, out, seeds=2, baseline=True)  # (no resume: the folder was new)
+    assert any(f"{out / 'baseline' / 'seed1'} is finished; reusing it" in m for m in messages)
+    assert file_digests(out / "baseline" / "seed1") == file_digests(ref / "baseline" / "seed1")  # not trained again
+    assert summary["runs"][1]["baseline"]["test_accuracy"] == pytest.approx(Run.load(ref / "baseline" / "seed1").report.student.accuracy)
+    assert all((out / k / f"seed{s}" / "report.json").is_file() for k in ("distilled", "baseline") for s in (0, 1))

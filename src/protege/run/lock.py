@@ -116,6 +116,7 @@ def joined(path: str | Path, alone: bool = False) -> Iterator[None]:
     import fcntl  # POSIX only: imported where it is used
 
     path = Path(path)
+    made = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
         handle = open(path / JOIN, "a")
@@ -128,33 +129,49 @@ def joined(path: str | Path, alone: bool = False) -> Iterator[None]:
             raise FolderInUse(f"'{path}' is in use by another protege process" + (
                 " (other processes are working in it); wait for them to finish, or use another folder" if alone else
                 " that is overwriting it; wait for it to finish, then run again with --resume")) from None
-        yield
+        try:
+            yield
+        finally:  # nothing else was written (a start that failed) and nobody else is here: leave no trace
+            try:
+                if [p.name for p in path.iterdir()] == [JOIN]:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    (path / JOIN).unlink()
+                    if made:
+                        path.rmdir()
+            except OSError:
+                pass
 
 
 def _acquire(path: Path, command: str) -> tuple:
     """Open and lock ``path/.protege.lock``, write the holder into it; (the file, whether the last holder was killed)."""
     import fcntl  # POSIX only: imported where it is used
 
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        handle = open(path / LOCK, "a+")
-    except OSError as e:
-        raise RunError(f"cannot write to the run folder '{path}': {e.strerror}; choose a writable folder for --out") from None
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        handle.close()
-        raise FolderInUse(f"'{path}' is in use by another protege process ({holder}); wait for it to finish, or use another "
-                       f"folder") from None
-    try:
-        current = os.fstat(handle.fileno()).st_ino == os.stat(path / LOCK).st_ino
-    except OSError:
-        current = False
-    if not current:  # its last holder wrote nothing and removed it (and its folder) after this process opened it
-        handle.close()
-        return _acquire(path, command)
+    for _ in range(100):  # (again only when the last holder removed the file, or its folder, in between)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            handle = open(path / LOCK, "a+")
+        except FileNotFoundError:  # its last holder removed the folder between the two calls
+            continue
+        except OSError as e:
+            raise RunError(f"cannot write to the run folder '{path}': {e.strerror}; choose a writable folder for --out") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise FolderInUse(f"'{path}' is in use by another protege process ({holder}); wait for it to finish, or use "
+                              f"another folder") from None
+        try:
+            mine, there = os.fstat(handle.fileno()), os.stat(path / LOCK)
+            if (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino):
+                break
+        except OSError:
+            pass
+        handle.close()  # its last holder wrote nothing and removed it after this process opened it: lock the new one
+    else:
+        raise RunError(f"cannot lock the run folder '{path}': its lock file or the folder keeps being removed; choose another "
+                       f"folder for --out")
     handle.seek(0)
     killed = bool(handle.read().strip())  # the last holder never emptied the file: it was killed (SIGKILL, power)
     handle.seek(0)

@@ -151,9 +151,33 @@ def _alive(pid: int) -> bool:
 
 
 def _finished(study) -> int:
+    """Finished trials toward the budget (a trial stopped past it is not one of them)."""
     from optuna.trial import TrialState
 
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    return sum(not t.user_attrs.get("beyond_budget")
+               for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+def _settle(study, storage, kind: str) -> None:
+    """Wait until no trial of the study is running: another process's trial stops at its next check now that the
+    budget is full, and a dead process's trial is failed (on this machine at once, elsewhere by its heartbeat). Then
+    every process of the tune sees the same finished trials, and ``counted`` the same first N."""
+    from optuna.storages import fail_stale_trials
+    from optuna.trial import TrialState
+
+    told = False
+    while True:
+        _fail_dead_trials(study, storage)
+        with quiet():  # (heartbeats are marked experimental)
+            fail_stale_trials(study)
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not running:
+            return
+        if not told:
+            log.info(f"tune {kind}: waiting for {len(running)} trial(s) other processes are running (each stops at its next "
+                     f"check: the study holds its finished trials)")
+            told = True
+        time.sleep(5)
 
 
 def sampler_seed(seed: int, trials: int, running: int) -> int:
@@ -222,6 +246,8 @@ def _study(recipe: Recipe, kind: str, storage, out: Path, space: dict[str, Range
 
         with watch_epochs(report):
             distill(r, folder, overwrite=True, test=False, shared_cache=out / "teacher_cache")
+        if _finished(trial.study) >= trials:  # the budget filled after this trial's last check: it ends past it
+            trial.set_user_attr("beyond_budget", True)
         cfg = read_json(folder / "student" / "config.json", "run the tune again")
         trial.set_user_attr("best_epoch", cfg["best_epoch"])
         return float(cfg["best_val_accuracy"])
@@ -287,11 +313,13 @@ def _best(recipe: Recipe, study, budget: int) -> tuple[Recipe, dict]:
                        f"logs, widen or move the search space, then run again")
     best = max(complete, key=lambda t: (t.value, -t.number))
     trials = study.get_trials(deepcopy=False)
-    beyond = sum(bool(t.user_attrs.get("beyond_budget")) for t in trials)
+    beyond = sum(bool(t.user_attrs.get("beyond_budget")) and t.state != TrialState.FAIL for t in trials)
     info = {"best_value": best.value, "best_trial": best.number, "params": best.params,
             "best_epoch": best.user_attrs.get("best_epoch"), "folder": best.user_attrs.get("folder"),
-            "trials": len(trials), "complete": sum(t.state == TrialState.COMPLETE for t in trials),
-            "pruned": sum(t.state == TrialState.PRUNED for t in trials) - beyond, "beyond_budget": beyond,
+            "trials": len(trials), "complete": sum(t.state == TrialState.COMPLETE and not t.user_attrs.get("beyond_budget")
+                                                   for t in trials),
+            "pruned": sum(t.state == TrialState.PRUNED and not t.user_attrs.get("beyond_budget") for t in trials),
+            "beyond_budget": beyond,
             "failed": sum(t.state == TrialState.FAIL for t in trials),
             "wall_time_s": sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials
                                if t.datetime_complete and t.datetime_start)}
@@ -333,6 +361,7 @@ def tune(recipe: Recipe, out: str | Path, *, trials: Optional[int] = None, basel
         start = base if kind == "distilled" else labels_only(base)
         log.info(f"tune {kind}: {trials} trials over {', '.join(space)}; objective: validation accuracy (test split unread)")
         study = _study(start, kind, storage_obj, out, space, trials, ident["recipe_sha256"])
+        _settle(study, storage_obj, kind)
         best[kind], summary[kind] = _best(start, study, trials)
         name = "best.yaml" if kind == "distilled" else "best_baseline.yaml"
         dump_recipe(best[kind], out / name)
