@@ -11,6 +11,7 @@ import time
 
 import optuna
 import pytest
+import sqlalchemy
 
 from protege import api
 from protege.data import Split
@@ -154,8 +155,8 @@ def test_a_killed_tune_resumes_and_keeps_its_finished_trials(tmp_path):
         if (out / "study.db").exists():
             try:
                 states = [t.state.name for t in _study(out).trials]
-            except KeyError:  # the study is not created yet
-                continue
+            except (KeyError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError):  # the study is
+                continue  # not created yet, or the database is busy with the tune's own write
             if states.count("COMPLETE") + states.count("PRUNED") >= 1 and "RUNNING" in states:
                 break
     else:
@@ -210,6 +211,21 @@ def test_a_tune_folder_made_for_another_recipe_is_refused_untouched(tuned, capsy
     code, err = run_cli(["tune", tuned["recipe"], "--out", tuned["out"], "--set", "train.batch_size=32"], capsys)
     assert_clean_error(code, err, "made for another recipe", "train.batch_size", "--overwrite")
     assert file_digests(tuned["out"]) == before
+
+
+def test_an_overwrite_does_not_start_a_tune_over_under_other_processes(tuned, capsys):
+    """--overwrite deletes the study, the teacher and the final runs: refused while another process works in the
+    folder; and a process joining a tune being started over is refused too. Nothing touched."""
+    from protege.run import joined
+
+    before = file_digests(tuned["out"], skip=(".protege.lock", ".protege.join"))
+    with joined(tuned["out"]):  # another tune process at work
+        code, err = run_cli(["tune", tuned["recipe"], "--out", tuned["out"], "--baseline", "--overwrite"], capsys)
+    assert_clean_error(code, err, "in use by another protege process", "wait for them to finish")
+    with joined(tuned["out"], alone=True):  # another process starting it over
+        code, err = run_cli(["tune", tuned["recipe"], "--out", tuned["out"], "--baseline"], capsys)
+    assert_clean_error(code, err, "overwriting it")
+    assert file_digests(tuned["out"], skip=(".protege.lock", ".protege.join")) == before
 
 
 def test_processes_joining_a_study_draw_unrelated_values():

@@ -33,7 +33,7 @@ from ..errors import FolderInUse, RecipeError, RunError
 from ..files import write_atomic
 from ..logs import progress, quiet
 from ..recipe import Recipe, dump_recipe
-from ..run import read_json
+from ..run import JOIN, joined, read_json
 from ..train.fit import watch_epochs
 from ..train.guard import Diverged
 from ..tune import Range
@@ -78,7 +78,7 @@ def _check_folder(out: Path, ident: dict, resume: bool, overwrite: bool) -> None
             raise RecipeError(f"'{out}' was made for another recipe (differs in {', '.join(diff[:4])}); its trials would not "
                               f"apply: use another --out, or --overwrite to start this folder over")
         return
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(p.name != JOIN for p in out.iterdir()):
         raise RunError(f"'{out}' is not empty and is not a tune folder; choose an empty or new folder for --out")
 
 
@@ -343,6 +343,14 @@ def tune(recipe: Recipe, out: str | Path, *, trials: Optional[int] = None, basel
     spaces = search_spaces(recipe, baseline)
     ident = _identity(recipe, spaces)
     one_process("protege tune")  # (before --overwrite removes anything)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"output path '{out}' is a file; choose a folder for --out")
+    with joined(out, alone=overwrite):  # several processes may work here, but not beside one that starts it over
+        return _tune(recipe, out, trials, baseline, final_seeds, storage, overwrite, spaces, ident)
+
+
+def _tune(recipe: Recipe, out: Path, trials: int, baseline: bool, final_seeds: Optional[int], storage: Optional[str],
+          overwrite: bool, spaces: dict, ident: dict) -> dict:
     _check_folder(out, ident, resume=True, overwrite=overwrite)
     if storage:  # a bad URL fails before anything is written
         storage_obj, url = _storage(storage, out)
