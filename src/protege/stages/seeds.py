@@ -157,13 +157,14 @@ def _seeds(recipe: Recipe, out: Path, overwrite: bool, baseline_recipe: Optional
     data: Optional[DataSplits] = None
     log.info(f"seeds: {len(seeds)} seed(s) x {'distilled + baseline' if baseline else 'distilled'} = {len(jobs)} runs into {out}")
 
-    def train(seed: int, kind: str, again: bool) -> bool:
-        """Train (or reuse, or continue) one run and record its figures; False when another process holds its folder."""
+    def train(seed: int, kind: str) -> bool:
+        """Train (or reuse, or continue) one run and record its figures; False when another process holds its folder.
+        (Without --overwrite, a run found here is this command's earlier one or a sharer's: always resumed.)"""
         nonlocal data
         r = with_fields(recipe if kind == "distilled" else baseline, {**fixed, "seed": seed})
         folder = out / kind / f"seed{seed}"
         try:
-            run = _run(r, folder, again, overwrite, restart_changed, out / "teacher_cache")
+            run = _run(r, folder, not overwrite, overwrite, restart_changed, out / "teacher_cache")
         except FolderInUse:
             if overwrite:  # (it holds this folder alone: some other command is using that run)
                 raise
@@ -185,12 +186,12 @@ def _seeds(recipe: Recipe, out: Path, overwrite: bool, baseline_recipe: Optional
         log.info(f"seeds: another process is training {folder}; waiting for it")
         while True:
             wait_until_free(folder)
-            if train(seed, kind, True):
+            if train(seed, kind):
                 return
 
     deferred = []  # several processes may work on one --seeds folder: each takes the runs nobody holds
     for seed, kind in progress(jobs, "seeds", logger=log, every=0, postfix=shown):
-        if train(seed, kind, not overwrite):
+        if train(seed, kind):
             continue
         if _trains_teacher(recipe) and "teacher.weights" not in fixed:  # that run trains every later run's teacher
             wait_for(seed, kind)
