@@ -2,16 +2,18 @@
 a tuned baseline with the same budget, a killed study resumed, and bad search spaces and folders refused."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import multiprocessing
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 
 import optuna
 import pytest
-import sqlalchemy
 
 from protege import api
 from protege.data import Split
@@ -153,10 +155,11 @@ def test_a_killed_tune_resumes_and_keeps_its_finished_trials(tmp_path):
         if proc.poll() is not None:
             pytest.fail(f"the tune ended before it could be killed (exit {proc.returncode}): {proc.stderr.read()[-2000:]}")
         if (out / "study.db").exists():
-            try:
-                states = [t.state.name for t in _study(out).trials]
-            except (KeyError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError):  # the study is
-                continue  # not created yet, or the database is busy with the tune's own write
+            try:  # read-only: opening the study through Optuna could create its tables beside the tune doing the same
+                with contextlib.closing(sqlite3.connect(f"file:{out / 'study.db'}?mode=ro", uri=True, timeout=5)) as db:
+                    states = [row[0] for row in db.execute("SELECT state FROM trials")]
+            except sqlite3.Error:  # the tables are not created yet, or the database is busy with the tune's own write
+                continue
             if states.count("COMPLETE") + states.count("PRUNED") >= 1 and "RUNNING" in states:
                 break
     else:
@@ -350,3 +353,29 @@ def test_a_trial_running_when_another_process_fills_the_budget_is_stopped(tmp_pa
     assert summary["distilled"]["beyond_budget"] == 1 and summary["distilled"]["pruned"] == 0
     assert summary["distilled"]["best_value"] == pytest.approx(0.5)  # the other process's trial, the only one counted
     assert load_recipe(out / "best.yaml").train.lr == pytest.approx(0.01)
+
+
+def _open_storage(out, barrier, results):
+    barrier.wait()  # every process opens the new database at once
+    try:
+        importlib.import_module("protege.stages.tune")._storage(None, out)
+        results.put("ok")
+    except Exception as e:  # (reported to the test, which names it)
+        results.put(f"{type(e).__name__}: {str(e)[:200]}")
+
+
+def test_processes_started_together_all_open_a_new_study_database(tmp_path):
+    """Each of several processes opening a new study.db at once would create its tables; unguarded, some fail on
+    alembic_version's UNIQUE constraint (12 of 40 here without the lock)."""
+    ctx = multiprocessing.get_context("fork")
+    for round_ in range(6):
+        out = tmp_path / f"out{round_}"
+        out.mkdir()
+        barrier, results = ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_open_storage, args=(out, barrier, results)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        got = [results.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join()
+        assert got == ["ok"] * 4, got

@@ -19,6 +19,7 @@ start each with the same command and ``--storage`` URL; the study stops when it 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -27,7 +28,7 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from ..errors import FolderInUse, RecipeError, RunError
 from ..files import write_atomic
@@ -107,13 +108,33 @@ def _storage(url: Optional[str], out: Path):
     given = url
     url = url or f"sqlite:///{(out / 'study.db').resolve()}"
     try:
-        with quiet():  # (heartbeats are marked experimental)
+        with quiet(), _creating(url):  # (heartbeats are marked experimental)
             return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120), url
     except Exception as e:  # sqlalchemy's own errors: a bad URL, a database that cannot be reached, a missing driver
         if given is None:
             raise
         raise RecipeError(f"--storage: cannot open the study database ({type(e).__name__}: {str(e).splitlines()[0][:140]}); give "
                           f"a database URL such as sqlite:////shared/tune.db or postgresql://user:password@host/db") from None
+
+
+@contextlib.contextmanager
+def _creating(url: str) -> Iterator[None]:
+    """Hold an exclusive flock on a SQLite database file while Optuna opens it: two processes started together would
+    otherwise both create its tables, and one fails (a UNIQUE constraint on alembic_version). SQLite's own locks are
+    POSIX record locks, which a flock does not touch. Other databases (and a file that cannot be opened) go unguarded."""
+    import fcntl  # POSIX only: imported where it is used
+
+    path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
+    try:
+        handle = open(path, "a") if path and path != ":memory:" else None
+    except OSError:  # (the error worth showing is the one Optuna gives for this URL)
+        handle = None
+    if handle is None:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def _shown_url(url: str) -> str:
