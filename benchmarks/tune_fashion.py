@@ -159,7 +159,7 @@ def span(trials: list[dict]) -> float:
 
 
 def past_budget(study: dict) -> str:
-    """Trials another process was running when the budget filled, stopped and not counted (stages/tune.py counted)."""
+    """Trials another process was running when the budget filled, stopped and not counted (stages/tune_study.py counted)."""
     n = study.get("beyond_budget", 0)
     return f", {n} stopped past the budget" if n else ""
 

@@ -232,7 +232,7 @@ def test_an_overwrite_does_not_start_a_tune_over_under_other_processes(tuned, ca
 
 
 def test_processes_joining_a_study_draw_unrelated_values():
-    from protege.stages.tune import sampler_seed
+    from protege.stages.tune_study import sampler_seed
 
     storage = optuna.storages.InMemoryStorage()
     points = []
@@ -310,7 +310,8 @@ def _frozen(number, state, value, end, **attrs):
 def test_the_budget_counts_the_first_trials_to_finish_and_the_best_is_among_them(tmp_path):
     """With several processes, a trial can end after the study already holds its N finished trials: the budget counts
     the first N to finish, so every process picks the same best (not a trial one process had not yet seen)."""
-    from protege.stages.tune import _best, counted
+    from protege.stages.tune import _best
+    from protege.stages.tune_study import counted
 
     study = optuna.create_study(direction="maximize")
     for t in (_frozen(0, "COMPLETE", 0.90, end=3), _frozen(1, "PRUNED", None, end=1),
@@ -358,7 +359,7 @@ def test_a_trial_running_when_another_process_fills_the_budget_is_stopped(tmp_pa
 def _open_storage(out, barrier, results):
     barrier.wait()  # every process opens the new database at once
     try:
-        importlib.import_module("protege.stages.tune")._storage(None, out)
+        importlib.import_module("protege.stages.tune_study").open_storage(None, out)
         results.put("ok")
     except Exception as e:  # (reported to the test, which names it)
         results.put(f"{type(e).__name__}: {str(e)[:200]}")

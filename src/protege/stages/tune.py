@@ -15,11 +15,11 @@ Layout of the tune folder (default runs/<name>-tune):
 A killed tune resumes with the same command: finished trials stay in the study, the trial that was running when the
 process died is marked failed and replaced. Several processes (or machines sharing a database) can work on one study:
 start each with the same command and ``--storage`` URL; the study stops when it holds N finished trials. With
---seeds, the processes then share the final runs as well (stages/seeds.py).
+--seeds, the processes then share the final runs as well (stages/seeds.py). The study's bookkeeping across processes is
+stages/tune_study.py; the search space, stages/tune_space.py.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -28,7 +28,7 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from ..errors import FolderInUse, RecipeError, RunError
 from ..files import write_atomic
@@ -41,10 +41,13 @@ from ..tune import Range
 from .distill import distill
 from .seeds import _trains_teacher, distill_seeds, labels_only, one_process, with_fields
 from .tune_space import at_edge, edge_advice, search_spaces, sample
+from .tune_study import all_trials, counted, delete_study, fail_dead_trials, finished, open_storage, sampler_seed, settle, shown_url
 
 log = logging.getLogger(__name__)
 KINDS = ("distilled", "baseline")
 TRIAL = {"prune": None, "quantize": None, "tune": {}}  # a trial trains and validates the student, nothing more
+
+
 def _identity(recipe: Recipe, spaces: dict) -> dict:
     """What a tune folder was made for: the recipe (without the trial count and the final run's seeds, which may
     change between starts) and the search spaces."""
@@ -100,117 +103,6 @@ def _teacher(recipe: Recipe, out: Path) -> Recipe:
     return with_fields(recipe, {"teacher.weights": str(weights.resolve()), "teacher.train": None})
 
 
-def _storage(url: Optional[str], out: Path):
-    """The Optuna storage: a SQLite file in the tune folder, or the database URL given (several machines). Heartbeats
-    let a process find trials whose process died."""
-    import optuna
-
-    given = url
-    url = url or f"sqlite:///{(out / 'study.db').resolve()}"
-    try:
-        with quiet(), _creating(url):  # (heartbeats are marked experimental)
-            return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120), url
-    except Exception as e:  # sqlalchemy's own errors: a bad URL, a database that cannot be reached, a missing driver
-        if given is None:
-            raise
-        raise RecipeError(f"--storage: cannot open the study database ({type(e).__name__}: {str(e).splitlines()[0][:140]}); give "
-                          f"a database URL such as sqlite:////shared/tune.db or postgresql://user:password@host/db") from None
-
-
-@contextlib.contextmanager
-def _creating(url: str) -> Iterator[None]:
-    """Hold an exclusive flock on a SQLite database file while Optuna opens it: two processes started together would
-    otherwise both create its tables, and one fails (a UNIQUE constraint on alembic_version). SQLite's own locks are
-    POSIX record locks, which a flock does not touch. Other databases (and a file that cannot be opened) go unguarded."""
-    import fcntl  # POSIX only: imported where it is used
-
-    path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
-    try:
-        handle = open(path, "a") if path and path != ":memory:" else None
-    except OSError:  # (the error worth showing is the one Optuna gives for this URL)
-        handle = None
-    if handle is None:
-        yield
-        return
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-
-
-def _shown_url(url: str) -> str:
-    """A storage URL as it may be written into a file: without its password."""
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
-
-
-def _fail_dead_trials(study, storage) -> None:
-    """Trials still marked running whose process (on this machine) is gone: failed now, so they are replaced."""
-    from optuna.trial import TrialState
-
-    me = socket.gethostname()
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        host, pid = t.user_attrs.get("host"), t.user_attrs.get("pid")
-        if host == me and pid is not None and not _alive(int(pid)):
-            try:
-                storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-            except (RuntimeError, ValueError):  # another process resuming at the same moment failed it first
-                continue
-            log.info(f"tune: trial {t.number} was running in a process that ended (pid {pid}); marked failed, it will be replaced")
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # a trial of this very process cannot be running before it starts one
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _finished(study) -> int:
-    """Finished trials toward the budget (a trial stopped past it is not one of them)."""
-    from optuna.trial import TrialState
-
-    return sum(not t.user_attrs.get("beyond_budget")
-               for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-
-
-def _settle(study, storage, kind: str) -> None:
-    """Wait until no trial of the study is running: another process's trial stops at its next check now that the
-    budget is full, and a dead process's trial is failed (on this machine at once, elsewhere by its heartbeat). Then
-    every process of the tune sees the same finished trials, and ``counted`` the same first N."""
-    from optuna.storages import fail_stale_trials
-    from optuna.trial import TrialState
-
-    told = False
-    while True:
-        _fail_dead_trials(study, storage)
-        with quiet():  # (heartbeats are marked experimental)
-            fail_stale_trials(study)
-        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if not running:
-            return
-        if not told:
-            log.info(f"tune {kind}: waiting for {len(running)} trial(s) other processes are running (each stops at its next "
-                     f"check: the study holds its finished trials)")
-            told = True
-        time.sleep(5)
-
-
-def sampler_seed(seed: int, trials: int, running: int) -> int:
-    """The sampler's seed for a process starting on a study that holds ``trials`` trials, ``running`` of them running:
-    the recipe's seed mixed with both counts (numpy's SeedSequence), so that processes joining one study draw
-    unrelated values. (Nearby plain seeds do not guarantee that: numpy's generators seeded 0 and 7920 draw almost the
-    same first numbers, so a second process once repeated the first one's trial.)"""
-    import numpy as np
-
-    return int(np.random.SeedSequence([seed, trials, running]).generate_state(1)[0])
-
-
 def _study(recipe: Recipe, kind: str, storage, out: Path, space: dict[str, Range], trials: int, identity: str) -> Any:
     """Run (or continue) one study until it holds ``trials`` finished trials; returns it. A study of the same name made
     for another recipe (a shared --storage) is refused."""
@@ -220,7 +112,7 @@ def _study(recipe: Recipe, kind: str, storage, out: Path, space: dict[str, Range
     t = recipe.tune
     pruner = optuna.pruners.MedianPruner(n_startup_trials=t.startup_trials, n_warmup_steps=round(100 * t.warmup)) if t.prune \
         else optuna.pruners.NopPruner()
-    earlier = _all(storage, name)  # a process joining a running study draws other values than the one already there
+    earlier = all_trials(storage, name)  # a process joining a running study draws other values than the one already there
     seed = sampler_seed(recipe.seed, len(earlier), sum(t.state.name == "RUNNING" for t in earlier))
     with quiet():
         study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True, pruner=pruner,
@@ -231,8 +123,8 @@ def _study(recipe: Recipe, kind: str, storage, out: Path, space: dict[str, Range
     elif made_for != identity:
         raise RecipeError(f"the storage already holds a study '{name}' made for another recipe; give this recipe another name, "
                           f"use another --storage, or --overwrite to delete that study")
-    _fail_dead_trials(study, storage)
-    done = _finished(study)
+    fail_dead_trials(study, storage)
+    done = finished(study)
     if done >= trials:
         log.info(f"tune {kind}: the study holds {done} finished trials (asked for {trials}); nothing to run")
         return study
@@ -258,7 +150,7 @@ def _study(recipe: Recipe, kind: str, storage, out: Path, space: dict[str, Range
             if stage != "student" or step <= reported[0]:
                 return
             reported[0] = step
-            if _finished(trial.study) >= trials:  # another process ended the budget's last trial: this one is past it
+            if finished(trial.study) >= trials:  # another process ended the budget's last trial: this one is past it
                 trial.set_user_attr("beyond_budget", True)
                 raise optuna.TrialPruned(f"the study holds its {trials} finished trials; stopped at epoch {epoch}")
             trial.report(score, step)
@@ -267,7 +159,7 @@ def _study(recipe: Recipe, kind: str, storage, out: Path, space: dict[str, Range
 
         with watch_epochs(report):
             distill(r, folder, overwrite=True, test=False, shared_cache=out / "teacher_cache")
-        if _finished(trial.study) >= trials:  # the budget filled after this trial's last check: it ends past it
+        if finished(trial.study) >= trials:  # the budget filled after this trial's last check: it ends past it
             trial.set_user_attr("beyond_budget", True)
         cfg = read_json(folder / "student" / "config.json", "run the tune again")
         trial.set_user_attr("best_epoch", cfg["best_epoch"])
@@ -280,12 +172,12 @@ def _study(recipe: Recipe, kind: str, storage, out: Path, space: dict[str, Range
         except ValueError:
             pass
         shown["pruned"] = str(pruned)
-        shown["study"] = f"{_finished(study)}/{trials} finished"  # (with several processes, the bar counts this one's trials)
+        shown["study"] = f"{finished(study)}/{trials} finished"  # (with several processes, the bar counts this one's trials)
         if trial.state.name == "FAIL":
             failed[0] += 1
             log.warning(f"tune {kind}: trial {trial.number} failed: {trial.system_attrs.get('fail_reason', 'see its folder')}")
         next(bar, None)  # logs this trial's line (a bar in a terminal)
-        if _finished(study) >= trials:
+        if finished(study) >= trials:
             study.stop()
         elif failed[0] > max(trials, 5):
             raise RunError(f"tune {kind}: {failed[0]} trials failed (training diverged); lower the high end of train.lr in "
@@ -294,35 +186,6 @@ def _study(recipe: Recipe, kind: str, storage, out: Path, space: dict[str, Range
     with quiet():
         study.optimize(objective, callbacks=[after], catch=(Diverged,), gc_after_trial=True)
     return study
-
-
-def _all(storage, name: str) -> list:
-    import optuna
-
-    try:
-        return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
-    except KeyError:
-        return []
-
-
-def _delete(storage, name: str) -> None:
-    import optuna
-
-    try:
-        optuna.delete_study(study_name=name, storage=storage)
-    except KeyError:
-        pass
-
-
-def counted(study, trials: int) -> list:
-    """The trials the budget counts: the first ``trials`` to finish (complete or pruned; by end time, then number).
-    A trial another process was running when the budget filled is not among them (it is stopped at its next check, or,
-    started by an older protege, ends past the budget), so every process of a tune picks the same best trial."""
-    from optuna.trial import TrialState
-
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-            if not t.user_attrs.get("beyond_budget")]
-    return sorted(done, key=lambda t: (t.datetime_complete, t.number))[:trials]
 
 
 def _best(recipe: Recipe, study, budget: int) -> tuple[Recipe, dict]:
@@ -374,23 +237,23 @@ def _tune(recipe: Recipe, out: Path, trials: int, baseline: bool, final_seeds: O
           overwrite: bool, spaces: dict, ident: dict) -> dict:
     _check_folder(out, ident, resume=True, overwrite=overwrite)
     if storage:  # a bad URL fails before anything is written
-        storage_obj, url = _storage(storage, out)
+        storage_obj, url = open_storage(storage, out)
     out.mkdir(parents=True, exist_ok=True)
     if not storage:
-        storage_obj, url = _storage(None, out)
+        storage_obj, url = open_storage(None, out)
     if overwrite:  # (a shared --storage keeps its studies outside the folder)
         for name in (recipe.name, f"{recipe.name}-baseline"):
-            _delete(storage_obj, name)
+            delete_study(storage_obj, name)
     write_atomic(out / "tune.json", json.dumps(ident, indent=2))
     base = _teacher(recipe.model_copy(update={"seeds": 1, "baseline": False}), out)
     t0 = time.perf_counter()
-    summary: dict[str, Any] = {"name": recipe.name, "trials_per_study": trials, "storage": _shown_url(url) if storage else "study.db"}
+    summary: dict[str, Any] = {"name": recipe.name, "trials_per_study": trials, "storage": shown_url(url) if storage else "study.db"}
     best: dict[str, Recipe] = {}
     for kind, space in spaces.items():
         start = base if kind == "distilled" else labels_only(base)
         log.info(f"tune {kind}: {trials} trials over {', '.join(space)}; objective: validation accuracy (test split unread)")
         study = _study(start, kind, storage_obj, out, space, trials, ident["recipe_sha256"])
-        _settle(study, storage_obj, kind)
+        settle(study, storage_obj, kind)
         best[kind], summary[kind] = _best(start, study, trials)
         name = "best.yaml" if kind == "distilled" else "best_baseline.yaml"
         dump_recipe(best[kind], out / name)
