@@ -18,6 +18,7 @@ import pytest
 from protege import api
 from protege.data import Split
 from protege.recipe import load_recipe
+from protege.stages.tune_space import search_spaces
 
 from ..conftest import PROTEGE
 from ..helpers import assert_clean_error, file_digests, run_cli, tiny_recipe_file
@@ -356,27 +357,40 @@ def test_a_trial_running_when_another_process_fills_the_budget_is_stopped(tmp_pa
     assert load_recipe(out / "best.yaml").train.lr == pytest.approx(0.01)
 
 
-def _open_storage(out, barrier, results):
-    barrier.wait()  # every process opens the new database at once
+def _start_here(recipe, out, ident, barrier, results):
+    barrier.wait(timeout=60)  # every process starts on the new folder at once
     try:
-        importlib.import_module("protege.stages.tune_study").open_storage(None, out)
-        results.put("ok")
+        importlib.import_module("protege.stages.tune")._start(recipe, out, ident, None, False)
+        results.put((ident["recipe_sha256"], "ok"))
     except Exception as e:  # (reported to the test, which names it)
-        results.put(f"{type(e).__name__}: {str(e)[:200]}")
+        results.put((ident["recipe_sha256"], f"{type(e).__name__}: {str(e)[:200]}"))
 
 
-def test_processes_started_together_all_open_a_new_study_database(tmp_path):
-    """Each of several processes opening a new study.db at once would create its tables; unguarded, some fail on
-    alembic_version's UNIQUE constraint (12 of 40 here without the lock)."""
+def test_processes_started_together_on_a_new_folder_share_it_or_are_refused(tmp_path):
+    """Processes starting on a new tune folder at once: unguarded, some failed on the study database's tables
+    (alembic_version's UNIQUE constraint; 12 of 40 here) or found the folder 'not a tune folder' (another's
+    study.db). Now the same recipe's all start, and a process of another recipe racing them is refused, whichever
+    claimed the folder first: tune.json names the recipe of those that started."""
+    tune_mod = importlib.import_module("protege.stages.tune")
+    recipe = load_recipe(_recipe(tmp_path, trials=2, space={"train.lr": {"low": 1e-3, "high": 0.05, "log": True}}))
+    other = recipe.model_copy(update={"seed": recipe.seed + 1})
+    idents = [tune_mod._identity(r, search_spaces(r, False)) for r in (recipe, recipe, recipe, other)]
+    assert idents[0]["recipe_sha256"] != idents[3]["recipe_sha256"]
     ctx = multiprocessing.get_context("fork")
     for round_ in range(6):
         out = tmp_path / f"out{round_}"
-        out.mkdir()
         barrier, results = ctx.Barrier(4), ctx.Queue()
-        procs = [ctx.Process(target=_open_storage, args=(out, barrier, results)) for _ in range(4)]
-        for p in procs:
-            p.start()
-        got = [results.get(timeout=120) for _ in procs]
-        for p in procs:
-            p.join()
-        assert got == ["ok"] * 4, got
+        procs = [ctx.Process(target=_start_here, args=(recipe, out, ident, barrier, results), daemon=True) for ident in idents]
+        try:
+            for p in procs:
+                p.start()
+            got = [results.get(timeout=120) for _ in procs]
+        finally:  # (a child stuck for any reason fails the test instead of hanging it)
+            for p in procs:
+                p.join(30)
+                if p.is_alive():
+                    p.kill()
+        claimed = json.loads((out / "tune.json").read_text())["recipe_sha256"]
+        assert all(outcome == "ok" for sha, outcome in got if sha == claimed), got
+        assert all("made for another recipe" in outcome for sha, outcome in got if sha != claimed), got
+        assert sorted(p.name for p in out.iterdir()) == ["study.db", "study.db.lock", "tune.json"]  # no claim left behind

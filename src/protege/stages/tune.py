@@ -71,7 +71,7 @@ def _check_folder(out: Path, ident: dict, resume: bool, overwrite: bool) -> None
     if out.exists() and not out.is_dir():
         raise RunError(f"output path '{out}' is a file; choose a folder for --out")
     if overwrite and made.is_file():
-        for name in ("study.db", "teacher", "teacher_cache", *KINDS, "final", "best.yaml", "best_baseline.yaml", "summary.json", "tune.json"):
+        for name in ("study.db", "study.db.lock", "teacher", "teacher_cache", *KINDS, "final", "best.yaml", "best_baseline.yaml", "summary.json", "tune.json"):
             p = out / name
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         return
@@ -82,8 +82,32 @@ def _check_folder(out: Path, ident: dict, resume: bool, overwrite: bool) -> None
             raise RecipeError(f"'{out}' was made for another recipe (differs in {', '.join(diff[:4])}); its trials would not "
                               f"apply: use another --out, or --overwrite to start this folder over")
         return
-    if out.is_dir() and any(p.name != JOIN for p in out.iterdir()):
+    if out.is_dir() and any(p.name != JOIN and not _claiming(p.name) for p in out.iterdir()):
         raise RunError(f"'{out}' is not empty and is not a tune folder; choose an empty or new folder for --out")
+
+
+def _claiming(name: str) -> bool:
+    """A tune.json being written by a process starting beside this one (_claim's or write_atomic's temporary file)."""
+    return name.startswith("tune.json.") and name.endswith(".tmp")
+
+
+def _claim(out: Path, ident: dict) -> None:
+    """Write tune.json in a new tune folder, before anything else (the study database follows it). Two processes
+    starting together may both have found the folder new: the link is atomic, so one writes the file and the other
+    then checks it as on a resume (the same recipe joins, another is refused)."""
+    made = out / "tune.json"
+    if made.is_file():  # (checked by _check_folder)
+        return
+    mine = out / f"tune.json.{os.getpid()}.claim.tmp"
+    write_atomic(mine, json.dumps(ident, indent=2))
+    try:
+        os.link(mine, made)
+    except FileExistsError:
+        _check_folder(out, ident, resume=True, overwrite=False)
+    except OSError:  # a file system without hard links: a plain rename (the rare race above goes unguarded there)
+        os.replace(mine, made)
+    finally:
+        mine.unlink(missing_ok=True)
 
 
 def _teacher(recipe: Recipe, out: Path) -> Recipe:
@@ -233,18 +257,25 @@ def tune(recipe: Recipe, out: str | Path, *, trials: Optional[int] = None, basel
         return _tune(recipe, out, trials, baseline, final_seeds, storage, overwrite, spaces, ident)
 
 
-def _tune(recipe: Recipe, out: Path, trials: int, baseline: bool, final_seeds: Optional[int], storage: Optional[str],
-          overwrite: bool, spaces: dict, ident: dict) -> dict:
+def _start(recipe: Recipe, out: Path, ident: dict, storage: Optional[str], overwrite: bool) -> tuple[Any, str]:
+    """What each process does first, also when several start at once: check the folder, claim it (tune.json), open
+    the study database; with --overwrite, start the studies over. Returns the storage and its URL."""
     _check_folder(out, ident, resume=True, overwrite=overwrite)
     if storage:  # a bad URL fails before anything is written
         storage_obj, url = open_storage(storage, out)
     out.mkdir(parents=True, exist_ok=True)
+    _claim(out, ident)
     if not storage:
         storage_obj, url = open_storage(None, out)
     if overwrite:  # (a shared --storage keeps its studies outside the folder)
         for name in (recipe.name, f"{recipe.name}-baseline"):
             delete_study(storage_obj, name)
-    write_atomic(out / "tune.json", json.dumps(ident, indent=2))
+    return storage_obj, url
+
+
+def _tune(recipe: Recipe, out: Path, trials: int, baseline: bool, final_seeds: Optional[int], storage: Optional[str],
+          overwrite: bool, spaces: dict, ident: dict) -> dict:
+    storage_obj, url = _start(recipe, out, ident, storage, overwrite)
     base = _teacher(recipe.model_copy(update={"seeds": 1, "baseline": False}), out)
     t0 = time.perf_counter()
     summary: dict[str, Any] = {"name": recipe.name, "trials_per_study": trials, "storage": shown_url(url) if storage else "study.db"}

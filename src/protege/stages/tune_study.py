@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from ..errors import RecipeError
+from ..files import exclusive
 from ..logs import quiet
 
 log = logging.getLogger("protege.stages.tune")  # (its lines are the tune's)
@@ -36,21 +37,23 @@ def open_storage(url: Optional[str], out: Path):
 
 @contextlib.contextmanager
 def _creating(url: str) -> Iterator[None]:
-    """Hold an exclusive flock on a SQLite database file while Optuna opens it: two processes started together would
-    otherwise both create its tables, and one fails (a UNIQUE constraint on alembic_version). SQLite's own locks are
-    POSIX record locks, which a flock does not touch. Other databases (and a file that cannot be opened) go unguarded."""
-    import fcntl  # POSIX only: imported where it is used
+    """Hold an exclusive flock on ``<database>.lock`` beside a SQLite database file while Optuna opens it: two
+    processes started together would otherwise both create its tables, and one fails (a UNIQUE constraint on
+    alembic_version). A lock file of its own, not the database: closing a handle on the database would drop SQLite's
+    own (POSIX) locks of this process. Other databases, in-memory and URI-style SQLite names, and a file whose folder
+    does not exist (Optuna's error says so) go unguarded."""
+    from sqlalchemy.engine import make_url
 
-    path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
     try:
-        handle = open(path, "a") if path and path != ":memory:" else None
-    except OSError:  # (the error worth showing is the one Optuna gives for this URL)
-        handle = None
-    if handle is None:
+        u = make_url(url)
+        name = u.database if u.get_backend_name() == "sqlite" and "uri" not in u.query else None
+    except Exception:  # (a URL SQLAlchemy cannot read: its own error, from Optuna, is the one to show)
+        name = None
+    lock = Path(name + ".lock") if name and name != ":memory:" and not name.startswith("file:") else None
+    if lock is None or not lock.parent.is_dir():
         yield
         return
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    with exclusive(lock):
         yield
 
 
