@@ -95,3 +95,28 @@ def test_failed_start_leaves_no_folder_behind(tmp_path, capsys):
                                                                                 target="y")), "--out", out], capsys)
     assert_clean_error(code, err, "no.csv")
     assert not (tmp_path / "new").exists()
+
+
+def test_a_join_file_removed_between_open_and_lock_is_not_the_one_held(tmp_path, monkeypatch):
+    """A process whose start failed removes .protege.join (leaving no trace) just after another opened it: the other
+    must lock the file that is there now, or an --overwrite would later get the folder while it works."""
+    import fcntl
+
+    from protege.errors import FolderInUse
+    from protege.run import JOIN, joined
+
+    folder = tmp_path / "seeds"
+    real, removed = fcntl.flock, []
+
+    def flock(handle, op):
+        if not removed and (folder / JOIN).exists():  # the other process's cleanup, in between
+            (folder / JOIN).unlink()
+            removed.append(True)
+        return real(handle, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with joined(folder):
+        assert removed and (folder / JOIN).is_file()
+        with pytest.raises(FolderInUse, match="other processes are working in it"):
+            with joined(folder, alone=True):
+                pass

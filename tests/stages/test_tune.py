@@ -394,3 +394,16 @@ def test_processes_started_together_on_a_new_folder_share_it_or_are_refused(tmp_
         assert all(outcome == "ok" for sha, outcome in got if sha == claimed), got
         assert all("made for another recipe" in outcome for sha, outcome in got if sha != claimed), got
         assert sorted(p.name for p in out.iterdir()) == ["study.db", "study.db.lock", "tune.json"]  # no claim left behind
+
+
+def test_an_overwrite_removes_the_tunes_files_and_a_killed_starts_claim_only(tmp_path):
+    tune_mod = importlib.import_module("protege.stages.tune")
+    recipe = load_recipe(_recipe(tmp_path, trials=2))
+    ident = tune_mod._identity(recipe, search_spaces(recipe, False))
+    out = tmp_path / "out"
+    (out / "distilled" / "trials" / "0000").mkdir(parents=True)
+    for name in ("tune.json", "study.db", "study.db.lock", "best.yaml", "summary.json", "tune.json.host-1-abcd1234.tmp",
+                 "notes.txt"):
+        (out / name).write_text("{}")
+    tune_mod._check_folder(out, ident, resume=True, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # the user's own file stays

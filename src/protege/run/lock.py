@@ -117,18 +117,27 @@ def joined(path: str | Path, alone: bool = False) -> Iterator[None]:
 
     path = Path(path)
     made = not path.exists()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        handle = open(path / JOIN, "a")
-    except OSError as e:
-        raise RunError(f"cannot write to the folder '{path}': {e.strerror}; choose a writable folder for --out") from None
-    with handle:
+    for _ in range(100):  # (again only when a process whose start failed removed the file, or its folder, in between)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            handle = open(path / JOIN, "a")
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise RunError(f"cannot write to the folder '{path}': {e.strerror}; choose a writable folder for --out") from None
         try:
             fcntl.flock(handle, (fcntl.LOCK_EX if alone else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except OSError:
+            handle.close()
             raise FolderInUse(f"'{path}' is in use by another protege process" + (
                 " (other processes are working in it); wait for them to finish, or use another folder" if alone else
                 " that is overwriting it; wait for it to finish, then run again with --resume")) from None
+        if _same_file(handle, path / JOIN):
+            break
+        handle.close()  # a lock on a removed file would keep nobody out: lock the one there now
+    else:
+        raise RunError(f"cannot lock the folder '{path}': its {JOIN} keeps being removed; choose another folder for --out")
+    with handle:
         try:
             yield
         finally:  # nothing else was written (a start that failed) and nobody else is here: leave no trace
@@ -140,6 +149,15 @@ def joined(path: str | Path, alone: bool = False) -> Iterator[None]:
                         path.rmdir()
             except OSError:
                 pass
+
+
+def _same_file(handle, path: Path) -> bool:
+    """Whether the open ``handle`` is still the file at ``path`` (not one removed after it was opened)."""
+    try:
+        mine, there = os.fstat(handle.fileno()), os.stat(path)
+    except OSError:
+        return False
+    return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _acquire(path: Path, command: str) -> tuple:
@@ -162,12 +180,8 @@ def _acquire(path: Path, command: str) -> tuple:
             handle.close()
             raise FolderInUse(f"'{path}' is in use by another protege process ({holder}); wait for it to finish, or use "
                               f"another folder") from None
-        try:
-            mine, there = os.fstat(handle.fileno()), os.stat(path / LOCK)
-            if (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino):
-                break
-        except OSError:
-            pass
+        if _same_file(handle, path / LOCK):
+            break
         handle.close()  # its last holder wrote nothing and removed it after this process opened it: lock the new one
     else:
         raise RunError(f"cannot lock the run folder '{path}': its lock file or the folder keeps being removed; choose another "

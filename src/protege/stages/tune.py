@@ -20,6 +20,7 @@ stages/tune_study.py; the search space, stages/tune_space.py.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -27,11 +28,12 @@ import os
 import shutil
 import socket
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
-from ..errors import FolderInUse, RecipeError, RunError
-from ..files import write_atomic
+from ..errors import FolderInUse, RecipeError, RunError, StorageError
+from ..files import write_atomic, write_error, write_fix
 from ..logs import progress, quiet
 from ..recipe import Recipe, dump_recipe
 from ..run import JOIN, joined, read_json
@@ -65,25 +67,33 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix[:-1]]
 
 
+STARTING = ("tune.json", "study.db", "study.db.lock")  # what a process starting beside this one may have written
+
+
 def _check_folder(out: Path, ident: dict, resume: bool, overwrite: bool) -> None:
     """A new tune folder, or the same recipe's (resumed); another recipe's is refused, nothing in it touched."""
-    made = out / "tune.json"
     if out.exists() and not out.is_dir():
         raise RunError(f"output path '{out}' is a file; choose a folder for --out")
-    if overwrite and made.is_file():
-        for name in ("study.db", "study.db.lock", "teacher", "teacher_cache", *KINDS, "final", "best.yaml", "best_baseline.yaml", "summary.json", "tune.json"):
+    if overwrite and (out / "tune.json").is_file():
+        for name in (*STARTING, "teacher", "teacher_cache", *KINDS, "final", "best.yaml", "best_baseline.yaml", "summary.json"):
             p = out / name
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        for p in out.glob("tune.json.*.tmp"):  # (the claim of a process that was killed while it started)
+            p.unlink(missing_ok=True)
         return
-    if made.is_file():
-        old = read_json(made, "remove the tune folder or choose another --out")
-        if old.get("recipe_sha256") != ident["recipe_sha256"]:
-            diff = _differences(old.get("recipe"), ident["recipe"]) or ["tune.space"]
-            raise RecipeError(f"'{out}' was made for another recipe (differs in {', '.join(diff[:4])}); its trials would not "
-                              f"apply: use another --out, or --overwrite to start this folder over")
-        return
-    if out.is_dir() and any(p.name != JOIN and not _claiming(p.name) for p in out.iterdir()):
+    names = [p.name for p in out.iterdir()] if out.is_dir() else []
+    if "tune.json" in names:
+        _same_recipe(out, ident)
+    elif any(n != JOIN and n not in STARTING and not _claiming(n) for n in names):
         raise RunError(f"'{out}' is not empty and is not a tune folder; choose an empty or new folder for --out")
+
+
+def _same_recipe(out: Path, ident: dict) -> None:
+    old = read_json(out / "tune.json", "remove the tune folder or choose another --out")
+    if old.get("recipe_sha256") != ident["recipe_sha256"]:
+        diff = _differences(old.get("recipe"), ident["recipe"]) or ["tune.space"]
+        raise RecipeError(f"'{out}' was made for another recipe (differs in {', '.join(diff[:4])}); its trials would not "
+                          f"apply: use another --out, or --overwrite to start this folder over")
 
 
 def _claiming(name: str) -> bool:
@@ -92,20 +102,24 @@ def _claiming(name: str) -> bool:
 
 
 def _claim(out: Path, ident: dict) -> None:
-    """Write tune.json in a new tune folder, before anything else (the study database follows it). Two processes
-    starting together may both have found the folder new: the link is atomic, so one writes the file and the other
-    then checks it as on a resume (the same recipe joins, another is refused)."""
+    """Write tune.json in a new tune folder, before the study database. Processes starting together may all have
+    found the folder new: the link is atomic, so one writes the file and the others check it as on a resume (the same
+    recipe joins, another is refused)."""
     made = out / "tune.json"
-    if made.is_file():  # (checked by _check_folder)
-        return
-    mine = out / f"tune.json.{os.getpid()}.claim.tmp"
+    if made.is_file():
+        return _same_recipe(out, ident)
+    mine = out / f"tune.json.{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"  # (one --out, several machines)
     write_atomic(mine, json.dumps(ident, indent=2))
     try:
         os.link(mine, made)
     except FileExistsError:
-        _check_folder(out, ident, resume=True, overwrite=False)
-    except OSError:  # a file system without hard links: a plain rename (the rare race above goes unguarded there)
-        os.replace(mine, made)
+        _same_recipe(out, ident)
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise StorageError(f"cannot write {made} ({write_error(e)}); {write_fix(e, made)}, then run the command again") from None
+        if not made.exists():  # a file system without hard links: a rename (two processes racing here go unguarded)
+            os.replace(mine, made)
+        _same_recipe(out, ident)
     finally:
         mine.unlink(missing_ok=True)
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from ..errors import RecipeError
-from ..files import exclusive
 from ..logs import quiet
 
 log = logging.getLogger("protege.stages.tune")  # (its lines are the tune's)
@@ -40,20 +39,28 @@ def _creating(url: str) -> Iterator[None]:
     """Hold an exclusive flock on ``<database>.lock`` beside a SQLite database file while Optuna opens it: two
     processes started together would otherwise both create its tables, and one fails (a UNIQUE constraint on
     alembic_version). A lock file of its own, not the database: closing a handle on the database would drop SQLite's
-    own (POSIX) locks of this process. Other databases, in-memory and URI-style SQLite names, and a file whose folder
-    does not exist (Optuna's error says so) go unguarded."""
+    own (POSIX) locks of this process. Other databases, in-memory and URI-style SQLite names, and a lock file that
+    cannot be made (a missing or read-only folder: Optuna's own error, if any, is the one to show) go unguarded."""
+    import fcntl  # POSIX only: imported where it is used
+
     from sqlalchemy.engine import make_url
 
     try:
         u = make_url(url)
         name = u.database if u.get_backend_name() == "sqlite" and "uri" not in u.query else None
-    except Exception:  # (a URL SQLAlchemy cannot read: its own error, from Optuna, is the one to show)
+    except Exception:  # (a URL SQLAlchemy cannot read: its error, through Optuna, is the one to show)
         name = None
-    lock = Path(name + ".lock") if name and name != ":memory:" and not name.startswith("file:") else None
-    if lock is None or not lock.parent.is_dir():
+    handle = None
+    if name and name != ":memory:" and not name.startswith("file:"):
+        try:
+            handle = open(name + ".lock", "a")
+        except OSError:
+            pass
+    if handle is None:
         yield
         return
-    with exclusive(lock):
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
         yield
 
 
