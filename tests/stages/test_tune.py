@@ -7,6 +7,7 @@ import importlib
 import json
 import multiprocessing
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -19,6 +20,7 @@ from protege import api
 from protege.data import Split
 from protege.recipe import load_recipe
 from protege.stages.tune_space import search_spaces
+from protege.stages.tune_study import counted
 
 from ..conftest import PROTEGE
 from ..helpers import assert_clean_error, file_digests, run_cli, tiny_recipe_file
@@ -312,7 +314,7 @@ def test_the_budget_counts_the_first_trials_to_finish_and_the_best_is_among_them
     """With several processes, a trial can end after the study already holds its N finished trials: the budget counts
     the first N to finish, so every process picks the same best (not a trial one process had not yet seen)."""
     from protege.stages.tune import _best
-    from protege.stages.tune_study import counted
+
 
     study = optuna.create_study(direction="maximize")
     for t in (_frozen(0, "COMPLETE", 0.90, end=3), _frozen(1, "PRUNED", None, end=1),
@@ -407,3 +409,25 @@ def test_an_overwrite_removes_the_tunes_files_and_a_killed_starts_claim_only(tmp
         (out / name).write_text("{}")
     tune_mod._check_folder(out, ident, resume=True, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # the user's own file stays
+
+
+def test_two_processes_started_together_share_one_tune(tmp_path):
+    """Two `protege tune` commands started at the same moment on a new folder (the recipe trains its teacher): both
+    finish, the teacher is trained once, the study holds the budget's trials, and both name the same best trial."""
+    recipe = _recipe(tmp_path, trials=4, space={"train.lr": {"low": 1e-3, "high": 0.05, "log": True}})
+    out = tmp_path / "out"
+    cmd = [PROTEGE, "tune", str(recipe), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for _ in range(2)]
+    try:
+        logs = [p.communicate(timeout=900)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(x[-2000:] for x in logs)
+    teacher_epochs = [json.loads(line) for line in (out / "teacher" / "metrics.jsonl").read_text().splitlines()]
+    assert len([m for m in teacher_epochs if m.get("stage") == "teacher"]) == 1  # one epoch, trained once
+    study = _study(out)
+    assert len(counted(study, 4)) == 4
+    best = [re.search(r"tune distilled: best validation accuracy \S+ \(trial (\d+)", x) for x in logs]
+    assert all(best) and best[0].group(1) == best[1].group(1) == str(json.loads((out / "summary.json").read_text())["distilled"]["best_trial"])
