@@ -5,6 +5,7 @@ seeds against a labels-only student tuned with the same trial budget.
 Layout of the tune folder (default runs/<name>-tune):
   tune.json                 what the folder was made for (the recipe, the search spaces), checked on every start
   study.db                  the Optuna studies (SQLite) unless --storage names another database
+  study.db.lock             held while a process opens study.db (processes may start at the same moment)
   teacher/                  the teacher, trained once and loaded by every trial (when the recipe trains one)
   teacher_cache/            the teacher's outputs on the training set, computed by the first trial, read by the others
   distilled/trials/NNNN/    one run folder per trial (no export, no evaluation, the test split dropped)
@@ -13,8 +14,9 @@ Layout of the tune folder (default runs/<name>-tune):
   final/                    with --seeds / --baseline: the best recipes trained and tested (stages/seeds.py)
 
 A killed tune resumes with the same command: finished trials stay in the study, the trial that was running when the
-process died is marked failed and replaced. Several processes (or machines sharing a database) can work on one study:
-start each with the same command and ``--storage`` URL; the study stops when it holds N finished trials. With
+process died is marked failed and replaced. Several processes can work on one study: start each with the same command
+(on several machines, the same ``--storage`` URL and a shared --out), at the same moment if you like: tune.json is
+claimed with an atomic link and the database opened under its lock. The study stops at N finished trials. With
 --seeds, the processes then share the final runs as well (stages/seeds.py). The study's bookkeeping across processes is
 stages/tune_study.py; the search space, stages/tune_space.py.
 """
