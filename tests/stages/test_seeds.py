@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -196,6 +197,8 @@ def test_a_run_another_process_holds_is_left_to_it_then_waited_for(tmp_path):
     taken = [i for i, m in enumerate(messages) if f"{held} is being trained by another process; taking the next run" in m]
     waited = [i for i, m in enumerate(messages) if waiting in m]
     assert taken and waited and taken[0] < waited[0]
+    steps = [i for i, m in enumerate(messages) if re.match(r"seeds: \d/4 ", m)]  # a step per run finished here,
+    assert len(steps) == 4 and steps[-1] > waited[0]  # the run waited for included (not counted when it was skipped)
     assert [r["seed"] for r in summary["runs"]] == [0, 1] and all(r["baseline"] for r in summary["runs"])
     others = [out / k / f"seed{s}" / "report.json" for k, s in (("distilled", 0), ("distilled", 1), ("baseline", 1))]
     assert all(p.stat().st_mtime_ns < released[0] for p in others)  # trained while the holder held baseline/seed0

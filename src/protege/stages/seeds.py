@@ -189,17 +189,19 @@ def _seeds(recipe: Recipe, out: Path, overwrite: bool, baseline_recipe: Optional
             if train(seed, kind):
                 return
 
-    deferred = []  # several processes may work on one --seeds folder: each takes the runs nobody holds
-    for seed, kind in progress(jobs, "seeds", logger=log, every=0, postfix=shown):
-        if train(seed, kind):
-            continue
-        if _trains_teacher(recipe) and "teacher.weights" not in fixed:  # that run trains every later run's teacher
-            wait_for(seed, kind)
-        else:
+    pending, deferred = list(jobs), []  # several processes may work on one --seeds folder: each takes the runs nobody
+    for _ in progress(range(len(jobs)), "seeds", logger=log, every=0, postfix=shown):  # holds (a step: one run here)
+        while pending:
+            seed, kind = pending.pop(0)
+            if train(seed, kind):
+                break
+            if _trains_teacher(recipe) and "teacher.weights" not in fixed:  # that run trains every later run's teacher
+                wait_for(seed, kind)
+                break
             log.info(f"seeds: {out / kind / f'seed{seed}'} is being trained by another process; taking the next run")
             deferred.append((seed, kind))
-    for seed, kind in deferred:
-        wait_for(seed, kind)
+        else:  # nothing left that nobody holds: wait for the others' runs, in order
+            wait_for(*deferred.pop(0))
     summary = {"name": recipe.name, **summarise(list(results.values()), len(data.test)), "test_examples": len(data.test),
                "held_fixed": {"split_seed": split, "teacher": fixed.get("teacher.weights", recipe.teacher.weights or recipe.teacher.model)},
                "notes": "test accuracy of each run's validation-selected epoch (and of its last epoch); the difference is "
