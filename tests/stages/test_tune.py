@@ -315,7 +315,6 @@ def test_the_budget_counts_the_first_trials_to_finish_and_the_best_is_among_them
     the first N to finish, so every process picks the same best (not a trial one process had not yet seen)."""
     from protege.stages.tune import _best
 
-
     study = optuna.create_study(direction="maximize")
     for t in (_frozen(0, "COMPLETE", 0.90, end=3), _frozen(1, "PRUNED", None, end=1),
               _frozen(2, "COMPLETE", 0.95, end=5),  # third to finish: past a budget of 2
@@ -407,7 +406,7 @@ def test_an_overwrite_removes_the_tunes_files_and_a_killed_starts_claim_only(tmp
     for name in ("tune.json", "study.db", "study.db.lock", "best.yaml", "summary.json", "tune.json.host-1-abcd1234.tmp",
                  "notes.txt"):
         (out / name).write_text("{}")
-    tune_mod._check_folder(out, ident, resume=True, overwrite=True)
+    tune_mod._check_folder(out, ident, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # the user's own file stays
 
 

@@ -50,6 +50,7 @@ from .tune_study import all_trials, counted, delete_study, fail_dead_trials, fin
 log = logging.getLogger(__name__)
 KINDS = ("distilled", "baseline")
 TRIAL = {"prune": None, "quantize": None, "tune": {}}  # a trial trains and validates the student, nothing more
+STARTING = ("tune.json", "study.db", "study.db.lock")  # what a process starting beside this one may have written
 
 
 def _identity(recipe: Recipe, spaces: dict) -> dict:
@@ -69,10 +70,7 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix[:-1]]
 
 
-STARTING = ("tune.json", "study.db", "study.db.lock")  # what a process starting beside this one may have written
-
-
-def _check_folder(out: Path, ident: dict, resume: bool, overwrite: bool) -> None:
+def _check_folder(out: Path, ident: dict, overwrite: bool) -> None:
     """A new tune folder, or the same recipe's (resumed); another recipe's is refused, nothing in it touched."""
     if out.exists() and not out.is_dir():
         raise RunError(f"output path '{out}' is a file; choose a folder for --out")
@@ -80,8 +78,9 @@ def _check_folder(out: Path, ident: dict, resume: bool, overwrite: bool) -> None
         for name in (*STARTING, "teacher", "teacher_cache", *KINDS, "final", "best.yaml", "best_baseline.yaml", "summary.json"):
             p = out / name
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-        for p in out.glob("tune.json.*.tmp"):  # (the claim of a process that was killed while it started)
-            p.unlink(missing_ok=True)
+        for p in out.iterdir():  # (the claim of a process that was killed while it started)
+            if _claiming(p.name):
+                p.unlink(missing_ok=True)
         return
     names = [p.name for p in out.iterdir()] if out.is_dir() else []
     if "tune.json" in names:
@@ -276,7 +275,7 @@ def tune(recipe: Recipe, out: str | Path, *, trials: Optional[int] = None, basel
 def _start(recipe: Recipe, out: Path, ident: dict, storage: Optional[str], overwrite: bool) -> tuple[Any, str]:
     """What each process does first, also when several start at once: check the folder, claim it (tune.json), open
     the study database; with --overwrite, start the studies over. Returns the storage and its URL."""
-    _check_folder(out, ident, resume=True, overwrite=overwrite)
+    _check_folder(out, ident, overwrite=overwrite)
     if storage:  # a bad URL fails before anything is written
         storage_obj, url = open_storage(storage, out)
     out.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from ..errors import RecipeError
+from ..files import exclusive
 from ..logs import quiet
 
 log = logging.getLogger("protege.stages.tune")  # (its lines are the tune's)
@@ -41,8 +42,6 @@ def _creating(url: str) -> Iterator[None]:
     alembic_version). A lock file of its own, not the database: closing a handle on the database would drop SQLite's
     own (POSIX) locks of this process. Other databases, in-memory and URI-style SQLite names, and a lock file that
     cannot be made (a missing or read-only folder: Optuna's own error, if any, is the one to show) go unguarded."""
-    import fcntl  # POSIX only: imported where it is used
-
     from sqlalchemy.engine import make_url
 
     try:
@@ -50,17 +49,11 @@ def _creating(url: str) -> Iterator[None]:
         name = u.database if u.get_backend_name() == "sqlite" and "uri" not in u.query else None
     except Exception:  # (a URL SQLAlchemy cannot read: its error, through Optuna, is the one to show)
         name = None
-    handle = None
-    if name and name != ":memory:" and not name.startswith("file:"):
-        try:
-            handle = open(name + ".lock", "a")
-        except OSError:
-            pass
-    if handle is None:
-        yield
-        return
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    with contextlib.ExitStack() as guard:
+        lock = Path(name + ".lock") if name and name != ":memory:" and not name.startswith("file:") else None
+        if lock is not None and lock.parent.is_dir():  # (exclusive would make a missing folder)
+            with contextlib.suppress(OSError):
+                guard.enter_context(exclusive(lock))
         yield
 
 
