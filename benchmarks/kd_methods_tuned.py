@@ -16,7 +16,9 @@ with seeds 0-2 and tested once, paired by seed with tuned KD. Born-again is left
 KD student, so one study cannot serve all seeds.
 
 Each finished method's figures (and its study's trials) are kept in benchmarks/results/kd_methods_tuned/<method>.json
-(committed), so a later session continues the table; the tune folders (runs/kd_methods_tuned/) are scratch space.
+(committed), so a later session continues the table; the tune folders (runs/kd_methods_tuned/) are scratch space. A
+method's study is copied into <method>.studies.json beside them while it runs, so a method cut off by the end of a
+session continues from its finished trials (_study_state.py); the file goes once the method's figures are written.
 Writes benchmarks/results/kd_methods_tuned.{json,md}.
 """
 from __future__ import annotations
@@ -56,8 +58,9 @@ def reference(quick: bool) -> dict:
             "kd": {r["seed"]: r["distilled"] for r in runs}, "scratch": {r["seed"]: r["baseline"] for r in runs}}
 
 
-def tune_method(method: str, ref: dict, args, teacher: Path, second: Path, out: Path) -> dict:
-    """Tune one method's knobs on top of tuned KD, train the best recipe with the seeds, return its figures."""
+def tune_method(method: str, ref: dict, args, teacher: Path, second: Path, out: Path, state: Path) -> dict:
+    """Tune one method's knobs on top of tuned KD, train the best recipe with the seeds, return its figures. The
+    study is copied into ``state`` as it runs (a later session continues it: _study_state.py)."""
     folder = out / method
     sets = overrides(method, "fashion", 0, teacher, second, out) + [f"name=fashion_mnist-{method}", "teacher.train=null",
                                                                    "tune.startup_trials=3", "tune.warmup=0.3"]
@@ -71,7 +74,8 @@ def tune_method(method: str, ref: dict, args, teacher: Path, second: Path, out: 
     recipe_file = out / f"{method}.yaml"
     recipe_file.write_text(yaml.safe_dump(data, sort_keys=False))
     print(f"== {method}: {args.trials} trials over {', '.join(space)}", flush=True)
-    summary = tune_in_parallel(recipe_file, folder / "tune", args.trials, args.workers, baseline=False, final_seeds=args.seeds)
+    summary = tune_in_parallel(recipe_file, folder / "tune", args.trials, args.workers, baseline=False, final_seeds=args.seeds,
+                               state=state)
     tuned_s = study_span(folder / "tune", [data["name"]])
     runs = {r["seed"]: r["distilled"] for r in summary["final"]["runs"]}
     return {"method": method, "overrides": METHODS[method], "space": space, "tuning_wall_time_s": tuned_s,
@@ -169,9 +173,11 @@ def main() -> None:
         for m in args.methods:
             done = results_dir / f"{m}.json"
             if not done.is_file():
-                result = tune_method(m, ref, args, teacher, second, out)
                 done.parent.mkdir(parents=True, exist_ok=True)
+                state = results_dir / f"{m}.studies.json"
+                result = tune_method(m, ref, args, teacher, second, out, state)
                 done.write_text(json.dumps(result, indent=2))
+                state.unlink()  # (its trials are in the result)
     results = {m: json.loads((results_dir / f"{m}.json").read_text()) for m in TUNED if (results_dir / f"{m}.json").is_file()}
     if args.quick:
         for m, res in results.items():

@@ -10,13 +10,16 @@ same trial budget, then both trained with 3 seeds and tested once (paired by see
 The recipe is recipes/fashion_mnist.yaml (a 24k-parameter CNN student) with the committed teacher
 (benchmarks/teachers/fashion_mnist_cnn.safetensors, 94.03 % test); the search space is SPACE below. Both studies live
 in one SQLite file; a second process (`protege tune` with the same arguments) works on them at the same time, each
-with one thread. Re-running continues a killed tune. Writes benchmarks/results/tune_fashion.{json,md}
+with one thread. Re-running continues a killed tune, also in a later session: the studies are copied into
+benchmarks/results/tune_fashion<tag>.studies.json while they run (commit it), and a run whose scratch folder is gone
+rebuilds them from it (_study_state.py; the final runs start over). Writes benchmarks/results/tune_fashion.{json,md}
 (tune_fashion_augment8.{json,md} with --augment 8, the labels-only student then drawing fresh augmentations every
 epoch; tune_fashion_student12-20-40d2.{json,md} with --student 12,20,40:2).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -30,6 +33,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 from _env import environment  # noqa: E402
+from _study_state import restore, saving  # noqa: E402
 
 from protege.logs import setup as setup_logging  # noqa: E402
 from protege.recipe import load_recipe  # noqa: E402
@@ -86,7 +90,10 @@ def main() -> None:
     recipe = load_recipe(recipe_file)
 
     folder = out / "tune"
-    summary = tune_in_parallel(recipe_file, folder, args.trials, args.workers, baseline=True, final_seeds=args.seeds)
+    name = "tune_fashion" + tag
+    state = out / "studies.json" if args.quick else ROOT / "results" / f"{name}.studies.json"  # (kept until the results)
+    summary = tune_in_parallel(recipe_file, folder, args.trials, args.workers, baseline=True, final_seeds=args.seeds,
+                               state=state)
     tuned_s = study_span(folder, [recipe.name, f"{recipe.name}-baseline"])  # (a tune continued later is not counted twice)
     result = {"command": "python benchmarks/tune_fashion.py" + (f" --augment {args.augment}" if args.augment else "")
               + (f" --student {args.student}" if args.student else "")
@@ -99,18 +106,26 @@ def main() -> None:
               "teacher_test_accuracy": summary["final"]["runs"][0]["distilled"]["teacher_test_accuracy"], **summary,
               "trials": study_trials(folder, [recipe.name, f"{recipe.name}-baseline"])}
     if not args.quick:
-        (ROOT / "results").mkdir(exist_ok=True)
-        name = "tune_fashion" + tag
         (ROOT / "results" / f"{name}.json").write_text(json.dumps(result, indent=2))
         (ROOT / "results" / f"{name}.md").write_text(markdown(result))
+        state.unlink()  # (its trials are in the results; a rerun tunes afresh)
     print(markdown(result))
 
 
 def tune_in_parallel(recipe_file: Path, folder: Path, trials: int, workers: int, baseline: bool,
-                     final_seeds: int | None = None) -> dict:
+                     final_seeds: int | None = None, state: Path | None = None) -> dict:
     """`protege tune` of ``recipe_file`` into ``folder`` by ``workers`` processes of one thread each, sharing the
     folder's study database (and, with ``final_seeds``, the final runs: each process takes the seeds nobody holds);
-    returns this process's summary once every process is done."""
+    returns this process's summary once every process is done. With ``state`` (a file under benchmarks/results/),
+    the studies are copied there while they run and rebuilt from it when ``folder`` is gone (_study_state.py)."""
+    if state is not None and restore(folder, state, recipe_file):
+        print(f"studies rebuilt from {state}: their finished trials count, the final runs start over", flush=True)
+    with saving(folder, state, recipe_file) if state is not None else contextlib.nullcontext():
+        return _tune_in_parallel(recipe_file, folder, trials, workers, baseline, final_seeds)
+
+
+def _tune_in_parallel(recipe_file: Path, folder: Path, trials: int, workers: int, baseline: bool,
+                      final_seeds: int | None) -> dict:
     torch.set_num_threads(1)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [str(Path(sys.executable).with_name("protege")), "tune", str(recipe_file), "--out", str(folder), "--trials",
