@@ -177,7 +177,7 @@ def main() -> None:
                 state = results_dir / f"{m}.studies.json"
                 result = tune_method(m, ref, args, teacher, second, out, state)
                 done.write_text(json.dumps(result, indent=2))
-                state.unlink()  # (its trials are in the result)
+                state.unlink(missing_ok=True)  # (its trials are in the result)
     results = {m: json.loads((results_dir / f"{m}.json").read_text()) for m in TUNED if (results_dir / f"{m}.json").is_file()}
     if args.quick:
         for m, res in results.items():

@@ -108,7 +108,7 @@ def main() -> None:
     if not args.quick:
         (ROOT / "results" / f"{name}.json").write_text(json.dumps(result, indent=2))
         (ROOT / "results" / f"{name}.md").write_text(markdown(result))
-        state.unlink()  # (its trials are in the results; a rerun tunes afresh)
+        state.unlink(missing_ok=True)  # (its trials are in the results; a rerun tunes afresh)
     print(markdown(result))
 
 
@@ -162,15 +162,22 @@ def study_span(folder: Path, names: list[str]) -> float:
 
 
 def span(trials: list[dict]) -> float:
-    """Seconds from the first finished (complete or pruned) trial's start to the last one's end, trials as
-    ``study_trials`` records them. Failed trials are left out: a trial whose process was killed (a session that ended)
-    is marked failed only when the tune resumes, so its span would count the time nothing ran."""
+    """Seconds during which at least one finished (complete or pruned) trial was running, trials as ``study_trials``
+    records them: the union of their intervals, so the hours between two sessions of a continued tune are not
+    counted. Failed trials are left out: a trial whose process was killed (a session that ended) is marked failed
+    only when the tune resumes, so its interval would count the time nothing ran."""
     from datetime import datetime
 
-    done = [t for t in trials if t["state"] in ("COMPLETE", "PRUNED") and t["start"] and t["end"]]
-    if not done:
-        return 0.0
-    return (max(datetime.fromisoformat(t["end"]) for t in done) - min(datetime.fromisoformat(t["start"]) for t in done)).total_seconds()
+    spans = sorted((datetime.fromisoformat(t["start"]), datetime.fromisoformat(t["end"])) for t in trials
+                   if t["state"] in ("COMPLETE", "PRUNED") and t["start"] and t["end"])
+    total, reach = 0.0, None
+    for start, end in spans:
+        if reach is not None and start < reach:
+            start = reach
+        if end > start:
+            total += (end - start).total_seconds()
+        reach = end if reach is None else max(reach, end)
+    return total
 
 
 def past_budget(study: dict) -> str:
